@@ -1,19 +1,31 @@
 """data.py -- the one shared module of the VL-PEFT reimplementations.
 
-*** SKELETON: this is the agreed API. Bodies marked NotImplementedError are being
-*** written now (issue #2). Method files code against these names and signatures.
-
 Everything a method file needs besides its own method:
 
   ShapesWorld           deterministic synthetic images + VQA / captions / classes (no files)
   load_records          one function for every dataset (synthetic or real, official formats)
+  classnames_of         class names of classification records, in label order
   load_image            a record -> PIL.Image (renders synthetic scenes on the fly)
   extract_features      frozen vision-encoder features, cached on disk (fp16, memory-mapped)
-  build_tokenizer       word-level PreTrainedTokenizerFast for tiny models
+  build_tokenizer       word-level PreTrainedTokenizerFast for tiny models (synthetic_vocab)
   vqa_score / vqa_accuracy / caption_metrics / accuracy / harmonic_mean   official metrics
-  answer_vocab          VQA answer vocabulary (frequency threshold) for classifier heads
-  make_loader           seeded DataLoader (DistributedSampler under torchrun)
+  answer_vocab / vqa_soft_targets   VQA answer vocabulary + soft scores for classifier heads
+  make_loader / set_epoch   seeded DataLoader (DistributedSampler under torchrun)
   DataError             every bad-input problem raises this with a readable message
+  UnreadableImage / ImageSkipCounter   corrupt image files: skip, count, fail above a fraction
+
+Typical use (offline, synthetic):
+
+  recs = load_records("shapes_vqa", "train")            # list of dicts, schema below
+  feats, rows = extract_features(recs, "patches", dataset="shapes_vqa", split="train",
+                                 image_size=64, patch_size=8)   # (n_img, 64, 192) fp16
+  tok = build_tokenizer()                                # pad id 0
+  vqa_accuracy(preds, recs)                              # {"overall": 71.3, "yes/no": ...}
+
+Datasets (DATASETS): shapes_vqa, shapes_caption, shapes_cls (synthetic); vqav2, gqa (VQA);
+coco, flickr30k (Karpathy caption splits); imagenet + the 10 CoOp datasets (classification,
+few-shot with num_shots, base-to-new with subset). Real data is read from --data_root in the
+official file formats (README 'Data'); nothing is downloaded.
 
 Sample schema -- every dataset yields a list of plain dicts ("records"):
 
@@ -29,25 +41,70 @@ Sample schema -- every dataset yields a list of plain dicts ("records"):
   captions     list[str]  (caption) reference captions (5 for COCO / synthetic)
   label        int    (cls) class index into the dataset's class list
   classname    str    (cls) human-readable class name
-  meta         dict   anything else (synthetic: scene graph, family, style)
+  meta         dict   anything else (synthetic: scene graph, family; cls: classnames)
 
-Synthetic records carry meta["seed"], meta["split"], meta["index"]; load_image renders
-them deterministically, so no file is ever written.
+Synthetic records carry meta["seed"], meta["split"], meta["index"], meta["scene"]; load_image
+renders them deterministically, so no file is ever written.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
 
 DATASETS = ("shapes_vqa", "shapes_caption", "shapes_cls",
             "vqav2", "gqa", "coco", "flickr30k",
             "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
             "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
+DATA_VERSION = 1  # bump when synthetic rendering / feature layout changes (invalidates caches)
 
 
 class DataError(Exception):
     """A problem with the user's data or arguments. Scripts catch it, print the
     message (which names the file / key / path and how to get the data) and exit 2."""
+
+
+class UnreadableImage(Exception):
+    """An image file that is missing or cannot be decoded (skip it and count it)."""
+
+
+class ImageSkipCounter:
+    """Counts unreadable images; `check()` raises DataError above `max_fraction`."""
+
+    def __init__(self, max_fraction: float = 0.01):
+        self.max_fraction, self.total, self.bad = max_fraction, 0, []
+
+    def __call__(self, record: dict, image_size: Optional[int] = None):
+        """load_image(record, image_size), or None (counted) when unreadable."""
+        self.total += 1
+        try:
+            return load_image(record, image_size)
+        except UnreadableImage as e:
+            self.bad.append(str(e))
+            return None
+
+    def report(self) -> str:
+        return (f"skipped {len(self.bad)} of {self.total} unreadable images"
+                + (f" (first: {self.bad[0]})" if self.bad else ""))
+
+    def check(self) -> None:
+        if self.bad:
+            print(f"warning: {self.report()}", file=sys.stderr)
+        if self.total and len(self.bad) / self.total > self.max_fraction:
+            raise DataError(f"{self.report()}; more than {self.max_fraction:.1%} of the images "
+                            "are unreadable -- check the image folder (re-download or re-extract)")
 
 
 # ----------------------------------------------------------------------------------
@@ -59,6 +116,45 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 VQA_FAMILIES = ("color", "shape", "count", "exist", "position", "relation")
 
+_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
+        "purple": (150, 60, 200), "orange": (250, 140, 30), "white": (245, 245, 245),
+        "gray": (128, 128, 128)}
+_XY = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
+       "center": (0.5, 0.5)}
+_RADIUS = {"small": 0.09, "large": 0.14}
+_PLURAL = {s: s + ("es" if s.endswith(("s", "x", "ss")) else "s") for s in SHAPES}
+_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
+          "bottom": "at the bottom", "center": "in the center"}
+_RELATIONS = {"left of": lambda b, a: b[0] < a[0], "right of": lambda b, a: b[0] > a[0],
+              "above": lambda b, a: b[1] < a[1], "below": lambda b, a: b[1] > a[1]}
+_NUMWORD = ("zero", "one", "two", "three")
+_SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
+_ANSWER_POOL = {"color": COLORS, "shape": SHAPES, "relation": SHAPES, "position": POSITIONS,
+                "count": ("0", "1", "2", "3"), "exist": ("yes", "no")}
+_ANSWER_TYPE = {"count": "number", "exist": "yes/no"}
+_Q_TEMPLATES = {
+    "color": ("what color is {ref}?", "what is the color of {ref}?"),
+    "shape": ("what shape is {ref}?", "which shape is {ref}?"),
+    "count": ("how many {what} are there?", "how many {what} are in the image?"),
+    "exist": ("is there a {color} {shape}?", "is there a {color} {shape} in the image?"),
+    "position": ("where is {ref}?", "in which part of the image is {ref}?"),
+    "relation": ("what is {rel} {ref}?", "what shape is {rel} {ref}?"),
+}
+_CAPTION_WORDS = "there is an image with object objects the a and , . :"
+ANSWER_NOISE = 0.1  # probability that one of the 10 synthetic annotators answers wrongly
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _unique(objs, obj, keys) -> bool:
+    return sum(all(o[k] == obj[k] for k in keys) for o in objs) == 1
+
 
 @dataclass
 class ShapesWorld:
@@ -66,7 +162,8 @@ class ShapesWorld:
 
     split_sizes: number of images per split. VQA/caption images have 1-3 objects (shape,
     colour, size, position, no two objects at one position). Classification images hold
-    exactly one object; class = (colour, shape), class name "red circle" (48 classes).
+    exactly one object; class = (colour, shape), class name "red circle" (48 classes,
+    image `index` has label index % 48, so splits are class-balanced).
     Base/new split (CoOp/CoCoOp protocol: labels 0..K/2-1 are base, the rest new): a class
     is base when (colour_idx + shape_idx) is even -- a checkerboard, so base and new share
     every colour and every shape (compositional). Labels: base classes sorted by name
@@ -76,19 +173,206 @@ class ShapesWorld:
     image_size: int = 64
     split_sizes: dict = field(default_factory=lambda: {"train": 2000, "val": 200, "test": 500})
 
-    def scene(self, split: str, index: int) -> dict: ...
-    def render(self, scene: dict): ...          # -> PIL.Image RGB (image_size x image_size)
-    def vqa(self, split: str, families: Sequence[str] = VQA_FAMILIES) -> list[dict]: ...
-    def captions(self, split: str) -> list[dict]: ...
-    def classification(self, split: str) -> list[dict]: ...
+    def _size(self, split: str) -> int:
+        if split not in self.split_sizes:
+            raise DataError(f"unknown split {split!r} of the synthetic world; "
+                            f"choose from {sorted(self.split_sizes)}")
+        return int(self.split_sizes[split])
+
+    def _key(self, split: str, index: int, stream: int) -> list[int]:
+        self._size(split)
+        code = _SPLIT_CODE.get(split) or int(hashlib.md5(split.encode()).hexdigest()[:6], 16)
+        return [self.seed, code, index, stream]
+
+    def _rng(self, split: str, index: int, stream: int) -> np.random.Generator:
+        return np.random.default_rng(self._key(split, index, stream))
+
+    def scene(self, split: str, index: int, *, single: bool = False) -> dict:
+        """Scene graph {"objects": [{shape, color, size, pos, x, y}], "key": [...]}.
+        single=True: the one-object classification scene of image `index`."""
+        rng = self._rng(split, index, 1 if single else 0)
+        if single:
+            color, shape = self.classnames[index % len(self.classnames)].split()
+            kinds = [(color, shape)]
+        else:
+            kinds = [(COLORS[rng.integers(8)], SHAPES[rng.integers(6)])
+                     for _ in range(int(rng.integers(1, 4)))]
+        positions = rng.permutation(len(POSITIONS))[:len(kinds)]
+        objects = []
+        for (color, shape), p in zip(kinds, positions):
+            pos = POSITIONS[p]
+            jx, jy = rng.uniform(-0.03, 0.03, 2)
+            objects.append({"shape": shape, "color": color, "size": SIZES[rng.integers(2)],
+                            "pos": pos, "x": round(_XY[pos][0] + jx, 4), "y": round(_XY[pos][1] + jy, 4)})
+        return {"objects": objects, "key": self._key(split, index, int(single))}
+
+    def render(self, scene: dict, image_size: Optional[int] = None) -> Image.Image:
+        """PIL RGB image (image_size x image_size, default self.image_size) of a scene."""
+        s = int(image_size or self.image_size)
+        rng = np.random.default_rng(scene["key"] + [7])
+        img = np.empty((s, s, 3), np.float32)
+        img[:] = (18, 20, 28)
+        img += rng.normal(0, 4, (s, s, 1)).astype(np.float32)  # faint sensor noise
+        for o in scene["objects"]:
+            r = _RADIUS[o["size"]]
+            i0, i1 = max(0, int((o["y"] - r) * s) - 1), min(s, int((o["y"] + r) * s) + 2)
+            j0, j1 = max(0, int((o["x"] - r) * s) - 1), min(s, int((o["x"] + r) * s) + 2)
+            yy, xx = np.mgrid[i0:i1, j0:j1].astype(np.float32)
+            dy, dx = ((yy + 0.5) / s - o["y"]) / r, ((xx + 0.5) / s - o["x"]) / r
+            ax, ay = np.abs(dx), np.abs(dy)
+            sh = o["shape"]
+            if sh == "circle":
+                m = dx * dx + dy * dy <= 1
+            elif sh == "square":
+                m = np.maximum(ax, ay) <= 0.8
+            elif sh == "diamond":
+                m = ax + ay <= 1
+            elif sh == "cross":
+                m = ((ax <= 0.33) & (ay <= 1)) | ((ay <= 0.33) & (ax <= 1))
+            elif sh == "triangle":
+                m = (dy <= 0.8) & (ax <= (dy + 1) / 1.8 * 0.95)
+            else:  # star: radius modulated with 5 points, one pointing up
+                th = np.arctan2(dy, dx)
+                m = np.hypot(dx, dy) <= 0.42 + 0.58 * ((1 + np.cos(5 * (th + np.pi / 2))) / 2) ** 1.5
+            img[i0:i1, j0:j1][m] = _RGB[o["color"]]
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+    def _base(self, split, index, scene, kind, image_size=None):
+        image_id = f"shapes{self.seed}-{split}-{kind}{index}"
+        meta = {"seed": self.seed, "split": split, "index": index, "scene": scene,
+                "image_size": image_size or self.image_size}
+        return {"id": image_id, "image_id": image_id, "image_path": None, "meta": meta}
+
+    def vqa(self, split: str, families: Sequence[str] = VQA_FAMILIES) -> list[dict]:
+        """One question per applicable family per image (relation needs 2+ objects),
+        10 answers with ANSWER_NOISE annotator noise; question_type = family."""
+        bad = set(families) - set(VQA_FAMILIES)
+        if bad:
+            raise DataError(f"unknown VQA families {sorted(bad)}; choose from {VQA_FAMILIES}")
+        out = []
+        for index in range(self._size(split)):
+            scene = self.scene(split, index)
+            rng = self._rng(split, index, 2)
+            for fam in families:
+                qa = _make_question(fam, scene["objects"], rng)
+                if qa is None:
+                    continue
+                question, ans = qa
+                answers = [str(rng.choice([a for a in _ANSWER_POOL[fam] if a != ans]))
+                           if rng.random() < ANSWER_NOISE else ans for _ in range(10)]
+                counts = Counter(answers)
+                top = max(counts.values())
+                rec = self._base(split, index, scene, "s")
+                rec.update(id=f"{rec['image_id']}-{fam}", task="vqa", question=question,
+                           answers=answers, answer=ans if counts[ans] == top else counts.most_common(1)[0][0],
+                           answer_type=_ANSWER_TYPE.get(fam, "other"), question_type=fam)
+                rec["meta"]["family"] = fam
+                out.append(rec)
+        return out
+
+    def captions(self, split: str) -> list[dict]:
+        """5 reference captions per image, one per template (objects in random order)."""
+        out = []
+        for index in range(self._size(split)):
+            scene = self.scene(split, index)
+            rng = self._rng(split, index, 3)
+            objs = [scene["objects"][i] for i in rng.permutation(len(scene["objects"]))]
+            n = len(objs)
+            caps = [
+                _join([_a(f"{o['size']} {o['color']} {o['shape']}") for o in objs]) + ".",
+                "there is " + _join([_a(f"{o['color']} {o['shape']} {_WHERE[o['pos']]}") for o in objs]) + ".",
+                "an image with " + _join([_a(f"{o['color']} {o['shape']}") for o in objs]) + ".",
+                f"{_NUMWORD[n]} object{'s' if n > 1 else ''}: " + _join([_a(o["shape"]) for o in objs]) + ".",
+                _join([f"the {o['color']} {o['shape']} is {_WHERE[o['pos']]}" for o in objs]) + ".",
+            ]
+            rec = self._base(split, index, scene, "s")
+            rec.update(task="caption", captions=caps)
+            out.append(rec)
+        return out
+
+    def classification(self, split: str) -> list[dict]:
+        """One single-object image per index; label = index % 48 (label order = classnames)."""
+        names = self.classnames
+        out = []
+        for index in range(self._size(split)):
+            scene = self.scene(split, index, single=True)
+            rec = self._base(split, index, scene, "c")
+            label = index % len(names)
+            rec.update(task="cls", label=label, classname=names[label])
+            rec["meta"]["classnames"] = names
+            out.append(rec)
+        return out
+
     @property
-    def classnames(self) -> list[str]: ...     # sorted "colour shape" names
-    def base_new_split(self) -> tuple[list[str], list[str]]: ...
+    def classnames(self) -> list[str]:
+        """All 48 "colour shape" names in label order: base (sorted) then new (sorted)."""
+        base, new = self.base_new_split()
+        return base + new
+
+    def base_new_split(self) -> tuple[list[str], list[str]]:
+        """(base, new) class names, each sorted; base = (colour_idx + shape_idx) even."""
+        pairs = [(ci + si, f"{c} {s}") for ci, c in enumerate(COLORS) for si, s in enumerate(SHAPES)]
+        return sorted(n for k, n in pairs if k % 2 == 0), sorted(n for k, n in pairs if k % 2 == 1)
+
+
+def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]:
+    """(question, answer) of family `fam` about a scene, or None when not applicable."""
+    tpl = _Q_TEMPLATES[fam][int(rng.integers(2))]
+    o = objs[int(rng.integers(len(objs)))]
+    if fam == "color":
+        ref = (f"the {o['shape']}" if _unique(objs, o, ["shape"]) else
+               f"the {o['size']} {o['shape']}" if _unique(objs, o, ["size", "shape"]) else
+               f"the {o['shape']} {_WHERE[o['pos']]}")
+        return tpl.format(ref=ref), o["color"]
+    if fam == "shape":
+        ref = (f"the {o['color']} object" if _unique(objs, o, ["color"]) else
+               f"the {o['size']} {o['color']} object" if _unique(objs, o, ["size", "color"]) else
+               f"the object {_WHERE[o['pos']]}")
+        return tpl.format(ref=ref), o["shape"]
+    if fam == "count":
+        mode = int(rng.integers(3))
+        if mode == 0:
+            shape = SHAPES[rng.integers(6)] if rng.random() < 0.3 else o["shape"]
+            return tpl.format(what=_PLURAL[shape]), str(sum(x["shape"] == shape for x in objs))
+        if mode == 1:
+            color = COLORS[rng.integers(8)] if rng.random() < 0.3 else o["color"]
+            return tpl.format(what=f"{color} objects"), str(sum(x["color"] == color for x in objs))
+        return tpl.format(what="objects"), str(len(objs))
+    if fam == "exist":
+        color, shape = o["color"], o["shape"]
+        if rng.random() < 0.5:  # ask about a random (colour, shape), usually absent
+            color, shape = COLORS[rng.integers(8)], SHAPES[rng.integers(6)]
+        present = any(x["color"] == color and x["shape"] == shape for x in objs)
+        return tpl.format(color=color, shape=shape), "yes" if present else "no"
+    if fam == "position":
+        if not _unique(objs, o, ["color", "shape"]):
+            return None
+        return tpl.format(ref=f"the {o['color']} {o['shape']}"), o["pos"]
+    # relation: "what is left of the red circle?" -> the shape of the only object there
+    cands = []
+    for a in objs:
+        if not _unique(objs, a, ["color", "shape"]):
+            continue
+        for rel, test in _RELATIONS.items():
+            hits = [b for b in objs if b is not a and test(_XY[b["pos"]], _XY[a["pos"]])]
+            if len(hits) == 1:
+                cands.append((rel, a, hits[0]))
+    if not cands:
+        return None
+    rel, a, b = cands[int(rng.integers(len(cands)))]
+    return tpl.format(rel=rel, ref=f"the {a['color']} {a['shape']}"), b["shape"]
+
+
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]+")  # = tokenizers' Whitespace pre-tokenizer
 
 
 def synthetic_vocab() -> list[str]:
-    """Every word the synthetic world can produce (questions, answers, captions)."""
-    raise NotImplementedError
+    """Every word the synthetic world can produce (questions, answers, captions), sorted."""
+    texts = [t for ts in _Q_TEMPLATES.values() for t in ts] + list(_WHERE.values()) + list(_RELATIONS)
+    texts += [_CAPTION_WORDS, " ".join(SHAPES + COLORS + SIZES + POSITIONS + _NUMWORD),
+              " ".join(_PLURAL.values()), "yes no 0 1 2 3 4 5 6 7 8 9"]
+    words = {w for t in texts for w in _TOKEN_RE.findall(re.sub(r"\{\w+\}", " ", t).lower())}
+    return sorted(words)
 
 
 # ----------------------------------------------------------------------------------
@@ -96,50 +380,499 @@ def synthetic_vocab() -> list[str]:
 # ----------------------------------------------------------------------------------
 def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
                  seed: int = 0, image_size: int = 64, num_shots: Optional[int] = None,
-                 subset: Optional[str] = None, limit: Optional[int] = None) -> list[dict]:
+                 subset: Optional[str] = None, limit: Optional[int] = None,
+                 world_seed: int = 0, split_sizes: Optional[dict] = None) -> list[dict]:
     """Records of `dataset` / `split` ("train" | "val" | "test").
 
-    shapes_*: synthetic, data_root ignored. vqav2/gqa/coco/flickr30k/CoOp datasets read
-    the official files under data_root (see README 'Data'); missing root/file, malformed
-    JSON -> DataError naming the path/key and where to download. num_shots: k-shot per
-    class sampled with `seed` (classification). subset: "base" | "new" | "all" class
-    subset for base-to-new (labels re-indexed within the subset). limit: first N records.
+    shapes_*: synthetic, data_root ignored; world_seed / split_sizes / image_size configure
+    the ShapesWorld (the world does not change with `seed`). vqav2/gqa/coco/flickr30k/CoOp
+    datasets read the official files under data_root (or data_root/<dataset>; see README
+    'Data'); missing root/file, malformed JSON -> DataError naming the path/key and where
+    to download. num_shots: k-shot per class sampled with `seed` (classification; val gets
+    min(k, 4) as in CoOp). subset: "base" | "new" | "all" class subset for base-to-new
+    (first ceil(K/2) labels are base; labels re-indexed within the subset; applied after
+    the k-shot sampling, as in CoCoOp). limit: first N records.
     """
-    raise NotImplementedError
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if split not in ("train", "val", "test"):
+        raise DataError(f"unknown split {split!r}; choose from train, val, test")
+    if subset not in (None, "all", "base", "new"):
+        raise DataError(f"unknown class subset {subset!r}; choose from all, base, new")
+    if dataset.startswith("shapes_"):
+        world = ShapesWorld(seed=world_seed, image_size=image_size,
+                            **({"split_sizes": split_sizes} if split_sizes else {}))
+        task = dataset[len("shapes_"):]
+        recs = {"vqa": world.vqa, "caption": world.captions, "cls": world.classification}[task](split)
+    else:
+        recs = _load_real(dataset, split, data_root)
+    if recs and recs[0]["task"] == "cls":
+        if num_shots:
+            recs = _few_shot(recs, num_shots if split == "train" else min(num_shots, 4), seed)
+        if subset in ("base", "new"):
+            recs = _class_subset(recs, subset)
+    if limit is not None:
+        recs = recs[:limit]
+    if not recs:
+        why = "".join([f", subset={subset}" if subset else "", f", limit={limit}" if limit is not None else ""])
+        raise DataError(f"{dataset}/{split}: no records (empty split{why})")
+    return recs
+
+
+def _few_shot(recs: list[dict], k: int, seed: int) -> list[dict]:
+    """k records per label, sampled with `seed` (all of them when a class has fewer)."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[int]] = {}
+    for i, r in enumerate(recs):
+        by_label.setdefault(r["label"], []).append(i)
+    keep = []
+    for label in sorted(by_label):
+        idx = by_label[label]
+        keep += idx if len(idx) <= k else sorted(rng.choice(idx, k, replace=False).tolist())
+    return [recs[i] for i in sorted(keep)]
+
+
+def _class_subset(recs: list[dict], subset: str) -> list[dict]:
+    names = classnames_of(recs)
+    m = math.ceil(len(names) / 2)
+    lo, hi = (0, m) if subset == "base" else (m, len(names))
+    sub_names = names[lo:hi]
+    out = []
+    for r in recs:
+        if lo <= r["label"] < hi:
+            r = dict(r, label=r["label"] - lo, meta=dict(r["meta"], classnames=sub_names))
+            out.append(r)
+    return out
 
 
 def classnames_of(records: Sequence[dict]) -> list[str]:
-    """Class names ordered by label."""
-    raise NotImplementedError
+    """Class names ordered by label (the full class list of the dataset / subset, even when
+    `records` is a few-shot or limited selection)."""
+    if records and "classnames" in records[0].get("meta", {}):
+        return list(records[0]["meta"]["classnames"])
+    names = {r["label"]: r["classname"] for r in records}
+    if sorted(names) != list(range(len(names))):
+        raise DataError("classnames_of: labels are not contiguous 0..K-1")
+    return [names[i] for i in range(len(names))]
 
 
-def load_image(record: dict):
-    """PIL RGB image of a record; raises DataError-free `UnreadableImage` for corrupt files
-    so callers can skip and count (see `ImageSkipCounter`)."""
-    raise NotImplementedError
+def load_image(record: dict, image_size: Optional[int] = None) -> Image.Image:
+    """PIL RGB image of a record; raises `UnreadableImage` (not DataError) for missing or
+    corrupt files so callers can skip and count (see `ImageSkipCounter`). Synthetic
+    records are rendered (at `image_size` if given, else the record's size)."""
+    if record.get("image_path") is None:
+        meta = record["meta"]
+        return ShapesWorld(seed=meta["seed"]).render(meta["scene"], image_size or meta["image_size"])
+    try:
+        with Image.open(record["image_path"]) as im:
+            return im.convert("RGB")
+    except Exception as e:  # missing, truncated, not an image
+        raise UnreadableImage(f"{record['image_path']}: {type(e).__name__}") from None
+
+
+# Real datasets, official formats. (folder under data_root, main file, image folder, where to get it)
+_VQA_URL = ("https://visualqa.org/download.html (questions+annotations) and "
+            "https://cocodataset.org/#download (2014 images)")
+_KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+_COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+_REAL = {
+    "vqav2": ("vqav2", None, None, _VQA_URL),
+    "gqa": ("gqa", None, "images", "https://cs.stanford.edu/people/dorarad/gqa/download.html"),
+    "coco": ("coco", "dataset_coco.json", None, f"{_KARPATHY_URL} and https://cocodataset.org/#download"),
+    "flickr30k": ("flickr30k", "dataset_flickr30k.json", "flickr30k-images",
+                  f"{_KARPATHY_URL} and https://shannon.cs.illinois.edu/DenotationGraph/"),
+    "imagenet": ("imagenet", None, "images", _COOP_URL),
+    "caltech101": ("caltech-101", "split_zhou_Caltech101.json", "101_ObjectCategories", _COOP_URL),
+    "oxford_pets": ("oxford_pets", "split_zhou_OxfordPets.json", "images", _COOP_URL),
+    "stanford_cars": ("stanford_cars", "split_zhou_StanfordCars.json", "", _COOP_URL),
+    "oxford_flowers": ("oxford_flowers", "split_zhou_OxfordFlowers.json", "jpg", _COOP_URL),
+    "food101": ("food-101", "split_zhou_Food101.json", "images", _COOP_URL),
+    "fgvc_aircraft": ("fgvc_aircraft", None, "images", _COOP_URL),
+    "sun397": ("sun397", "split_zhou_SUN397.json", "SUN397", _COOP_URL),
+    "dtd": ("dtd", "split_zhou_DescribableTextures.json", "images", _COOP_URL),
+    "eurosat": ("eurosat", "split_zhou_EuroSAT.json", "2750", _COOP_URL),
+    "ucf101": ("ucf101", "split_zhou_UCF101.json", "UCF-101-midframes", _COOP_URL),
+}
+
+
+def _dataset_root(dataset: str, data_root: Optional[str]) -> Path:
+    url = _REAL[dataset][3]
+    if not data_root:
+        raise DataError(f"{dataset} needs --data_root (the folder holding its files); get the data from {url}")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist; get {dataset} from {url}")
+    for sub in (_REAL[dataset][0], dataset):
+        if (root / sub).is_dir():
+            return (root / sub).resolve()
+    return root.resolve()
+
+
+def _read_json(path: Path, dataset: str):
+    if not path.is_file():
+        raise DataError(f"missing file {path}; download it from {_REAL[dataset][3]} (see README 'Data')")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"malformed JSON in {path}: {e}") from None
+
+
+def _get(obj, key, path: Path, where: str = ""):
+    """obj[key], or DataError naming the file and the key."""
+    try:
+        return obj[key]
+    except (KeyError, IndexError, TypeError):
+        raise DataError(f"malformed {path.name}: missing key {where}{key!r} (file {path})") from None
+
+
+def _need_dir(d: Path, dataset: str) -> Path:
+    if not d.is_dir():
+        raise DataError(f"missing image folder {d}; download the images from {_REAL[dataset][3]}")
+    return d
+
+
+def _load_real(dataset: str, split: str, data_root: Optional[str]) -> list[dict]:
+    root = _dataset_root(dataset, data_root)
+    if dataset == "vqav2":
+        return _load_vqav2(root, split)
+    if dataset == "gqa":
+        return _load_gqa(root, split)
+    if dataset in ("coco", "flickr30k"):
+        return _load_karpathy(dataset, root, split)
+    return _load_cls(dataset, root, split)
+
+
+def _vqa_type(answer: str) -> str:
+    return "yes/no" if answer in ("yes", "no") else "number" if answer.isdigit() else "other"
+
+
+def _load_vqav2(root: Path, split: str) -> list[dict]:
+    """VQAv2 official json + COCO 2014 images. With <root>/dataset_coco.json (Karpathy split)
+    train = Karpathy train+restval, val/test = Karpathy val/test images (questions of both
+    train2014 and val2014); without it train = train2014, val = test = val2014."""
+    kar_path = root / "dataset_coco.json"
+    if kar_path.is_file():
+        kar = _read_json(kar_path, "coco")
+        want = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+        keep = {int(_get(im, "cocoid", kar_path, "images[].")) for im in _get(kar, "images", kar_path)
+                if _get(im, "split", kar_path, "images[].") in want}
+        coco_splits = ["train2014", "val2014"]
+    else:
+        keep, coco_splits = None, ["train2014" if split == "train" else "val2014"]
+        if split == "test":
+            print("note: vqav2 has no public test answers; split 'test' = val2014 "
+                  "(put dataset_coco.json in the vqav2 folder for the Karpathy test split)", file=sys.stderr)
+    out = []
+    for cs in coco_splits:
+        qp, ap = root / f"v2_OpenEnded_mscoco_{cs}_questions.json", root / f"v2_mscoco_{cs}_annotations.json"
+        questions = _get(_read_json(qp, "vqav2"), "questions", qp)
+        anns = _get(_read_json(ap, "vqav2"), "annotations", ap)
+        by_qid = {_get(a, "question_id", ap, "annotations[]."): a for a in anns}
+        img_dir = _need_dir(root / cs, "vqav2")
+        for q in questions:
+            qid, iid = _get(q, "question_id", qp, "questions[]."), int(_get(q, "image_id", qp, "questions[]."))
+            if keep is not None and iid not in keep:
+                continue
+            a = by_qid.get(qid)
+            if a is None:
+                raise DataError(f"malformed {ap.name}: no annotation for question_id {qid} (file {ap})")
+            answers = [_get(x, "answer", ap, "annotations[].answers[].")
+                       for x in _get(a, "answers", ap, "annotations[].")]
+            out.append({"id": str(qid), "image_id": str(iid), "task": "vqa",
+                        "image_path": str(img_dir / f"COCO_{cs}_{iid:012d}.jpg"),
+                        "question": _get(q, "question", qp, "questions[]."), "answers": answers,
+                        "answer": _get(a, "multiple_choice_answer", ap, "annotations[]."),
+                        "answer_type": _get(a, "answer_type", ap, "annotations[]."),
+                        "question_type": _get(a, "question_type", ap, "annotations[]."),
+                        "meta": {"coco_split": cs}})
+    return out
+
+
+def _load_gqa(root: Path, split: str) -> list[dict]:
+    """GQA balanced questions ({qid: {imageId, question, answer, types, ...}}); test = testdev.
+    The single answer is repeated 10 times, so vqa_score equals GQA's exact-match accuracy."""
+    name = {"train": "train", "val": "val", "test": "testdev"}[split] + "_balanced_questions.json"
+    path = root / "questions1.2" / name if (root / "questions1.2" / name).is_file() else root / name
+    data = _read_json(path, "gqa")
+    if not isinstance(data, dict):
+        raise DataError(f"malformed {path.name}: expected an object {{question_id: question}} (file {path})")
+    img_dir = _need_dir(root / "images", "gqa")
+    out = []
+    for qid, q in data.items():
+        ans, iid = _get(q, "answer", path, f"{qid}."), str(_get(q, "imageId", path, f"{qid}."))
+        types = q.get("types", {})
+        out.append({"id": str(qid), "image_id": iid, "image_path": str(img_dir / f"{iid}.jpg"), "task": "vqa",
+                    "question": _get(q, "question", path, f"{qid}."), "answers": [ans] * 10, "answer": ans,
+                    "answer_type": _vqa_type(ans), "question_type": types.get("detailed", "gqa"),
+                    "meta": {"types": types, "full_answer": q.get("fullAnswer")}})
+    return out
+
+
+def _load_karpathy(dataset: str, root: Path, split: str) -> list[dict]:
+    """Karpathy caption splits: images[].split/filename/(filepath)/sentences[].raw; COCO
+    train = train + restval."""
+    path = root / _REAL[dataset][1]
+    images = _get(_read_json(path, dataset), "images", path)
+    want = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
+    out = []
+    for im in images:
+        if _get(im, "split", path, "images[].") not in want:
+            continue
+        fname = _get(im, "filename", path, "images[].")
+        folder = _get(im, "filepath", path, "images[].") if dataset == "coco" else _REAL[dataset][2]
+        iid = str(im["cocoid"]) if "cocoid" in im else Path(fname).stem
+        caps = [_get(s, "raw", path, "images[].sentences[].") for s in _get(im, "sentences", path, "images[].")]
+        out.append({"id": iid, "image_id": iid, "image_path": str(root / folder / fname), "task": "caption",
+                    "captions": caps, "meta": {}})
+    for d in sorted({str(Path(r["image_path"]).parent) for r in out}):
+        _need_dir(Path(d), dataset)
+    return out
+
+
+def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
+    """CoOp split_zhou_<Name>.json ({train,val,test}: [[relative_path, label, classname]]),
+    FGVC-Aircraft's own txt files, else ImageNet-style folders images/<split>/<class>/*."""
+    _, fname, img_sub, _ = _REAL[dataset]
+    img_dir = root / img_sub
+    items = None
+    if fname and (root / fname).is_file():
+        path = root / fname
+        data = _read_json(path, dataset)
+        names: dict[int, str] = {}
+        for s in ("train", "val", "test"):
+            for i, it in enumerate(_get(data, s, path)):
+                if not (isinstance(it, list) and len(it) == 3):
+                    raise DataError(f"malformed {path.name}: {s}[{i}] should be "
+                                    f"[relative_path, label, classname] (file {path})")
+                names[int(it[1])] = it[2]
+        items = [(img_dir / p, int(lab)) for p, lab, _ in data[split]]
+        classnames = [names[i] for i in range(len(names))] if sorted(names) == list(range(len(names))) else None
+        if classnames is None:
+            raise DataError(f"malformed {path.name}: labels are not 0..K-1 (file {path})")
+    elif dataset == "fgvc_aircraft" and (root / "variants.txt").is_file():
+        classnames = [ln.strip() for ln in (root / "variants.txt").read_text().splitlines() if ln.strip()]
+        index = {c: i for i, c in enumerate(classnames)}
+        lst = root / f"images_variant_{split}.txt"
+        if not lst.is_file():
+            raise DataError(f"missing file {lst}; download FGVC-Aircraft as in {_COOP_URL}")
+        items = []
+        for line in lst.read_text().splitlines():
+            if line.strip():
+                im, var = line.strip().split(" ", 1)
+                if var not in index:
+                    raise DataError(f"malformed {lst.name}: variant {var!r} not in variants.txt (file {lst})")
+                items.append((img_dir / f"{im}.jpg", index[var]))
+    else:  # ImageNet-style folders (CoOp's ImageNet layout; test falls back to val)
+        base = root / "images" if (root / "images").is_dir() else root
+        sdir = base / split
+        if split == "test" and not sdir.is_dir():
+            sdir = base / "val"
+        if not sdir.is_dir():
+            want = f"{fname} or " if fname else ""
+            raise DataError(f"{dataset}: found neither {want}the image folder {sdir} under {root}; "
+                            f"lay it out as in {_COOP_URL}")
+        folders = sorted(d.name for d in sdir.iterdir() if d.is_dir())
+        mapping = {}
+        if (root / "classnames.txt").is_file():
+            for line in (root / "classnames.txt").read_text().splitlines():
+                parts = line.strip().split(" ", 1)
+                if len(parts) == 2:
+                    mapping[parts[0]] = parts[1]
+        classnames = [mapping.get(f, f.replace("_", " ")) for f in folders]
+        img_dir = sdir
+        items = [(p, lab) for lab, f in enumerate(folders) for p in sorted((sdir / f).iterdir()) if p.is_file()]
+    _need_dir(img_dir, dataset)
+    return [{"id": str(p.relative_to(root)), "image_id": str(p.relative_to(root)), "image_path": str(p),
+             "task": "cls", "label": lab, "classname": classnames[lab], "meta": {"classnames": classnames}}
+            for p, lab in items]
 
 
 # ----------------------------------------------------------------------------------
 # 3. Frozen visual features, cached
 # ----------------------------------------------------------------------------------
+def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
+    """Fuyu-style raw-pixel patch tokens (n, 3*p*p) in [-1, 1], row-major patch order."""
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    a = np.asarray(img, np.float32) / 127.5 - 1.0
+    g, p = image_size // patch_size, patch_size
+    return a.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
+
+
+def _dist_rank() -> tuple[int, bool]:
+    import torch.distributed as dist
+    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return (dist.get_rank() if on else 0), on
+
+
 def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                      cache_dir: str = "cache/features", dataset: str = "", split: str = "",
                      layer: int = -2, image_size: int = 224, patch_size: int = 8,
                      keep_cls: bool = False, pooled: bool = False, device: str = "cpu",
-                     batch_size: int = 64, max_bad_fraction: float = 0.01):
+                     batch_size: int = 64, max_bad_fraction: float = 0.01,
+                     model=None, image_processor=None, progress: bool = True):
     """-> (feats, rows): feats a (num_images, n, d) float16 tensor (memory-mapped from the
     cache), rows a LongTensor (len(records),) mapping each record to its image's row.
 
     encoder "patches": raw-pixel patch tokens (Fuyu-style), n = (image_size/patch_size)^2,
     d = 3*patch_size^2, values in [-1, 1]; no network. Any other value: a Hugging Face
-    CLIP/ViT vision tower id or path; tokens of hidden_states[layer] (grid tokens, CLS
+    CLIP/ViT vision tower id or path (or pass `model`, an already built tower, and use
+    `encoder` as its cache name); tokens of hidden_states[layer] (grid tokens, CLS
     dropped unless keep_cls); pooled=True gives (num_images, 1, d) pooled+projected
     embedding (CLIP image_embeds). Cached at cache_dir keyed by (dataset, split, encoder,
-    layer, image_size, pooled); written to a temp file then renamed, so a partial cache is
-    never read. Unreadable images: zero features, counted, reported; DataError if more
-    than max_bad_fraction. tqdm bar while extracting.
+    layer, image_size, pooled, hash of the image ids); written to a temp file then renamed,
+    so a partial cache is never read. Unreadable images: zero features, counted, reported;
+    DataError if more than max_bad_fraction. tqdm bar while extracting. Under
+    torch.distributed rank 0 extracts, the others wait at a barrier, then all load.
     """
-    raise NotImplementedError
+    if encoder == "patches" and image_size % patch_size:
+        raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    first: dict[str, int] = {}
+    rows = torch.tensor([first.setdefault(r["image_id"], len(first)) for r in records], dtype=torch.long)
+    uniq = [None] * len(first)
+    for r in records:
+        if uniq[first[r["image_id"]]] is None:
+            uniq[first[r["image_id"]]] = r
+    key = {"version": DATA_VERSION, "dataset": dataset, "split": split, "encoder": encoder,
+           "image_size": image_size, "pooled": pooled, "n_images": len(uniq),
+           "ids": hashlib.sha1("\n".join(first).encode()).hexdigest()[:16]}
+    if encoder == "patches":
+        key["patch_size"] = patch_size
+    else:
+        key.update(layer=layer, keep_cls=keep_cls)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder)[-48:]
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir) / f"{dataset or 'data'}-{split or 'all'}-{slug}-{digest}.npy"
+    rank, distributed = _dist_rank()
+    error = None
+    if rank == 0 and _cached_key(path) != key:
+        try:
+            _extract_to(path, key, uniq, encoder, layer=layer, image_size=image_size,
+                        patch_size=patch_size, keep_cls=keep_cls, pooled=pooled, device=device,
+                        batch_size=batch_size, max_bad_fraction=max_bad_fraction, model=model,
+                        image_processor=image_processor, progress=progress)
+        except Exception as e:
+            error = e  # raised after the barrier, so the other ranks do not wait forever
+    if distributed:
+        import torch.distributed as dist
+        dist.barrier()
+    if error is not None:
+        raise error
+    if _cached_key(path) != key:
+        raise DataError(f"feature cache {path} is missing after rank 0's extraction (see rank 0's error; "
+                        "cache_dir must be on a file system shared by all ranks)")
+    arr = np.load(path, mmap_mode="c")  # copy-on-write memory map: cheap, never written back
+    return torch.from_numpy(arr), rows
+
+
+def _cached_key(path: Path) -> Optional[dict]:
+    """The key stored next to a COMPLETE cache file (None if missing/partial/corrupt)."""
+    try:
+        key = json.loads(path.with_suffix(".json").read_text())["key"]
+        np.load(path, mmap_mode="r")  # header must parse
+        return key
+    except Exception:
+        return None
+
+
+def _extract_to(path: Path, key: dict, uniq: list[dict], encoder: str, *, layer, image_size,
+                patch_size, keep_cls, pooled, device, batch_size, max_bad_fraction, model,
+                image_processor, progress) -> None:
+    from tqdm.auto import tqdm
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    counter = ImageSkipCounter(max_bad_fraction)
+    encode = (None if encoder == "patches" else
+              _hf_encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
+                          keep_cls=keep_cls, pooled=pooled, device=device))
+    out = None
+    try:
+        bar = tqdm(range(0, len(uniq), batch_size), desc=f"features {key['dataset']}/{key['split']} ({encoder})",
+                   disable=not progress)
+        for start in bar:
+            batch = uniq[start:start + batch_size]
+            imgs = [counter(r, image_size) for r in batch]
+            ok = [i for i, im in enumerate(imgs) if im is not None]
+            if encode is None:
+                feats = np.stack([_patches(imgs[i], image_size, patch_size) for i in ok]) if ok else None
+                shape = ((image_size // patch_size) ** 2, 3 * patch_size ** 2)
+            else:
+                feats = encode([imgs[i] for i in ok]) if ok else None
+                shape = feats.shape[1:] if feats is not None else None
+            if out is None and shape is not None:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(uniq), *shape))
+            if feats is not None:
+                out[[start + i for i in ok]] = feats.astype(np.float16)
+        counter.check()
+        if out is None:
+            raise DataError(f"no readable image among {len(uniq)} for {key['dataset']}/{key['split']}")
+        out.flush()
+        del out
+        jtmp = tmp.with_name(tmp.name + ".json")
+        jtmp.write_text(json.dumps({"key": key}))
+        os.replace(jtmp, path.with_suffix(".json"))
+        os.replace(tmp, path)  # the .npy appears last and complete
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls, pooled, device):
+    """A function list[PIL] -> (B, n, d) float array from a Hugging Face vision tower."""
+    import transformers as tf
+    if model is None:
+        try:
+            cfg = tf.AutoConfig.from_pretrained(encoder)
+        except Exception as e:
+            raise DataError(f"cannot load vision encoder {encoder!r} (a Hugging Face id or a local folder "
+                            f"with config.json): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        if cfg.model_type in ("clip", "clip_vision_model"):
+            cls = tf.CLIPVisionModelWithProjection if pooled else tf.CLIPVisionModel
+        else:
+            cls = tf.AutoModel
+        model = cls.from_pretrained(encoder)
+        if image_processor is None:
+            try:
+                image_processor = tf.AutoImageProcessor.from_pretrained(encoder)
+            except Exception:
+                image_processor = None  # fall back to resize + CLIP normalisation
+    full = hasattr(model, "get_image_features")  # a full CLIP / SigLIP model: use its image side
+    dev = torch.device(device)
+    model = model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval()
+    dtype = next(model.parameters()).dtype
+    vcfg = getattr(model.config, "vision_config", model.config)
+    mean = getattr(image_processor, "image_mean", None) or _CLIP_MEAN
+    std = getattr(image_processor, "image_std", None) or _CLIP_STD
+
+    @torch.no_grad()
+    def encode(images):
+        if image_processor is not None:
+            px = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        else:
+            px = torch.stack([torch.from_numpy(np.asarray(im.resize((image_size, image_size), Image.BICUBIC),
+                                                          np.float32) / 255.0).permute(2, 0, 1) for im in images])
+            px = (px - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+        px = px.to(dev, dtype)
+        if full:
+            out = model.get_image_features(pixel_values=px, output_hidden_states=not pooled)
+            emb = out if torch.is_tensor(out) else out.pooler_output  # projected in transformers >= 5
+        else:
+            out = model(pixel_values=px, output_hidden_states=not pooled)
+            emb = out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output
+        if pooled:
+            return emb[:, None].float().cpu().numpy()  # (B, 1, d)
+        hs = out.hidden_states[layer]  # (B, extra + grid, d)
+        ps = getattr(vcfg, "patch_size", None)
+        grid = (px.shape[-2] // ps) * (px.shape[-1] // ps) if ps else hs.shape[1]
+        if not keep_cls:
+            hs = hs[:, hs.shape[1] - grid:]  # drop CLS / register tokens in front of the grid
+        return hs.float().cpu().numpy()
+
+    return encode
 
 
 # ----------------------------------------------------------------------------------
@@ -147,65 +880,272 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
 # ----------------------------------------------------------------------------------
 def build_tokenizer(words: Iterable[str] = None, *, lowercase: bool = True):
     """Word-level PreTrainedTokenizerFast (library `tokenizers`): special tokens
-    pad "<pad>" (id 0), bos "<s>", eos "</s>", unk "<unk>"; words default to
-    synthetic_vocab(); splits on whitespace and punctuation ("?" "." "," are tokens)."""
-    raise NotImplementedError
+    pad "<pad>" (id 0), bos "<s>" (1), eos "</s>" (2), unk "<unk>" (3); words default to
+    synthetic_vocab() (any texts may be given, in any order: they are split the same way and
+    the vocabulary is sorted, so ids are reproducible); splits on
+    whitespace and punctuation ("?" "." "," are tokens). No special tokens are added
+    automatically (like GPT-2): add bos/eos yourself. decode() joins tokens with spaces."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = synthetic_vocab() if words is None else words
+    found = {w for text in words for w in _TOKEN_RE.findall(text.lower() if lowercase else text)}
+    vocab = {w: i for i, w in enumerate(specials + sorted(found - set(specials)))}  # ids independent of order
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", model_max_length=512)
 
 
 # ----------------------------------------------------------------------------------
 # 5. Official metrics
 # ----------------------------------------------------------------------------------
+# Official VQA normalisation (GT-Vision-Lab/VQA vqaEval.py), re-implemented.
+_MANUAL_MAP = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_MANUAL_MAP["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official look-behind typo, kept
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_CANONICAL = ("ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've "
+              "hasn't haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am "
+              "mightn't mightn't've might've mustn't must've needn't not've o'clock oughtn't 'ow's'at "
+              "shan't she'd've should've shouldn't shouldn't've somebody'd've somebody'll somebody's "
+              "someone'd someone'd've someone'll someone's something'd something'd've something'll "
+              "that's there'd there'd've there're there's they'd they'd've they'll they're they've "
+              "'twas wasn't we'd've we've weren't what'll what're what's what've when's where'd where's "
+              "where've who'd who'd've who'll who's who've why'll why're why's won't would've wouldn't "
+              "wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've").split()
+
+
+def _contraction_keys(c: str) -> list[str]:
+    """Official keys: one apostrophe -> drop it; several -> drop any single one of them."""
+    pos = [i for i, ch in enumerate(c) if ch == "'"]
+    return [c[:i] + c[i + 1:] for i in pos] if len(pos) > 1 else [c.replace("'", "")]
+
+
+_CONTRACTIONS = {k: c for c in _CANONICAL for k in _contraction_keys(c)}
+_CONTRACTIONS["somebody'd"] = "somebodyd"  # sic, as in the official table
+
+
+def _process_punctuation(text: str) -> str:
+    out = text
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out)
+
+
+def _process_digit_article(text: str) -> str:
+    words = [_MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
 def normalize_answer(ans: str) -> str:
-    """Official VQA answer normalisation (punctuation, digits, articles, contractions)."""
-    raise NotImplementedError
+    """Official VQA answer normalisation (punctuation, number words, articles, contractions):
+    "Two" -> "2", "yes." -> "yes", "the dog" -> "dog", "dont" -> "don't"."""
+    ans = ans.replace("\n", " ").replace("\t", " ").strip()
+    return _process_digit_article(_process_punctuation(ans))
+
+
+def _loo(k: int, n: int = 10) -> float:
+    """Mean over the n leave-one-out subsets of min(matches/3, 1) when k of n answers match."""
+    return (k * min(1.0, (k - 1) / 3) + (n - k) * min(1.0, k / 3)) / n if n else 0.0
 
 
 def vqa_score(pred: str, answers: Sequence[str]) -> float:
     """Official VQA accuracy of one prediction: mean over the 10 leave-one-out subsets of
-    min(#matches/3, 1)."""
-    raise NotImplementedError
+    min(#matches/3, 1) (1, 2, 3, >=4 matches of 10 -> 0.3, 0.6, 0.9, 1.0). As in the official
+    vqaEval.py (master, 2021 fix): all answers are stripped; prediction and answers are
+    normalised (normalize_answer) only when the annotators disagree -- when they agree
+    the match is exact, so emit clean lower-case answers ("yes", "2")."""
+    clean = lambda a: a.replace("\n", " ").replace("\t", " ").strip()  # noqa: E731
+    pred, gts = clean(pred), [clean(a) for a in answers]
+    if len(set(gts)) > 1:
+        pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
+    return _loo(sum(a == pred for a in gts), len(gts))
 
 
 def vqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
-    """{"overall": %, "yes/no": %, "number": %, "other": %} (percent, 2 decimals)."""
-    raise NotImplementedError
+    """{"overall": %, "yes/no": %, "number": %, "other": %} (percent, 2 decimals, as the
+    official evaluation; only answer types present in `records` appear)."""
+    if len(preds) != len(records):
+        raise ValueError(f"vqa_accuracy: {len(preds)} predictions for {len(records)} records")
+    per: dict[str, list[float]] = {}
+    scores = []
+    for p, r in zip(preds, records):
+        s = vqa_score(p, r["answers"])
+        scores.append(s)
+        per.setdefault(r.get("answer_type", "other"), []).append(s)
+    out = {"overall": round(100 * sum(scores) / max(len(scores), 1), 2)}
+    for t in ("yes/no", "number", "other"):
+        if t in per:
+            out[t] = round(100 * sum(per[t]) / len(per[t]), 2)
+    return out
+
+
+_CAP_PUNCT = set("''`.?!,:;-()[]{}\"")
+
+
+def _caption_tokens(text: str) -> list[str]:
+    """Lower-cased tokens without punctuation, approximating the PTB tokenizer that the COCO
+    caption evaluation runs (split "n't" and "'s"-style clitics, drop punctuation tokens)."""
+    # DEVIATION: COCO eval uses Stanford CoreNLP's PTBTokenizer (Java); this is a regex approximation.
+    t = text.lower().replace("\n", " ")
+    t = re.sub(r"(\w)n't\b", r"\1 n't", t)
+    t = re.sub(r"(\w)'(s|re|ve|ll|d|m)\b", r"\1 '\2", t)
+    toks = re.findall(r"n't|'\w+|\w+(?:[-./']\w+)*|\S", t)
+    return [w for w in toks if not set(w) <= _CAP_PUNCT]
+
+
+def _ngrams(words: list[str], n: int = 4) -> Counter:
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def _bleu(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 4) -> list[float]:
+    """Corpus BLEU-1..n as coco-caption's bleu_scorer (option "closest" ref length)."""
+    guess, correct, test_len, ref_len = [0] * n, [0] * n, 0, 0
+    for h, rs in zip(hyps, refs):
+        max_ref: Counter = Counter()
+        for r in rs:
+            for g, c in _ngrams(r, n).items():
+                max_ref[g] = max(max_ref[g], c)
+        test_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        for k in range(n):
+            guess[k] += max(len(h) - k, 0)
+        for g, c in _ngrams(h, n).items():
+            correct[len(g) - 1] += min(c, max_ref[g])
+    tiny, small = 1e-15, 1e-9
+    out, prod = [], 1.0
+    for k in range(n):
+        prod *= (correct[k] + tiny) / (guess[k] + small)
+        out.append(prod ** (1.0 / (k + 1)))
+    ratio = (test_len + tiny) / (ref_len + small)
+    return [b * math.exp(1 - 1 / ratio) for b in out] if ratio < 1 else out
+
+
+def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 4, sigma: float = 6.0) -> float:
+    """CIDEr-D as coco-caption's cider_scorer: tf-idf n-gram vectors with document
+    frequencies from the references, clipped hypothesis weights, Gaussian length penalty
+    (sigma 6), mean over n = 1..4 and over references, x10; averaged over images."""
+    crefs = [[_ngrams(r, n) for r in rs] for rs in refs]
+    df: Counter = Counter()
+    for rs in crefs:
+        df.update(set(g for r in rs for g in r))
+    log_n = math.log(float(len(crefs)))
+
+    def vec(counts):
+        v, norm, length = [{} for _ in range(n)], [0.0] * n, 0
+        for g, tf in counts.items():
+            k = len(g) - 1
+            v[k][g] = tf * (log_n - math.log(max(1.0, df[g])))
+            norm[k] += v[k][g] ** 2
+            length += tf if k == 1 else 0  # sic: the official code counts bigrams as "length"
+        return v, [math.sqrt(x) for x in norm], length
+
+    scores = []
+    for h, rs in zip(hyps, crefs):
+        vh, nh, lh = vec(_ngrams(h, n))
+        total = 0.0
+        for r in rs:
+            vr, nr, lr = vec(r)
+            for k in range(n):
+                val = sum(min(w, vr[k].get(g, 0.0)) * vr[k].get(g, 0.0) for g, w in vh[k].items())
+                if nh[k] and nr[k]:
+                    val /= nh[k] * nr[k]
+                total += val * math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+        scores.append(total / n / len(rs) * 10.0)
+    return float(np.mean(scores))
 
 
 def caption_metrics(preds: dict, refs: dict) -> dict:
     """preds {id: str}, refs {id: [str,...]} -> {"BLEU-1".."BLEU-4", "CIDEr"} (x100 for
-    BLEU, CIDEr-D x100 as in papers)"""
-    raise NotImplementedError
+    BLEU, CIDEr-D x100 as in papers), over the ids of `preds`, computed as the COCO caption
+    evaluation does on lower-cased, punctuation-stripped tokens."""
+    missing = [k for k in preds if not refs.get(k)]
+    if missing or not preds:
+        raise ValueError(f"caption_metrics: no references for ids {missing[:5]}" if missing else "no predictions")
+    ids = list(preds)
+    hyps = [_caption_tokens(preds[i]) for i in ids]
+    rs = [[_caption_tokens(r) for r in refs[i]] for i in ids]
+    out = {f"BLEU-{k + 1}": 100 * b for k, b in enumerate(_bleu(hyps, rs))}
+    out["CIDEr"] = 100 * _cider_d(hyps, rs)
+    return out
 
 
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
     """percent"""
-    raise NotImplementedError
+    preds, labels = list(map(int, preds)), list(map(int, labels))
+    if len(preds) != len(labels) or not labels:
+        raise ValueError(f"accuracy: {len(preds)} predictions for {len(labels)} labels")
+    return 100.0 * sum(p == t for p, t in zip(preds, labels)) / len(labels)
 
 
 def harmonic_mean(base: float, new: float) -> float:
-    raise NotImplementedError
+    """2*base*new / (base + new) (0 when both are 0) -- the base-to-new 'H' column."""
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
 def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
     """Answers (normalised) occurring >= min_freq times as the most-common answer in
-    train records (3129 answers for VQAv2 train with min_freq 9); min_freq=1 for tiny data."""
-    raise NotImplementedError
+    train records (3129 answers for VQAv2 train+val with min_freq 9, the usual setup);
+    min_freq=1 for tiny data. Ordered by frequency, then alphabetically."""
+    counts = Counter(normalize_answer(r["answer"]) for r in records)
+    return sorted((a for a, c in counts.items() if c >= min_freq), key=lambda a: (-counts[a], a))
 
 
-def vqa_soft_targets(record: dict, vocab_index: dict) -> "torch.Tensor":
-    """(len(vocab),) soft scores min(count/3,1) per answer for BCE classifiers."""
-    raise NotImplementedError
+def vqa_soft_targets(record: dict, vocab_index: dict) -> torch.Tensor:
+    """(len(vocab),) soft score per answer for BCE classifiers: the official leave-one-out
+    score of that answer among the record's answers (1,2,3,>=4 of 10 -> 0.3,0.6,0.9,1)."""
+    target = torch.zeros(len(vocab_index))
+    answers = [normalize_answer(a) for a in record["answers"]]
+    for a, k in Counter(answers).items():
+        if a in vocab_index:
+            target[vocab_index[a]] = _loo(k, len(answers))
+    return target
 
 
 # ----------------------------------------------------------------------------------
 # 6. Loaders
 # ----------------------------------------------------------------------------------
+def _collate(batch):
+    """Records stay a list of dicts; anything else goes through torch's default_collate."""
+    if isinstance(batch[0], dict) and "task" in batch[0]:
+        return list(batch)
+    return torch.utils.data.default_collate(batch)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+    s = torch.initial_seed() % 2 ** 32
+    np.random.seed(s)
+    random.seed(s)
+
+
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                 collate_fn: Callable = None, num_workers: int = 0, drop_last: bool = False):
-    """DataLoader; under torch.distributed uses DistributedSampler(seed=seed), else a
-    seeded torch.Generator. Call loader.sampler.set_epoch(epoch) via set_epoch(loader, e)."""
-    raise NotImplementedError
+    """DataLoader whose order depends only on (seed, epoch): a DistributedSampler(seed=seed)
+    (with one replica when not under torch.distributed). Call set_epoch(loader, e) before
+    each epoch; to resume mid-epoch, set_epoch and skip the batches already seen. Default
+    collate: a list of records stays a list, tensors are stacked. Under DDP each rank gets
+    its shard, padded by repetition to equal length (DistributedSampler semantics)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    import torch.distributed as dist
+    on = dist.is_available() and dist.is_initialized()
+    sampler = DistributedSampler(dataset, num_replicas=dist.get_world_size() if on else 1,
+                                 rank=dist.get_rank() if on else 0, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_fn or _collate, drop_last=drop_last,
+                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=False)
 
 
 def set_epoch(loader, epoch: int) -> None:
-    raise NotImplementedError
+    """Set the epoch of the loader's sampler (shuffling order = f(seed, epoch))."""
+    if hasattr(loader.sampler, "set_epoch"):
+        loader.sampler.set_epoch(epoch)

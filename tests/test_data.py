@@ -1,0 +1,581 @@
+"""Tests of data.py: synthetic world, official-format loaders, features cache, tokenizer, metrics."""
+import json
+import math
+import os
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from data import DataError  # noqa: E402
+
+SMALL = {"train": 60, "val": 20, "test": 30}
+
+
+# ----------------------------------------------------------------------------------- synthetic
+def test_shapes_deterministic_and_seeded():
+    a, b = data.ShapesWorld(seed=3, split_sizes=SMALL), data.ShapesWorld(seed=3, split_sizes=SMALL)
+    assert a.vqa("train") == b.vqa("train") and a.captions("val") == b.captions("val")
+    assert a.classification("test") == b.classification("test")
+    for i in range(5):
+        assert np.array_equal(np.asarray(a.render(a.scene("train", i))), np.asarray(b.render(b.scene("train", i))))
+    c = data.ShapesWorld(seed=4, split_sizes=SMALL)
+    assert [r["question"] for r in a.vqa("train")] != [r["question"] for r in c.vqa("train")]
+    assert a.scene("train", 0) != a.scene("val", 0)
+    # records render the same image whether or not the world object is around
+    r = data.load_records("shapes_caption", "val", world_seed=3, split_sizes=SMALL)[2]
+    assert np.array_equal(np.asarray(data.load_image(r)), np.asarray(a.render(a.scene("val", 2))))
+    assert data.load_image(r, 96).size == (96, 96) and data.load_image(r).size == (64, 64)
+
+
+def test_shapes_scene_and_vqa_content():
+    w = data.ShapesWorld(split_sizes={"train": 300, "val": 1, "test": 1})
+    for i in range(50):
+        objs = w.scene("train", i)["objects"]
+        assert 1 <= len(objs) <= 3 and len({o["pos"] for o in objs}) == len(objs)
+    recs = w.vqa("train")
+    assert {r["question_type"] for r in recs} == set(data.VQA_FAMILIES)
+    types = {r["question_type"]: r["answer_type"] for r in recs}
+    assert types["count"] == "number" and types["exist"] == "yes/no" and types["color"] == "other"
+    assert all(len(r["answers"]) == 10 and r["task"] == "vqa" for r in recs)
+    noisy = sum(len(set(r["answers"])) > 1 for r in recs) / len(recs)
+    assert 0.3 < noisy < 0.9  # a little annotator noise, majority intact
+    assert all(Counter(r["answers"]).most_common(1)[0][1] == Counter(r["answers"])[r["answer"]] for r in recs)
+    # answers are consistent with the scene graph
+    for r in recs:
+        objs = r["meta"]["scene"]["objects"]
+        if r["question"] == "how many objects are there?":
+            assert r["answer"] == str(len(objs))
+        if r["question_type"] == "relation" and r["question"].startswith("what is left of"):
+            color, shape = r["question"][len("what is left of the "):-1].split()
+            a = next(o for o in objs if o["color"] == color and o["shape"] == shape)
+            left = [o for o in objs if data._XY[o["pos"]][0] < data._XY[a["pos"]][0]]
+            assert len(left) == 1 and Counter(r["answers"])[left[0]["shape"]] >= 5
+    caps = w.captions("train")
+    assert all(len(r["captions"]) == 5 and len(set(r["captions"])) == 5 for r in caps)
+
+
+def test_shapes_classes_base_new_checkerboard():
+    w = data.ShapesWorld()
+    base, new = w.base_new_split()
+    assert len(base) == len(new) == 24 and base == sorted(base) and new == sorted(new)
+    assert w.classnames == base + new
+    for half in (base, new):  # compositional: every colour and every shape in both halves
+        assert {n.split()[0] for n in half} == set(data.COLORS) and {n.split()[1] for n in half} == set(data.SHAPES)
+    recs = data.load_records("shapes_cls", "train", split_sizes=SMALL)
+    for r in recs:
+        o = r["meta"]["scene"]["objects"]
+        assert len(o) == 1 and f"{o[0]['color']} {o[0]['shape']}" == r["classname"] == w.classnames[r["label"]]
+    few = data.load_records("shapes_cls", "train", num_shots=2, seed=1)
+    assert Counter(r["label"] for r in few) == {i: 2 for i in range(48)}
+    assert [r["id"] for r in few] != [r["id"] for r in data.load_records("shapes_cls", "train", num_shots=2, seed=2)]
+    nb = data.load_records("shapes_cls", "test", subset="new")
+    assert data.classnames_of(nb) == new and {r["label"] for r in nb} == set(range(24))
+    assert all(r["classname"] == new[r["label"]] for r in nb)
+    assert data.classnames_of(data.load_records("shapes_cls", "val", subset="base", limit=3)) == base
+
+
+def test_tokenizer_and_vocab_cover_world():
+    tok = data.build_tokenizer()
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
+    vocab = set(data.synthetic_vocab())
+    texts = [r["question"] + " " + " ".join(r["answers"]) for r in data.load_records("shapes_vqa", "val")]
+    texts += [c for r in data.load_records("shapes_caption", "val") for c in r["captions"]]
+    assert {w for t in texts for w in data._TOKEN_RE.findall(t)} <= vocab
+    ids = tok(texts[:50])["input_ids"]
+    assert all(tok.unk_token_id not in x for x in ids)
+    assert tok.decode(tok("What color is the circle?")["input_ids"]) == "what color is the circle ?"
+    batch = tok(["is there a red star?", "yes"], padding=True, return_tensors="pt")
+    assert batch["input_ids"][1, 1:].eq(0).all() and batch["attention_mask"][1].tolist() == [1, 0, 0, 0, 0, 0]
+    assert tok("zebra")["input_ids"] == [3]
+    assert {"zebra", ",", "please"} <= set(data.build_tokenizer(["a zebra, please"]).get_vocab())
+    assert data.build_tokenizer(["b a", "c"]).get_vocab() == data.build_tokenizer({"c", "a b"}).get_vocab()
+
+
+# ----------------------------------------------------------------------------------- VQA metric
+def loo_bruteforce(k, n=10):
+    matches = [True] * k + [False] * (n - k)
+    return sum(min(1, sum(matches[:i] + matches[i + 1:]) / 3) for i in range(n)) / n
+
+
+def test_vqa_score_hand_worked():
+    assert [round(loo_bruteforce(k), 6) for k in range(11)] == [0, 0.3, 0.6, 0.9] + [1.0] * 7
+    for k in range(11):  # k matches of 10: e.g. 3 -> (3*2/3 + 7*1)/10 = 0.9
+        assert data.vqa_score("red", ["red"] * k + ["blue"] * (10 - k)) == pytest.approx(loo_bruteforce(k))
+    # normalisation applies when the annotators disagree (always, in real VQAv2 data, 3/4 of the time)
+    assert data.vqa_score("Two", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)  # number word -> digit
+    assert data.vqa_score("yes.", ["yes"] * 9 + ["no"]) == 1.0  # trailing period stripped
+    assert data.vqa_score("Yes", ["yes"] * 9 + ["no"]) == 1.0  # lower-cased
+    assert data.vqa_score("the dog", ["dog"] * 2 + ["cat"] * 8) == pytest.approx(0.6)  # article dropped
+    assert data.vqa_score("dog", ["the dog"] * 4 + ["cat"] * 6) == 1.0  # ... on both sides
+    assert data.vqa_score("dont", ["don't"] * 1 + ["no"] * 9) == pytest.approx(0.3)  # contraction restored
+    assert data.vqa_score("2", ["two"] * 5 + ["3"] * 5) == 1.0
+    assert data.vqa_score("red", ["red?"] * 4 + ["blue"] * 6) == 1.0
+    assert data.vqa_score(" yes\n", ["yes"] * 10) == 1.0  # whitespace always stripped
+    # official quirk: unanimous answers -> exact string match, nothing normalised
+    assert data.vqa_score("yes.", ["yes"] * 10) == 0.0
+    assert data.vqa_score("Yes", ["yes"] * 10) == 0.0
+    assert data.vqa_score("2", ["two"] * 10) == 0.0
+    assert data.vqa_score("anything", []) == 0.0
+
+
+def test_normalize_answer_edge_cases():
+    n = data.normalize_answer
+    assert n("Two") == "2" and n("none") == "0" and n("ten") == "10"
+    assert n("yes.") == "yes" and n("3.5") == "3.5" and n("yes?") == "yes"
+    assert n("1,000") == "1000"            # comma between digits -> punctuation removed
+    assert n("red, white") == "red white"  # ", " -> removed
+    assert n("black/white") == "black white"
+    assert n("An apple") == "apple" and n("the  dog ") == "dog"
+    assert n("dont") == "don't" and n("couldnt've") == "couldn't've" and n("couldntve") == "couldntve"
+    assert n("  Whats up\t") == "what's up"
+
+
+def test_vqa_accuracy_types_and_rounding():
+    recs = [{"answers": ["yes"] * 10, "answer_type": "yes/no"},
+            {"answers": ["2"] * 1 + ["3"] * 9, "answer_type": "number"},
+            {"answers": ["red"] * 10, "answer_type": "other"}]
+    out = data.vqa_accuracy(["yes", "2", "blue"], recs)
+    assert out == {"overall": round(100 * 1.3 / 3, 2), "yes/no": 100.0, "number": 30.0, "other": 0.0}
+    with pytest.raises(ValueError):
+        data.vqa_accuracy(["yes"], recs)
+
+
+def test_answer_vocab_and_soft_targets():
+    recs = [{"answer": a, "answers": [a] * 10} for a in ["Yes", "yes", "no", "two", "2", "red"]]
+    assert data.answer_vocab(recs, min_freq=2) == ["2", "yes"]
+    assert data.answer_vocab(recs, min_freq=1) == ["2", "yes", "no", "red"]
+    idx = {"yes": 0, "no": 1, "2": 2}
+    t = data.vqa_soft_targets({"answers": ["yes"] * 6 + ["no"] * 3 + ["Two"]}, idx)
+    assert torch.allclose(t, torch.tensor([1.0, 0.9, 0.3]))
+
+
+# ----------------------------------------------------------------------------------- caption metrics
+def test_bleu_hand_worked():
+    cm = data.caption_metrics
+    same = cm({"a": "The cat sat on the mat."}, {"a": ["the cat sat on the mat"]})
+    for k in range(1, 5):
+        assert same[f"BLEU-{k}"] == pytest.approx(100, abs=1e-5)
+    # brevity penalty: c = 2, r = 6 -> BP = exp(1 - 6/2); p1 = p2 = 1
+    short = cm({"a": "the cat"}, {"a": ["the cat sat on the mat"]})
+    assert short["BLEU-1"] == pytest.approx(100 * math.exp(-2), rel=1e-6)
+    assert short["BLEU-2"] == pytest.approx(100 * math.exp(-2), rel=1e-6)
+    # clipping: "the" counted at most once (max count in a reference); c = 4 >= r = 2 -> BP 1
+    assert cm({"a": "the the the the"}, {"a": ["the cat"]})["BLEU-1"] == pytest.approx(25.0, rel=1e-6)
+    # closest reference length, ties -> the shorter one: c = 4, refs 3 and 5 -> r = 3, no BP
+    tie = cm({"a": "a b c d"}, {"a": ["a b c", "a b c d e"]})
+    assert tie["BLEU-1"] == pytest.approx(100.0, rel=1e-6)
+    # corpus level: counts pooled over images, then BP on total lengths
+    # img1 "a b" vs "a b" ; img2 "x y z" vs "x q z w": 1-gram 4/5, 2-gram 1/3; c = 5, r = 6
+    corp = cm({"1": "a b", "2": "x y z"}, {"1": ["a b"], "2": ["x q z w"]})
+    bp = math.exp(1 - 6 / 5)
+    assert corp["BLEU-1"] == pytest.approx(100 * 0.8 * bp, rel=1e-6)
+    assert corp["BLEU-2"] == pytest.approx(100 * math.sqrt(0.8 * 1 / 3) * bp, rel=1e-6)
+
+
+def cider_d_reference(hyps, refs, sigma=6.0):
+    """Independent CIDEr-D (Vedantam et al. 2015, with the coco-caption D variant), vectorised
+    over a global n-gram index; lengths in words."""
+    def grams(s, n):
+        w = s.split()
+        return Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+    N = len(hyps)
+    total = np.zeros(N)
+    for n in range(1, 5):
+        index = {}
+        for rs in refs:
+            for r in rs:
+                for g in grams(r, n):
+                    index.setdefault(g, len(index))
+        for h in hyps:
+            for g in grams(h, n):
+                index.setdefault(g, len(index))
+        df = np.zeros(len(index))
+        for rs in refs:
+            for g in set().union(*[grams(r, n) for r in rs]):
+                df[index[g]] += 1
+        idf = np.log(N) - np.log(np.maximum(df, 1.0))
+
+        def vec(s):
+            v = np.zeros(len(index))
+            for g, c in grams(s, n).items():
+                v[index[g]] = c
+            return v * idf
+        for i, (h, rs) in enumerate(zip(hyps, refs)):
+            gh = vec(h)
+            for r in rs:
+                gr = vec(r)
+                den = np.linalg.norm(gh) * np.linalg.norm(gr)
+                sim = (np.minimum(gh, gr) @ gr) / den if den > 0 else 0.0
+                total[i] += 10 / 4 / len(rs) * sim * math.exp(-(len(h.split()) - len(r.split())) ** 2 / (2 * sigma ** 2))
+    return float(total.mean())
+
+
+def test_cider_d_hand_worked_and_independent():
+    # disjoint vocabularies, hypothesis == its only reference: every n-gram has idf log(2),
+    # cosine 1 for n = 1..4 -> 10; with a 2-word caption only n = 1, 2 exist -> 10 * 2/4 = 5
+    out = data.caption_metrics({"1": "a red big circle", "2": "blue square"},
+                               {"1": ["a red big circle"], "2": ["blue square"]})
+    assert out["CIDEr"] == pytest.approx(100 * (10 + 5) / 2, rel=1e-9)
+    hyps = ["a red circle on the left", "two blue squares"]
+    refs = [["a red circle is on the left", "there is a red circle", "a circle"],
+            ["two blue squares at the top", "a pair of blue squares", "blue squares on the left"]]
+    got = data.caption_metrics({"1": hyps[0], "2": hyps[1]}, {"1": refs[0], "2": refs[1]})["CIDEr"]
+    assert got == pytest.approx(100 * cider_d_reference(hyps, refs), rel=1e-9)
+    assert got > 0
+    # tokenisation: case and punctuation do not matter
+    assert data.caption_metrics({"1": "A RED circle, on the left!", "2": hyps[1]},
+                                {"1": refs[0], "2": refs[1]})["CIDEr"] == pytest.approx(got)
+    assert data._caption_tokens("The dog's ball, isn't it?") == ["the", "dog", "'s", "ball", "is", "n't", "it"]
+
+
+def test_accuracy_and_harmonic_mean():
+    assert data.accuracy([1, 2, 3, 4], torch.tensor([1, 2, 0, 0])) == 50.0
+    assert data.harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert data.harmonic_mean(0, 0) == 0.0
+
+
+# ----------------------------------------------------------------------------------- features
+def test_patch_features_cache_roundtrip(tmp_path, monkeypatch):
+    recs = data.load_records("shapes_vqa", "val", split_sizes=SMALL)[:30]
+    kw = dict(cache_dir=str(tmp_path), dataset="shapes_vqa", split="val", image_size=32, patch_size=8, progress=False)
+    loads = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k.get("mmap_mode")) or real_load(*a, **k))
+    feats, rows = data.extract_features(recs, "patches", **kw)
+    monkeypatch.undo()
+    assert loads and all(m is not None for m in loads)  # always memory-mapped from the cache
+    n_img = len({r["image_id"] for r in recs})
+    assert feats.shape == (n_img, 16, 192) and feats.dtype == torch.float16 and rows.shape == (len(recs),)
+    # content: row of record i = its image's patches; patch (0, 1) = pixels [0:8, 8:16]
+    img = np.asarray(data.load_image(recs[7], 32), np.float32) / 127.5 - 1
+    expect = torch.from_numpy(img[0:8, 8:16].reshape(-1)).half()
+    assert torch.equal(feats[rows[7], 1], expect)
+    assert float(feats.abs().max()) <= 1.0
+    assert all(rows[i] == rows[j] for i in range(len(recs)) for j in range(len(recs))
+               if recs[i]["image_id"] == recs[j]["image_id"])
+    # second call hits the cache (no extraction)
+    monkeypatch.setattr(data, "_extract_to", lambda *a, **k: pytest.fail("cache not used"))
+    feats2, rows2 = data.extract_features(recs, "patches", **kw)
+    assert torch.equal(feats, feats2) and torch.equal(rows, rows2)
+    monkeypatch.undo()
+    # a different key (image size / other images) is a different cache file
+    data.extract_features(recs[:5], "patches", **kw)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_feature_cache_interrupted_write_is_never_read(tmp_path, monkeypatch):
+    recs = data.load_records("shapes_caption", "val", split_sizes=SMALL)
+    kw = dict(cache_dir=str(tmp_path), dataset="shapes_caption", split="val", image_size=16, patch_size=8, progress=False)
+    good, _ = data.extract_features(recs, "patches", **kw)
+    good = good.clone()
+    npy = next(tmp_path.glob("*.npy"))
+    # 1) crash in the middle of a rewrite: the temp file is left behind, never read
+    for f in tmp_path.iterdir():
+        f.unlink()
+    real_patches = data._patches
+    calls = {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        return real_patches(*a, **k)
+    monkeypatch.setattr(data, "_patches", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        data.extract_features(recs, "patches", batch_size=2, **kw)
+    assert not npy.exists()
+    monkeypatch.undo()
+    # simulate a leftover temp file of a killed process (the finally clause could not run)
+    (tmp_path / (npy.name + ".tmp-99999-deadbeef")).write_bytes(b"\x93NUMPY garbage")
+    feats, _ = data.extract_features(recs, "patches", **kw)
+    assert torch.equal(feats, good)
+    # 2) a complete-looking .npy without its key file (crash between the renames) is recomputed
+    npy.with_suffix(".json").unlink()
+    np.save(npy, np.zeros((1, 1), np.float16))
+    feats, _ = data.extract_features(recs, "patches", **kw)
+    assert torch.equal(feats, good)
+
+
+def test_hf_clip_tower_features(tmp_path):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16)
+    model = CLIPVisionModelWithProjection(cfg).eval()
+    model.save_pretrained(tmp_path / "tiny-clip")
+    recs = data.load_records("shapes_cls", "val", split_sizes=SMALL)[:6]
+    kw = dict(cache_dir=str(tmp_path / "cache"), dataset="shapes_cls", split="val", image_size=32, progress=False)
+    enc = str(tmp_path / "tiny-clip")
+    feats, rows = data.extract_features(recs, enc, layer=-2, **kw)
+    assert feats.shape == (6, 16, 32)  # CLS dropped: (32/8)^2 grid tokens
+    # reference: simple resize + CLIP normalisation (no image processor saved)
+    px = torch.stack([torch.from_numpy(np.asarray(data.load_image(r, 32), np.float32) / 255).permute(2, 0, 1)
+                      for r in recs])
+    px = (px - torch.tensor(data._CLIP_MEAN).view(3, 1, 1)) / torch.tensor(data._CLIP_STD).view(3, 1, 1)
+    with torch.no_grad():
+        out = model(pixel_values=px, output_hidden_states=True)
+    assert torch.allclose(feats.float(), out.hidden_states[-2][:, 1:], atol=2e-2)
+    cls_feats, _ = data.extract_features(recs, enc, layer=-1, keep_cls=True, **kw)
+    assert cls_feats.shape == (6, 17, 32)
+    assert torch.allclose(cls_feats.float(), out.hidden_states[-1], atol=2e-2)
+    pooled, _ = data.extract_features(recs, enc, pooled=True, **kw)
+    assert pooled.shape == (6, 1, 16)
+    assert torch.allclose(pooled.float()[:, 0], out.image_embeds, atol=2e-2)
+    # with the model's own image processor
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(enc)
+    f2, _ = data.extract_features(recs, enc, layer=-2, **dict(kw, cache_dir=str(tmp_path / "cache2")))
+    assert f2.shape == (6, 16, 32)
+    # an in-memory full CLIP model (image side used; pooled = projected image features)
+    from transformers import CLIPConfig, CLIPModel
+    full = CLIPModel(CLIPConfig(vision_config=cfg.to_dict(), projection_dim=16, text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50))).eval()
+    fp, _ = data.extract_features(recs, "tiny-full-clip", model=full, pooled=True, **kw)
+    with torch.no_grad():
+        ref = full.get_image_features(pixel_values=px).pooler_output
+    assert fp.shape == (6, 1, 16) and torch.allclose(fp.float()[:, 0], ref, atol=2e-2)
+    with pytest.raises(DataError, match="cannot load vision encoder"):
+        data.extract_features(recs, str(tmp_path / "nope"), **kw)
+
+
+# ----------------------------------------------------------------------------------- official formats
+def jpeg(path, color=(200, 30, 30), size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, "JPEG")
+
+
+def write_json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def make_vqav2(root, karpathy=False):
+    for cs, iids in (("train2014", [1, 2]), ("val2014", [3])):
+        qs, anns = [], []
+        for iid in iids:
+            jpeg(root / cs / f"COCO_{cs}_{iid:012d}.jpg")
+            qid = iid * 10
+            qs.append({"question_id": qid, "image_id": iid, "question": f"what is {iid}?"})
+            anns.append({"question_id": qid, "image_id": iid, "question_type": "what is", "answer_type": "other",
+                         "multiple_choice_answer": "cat",
+                         "answers": [{"answer": "cat", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]})
+        write_json(root / f"v2_OpenEnded_mscoco_{cs}_questions.json", {"questions": qs, "data_subtype": cs})
+        write_json(root / f"v2_mscoco_{cs}_annotations.json", {"annotations": anns})
+    if karpathy:
+        write_json(root / "dataset_coco.json", {"images": [
+            {"cocoid": 1, "split": "train", "filepath": "train2014", "filename": "x", "sentences": []},
+            {"cocoid": 3, "split": "restval", "filepath": "val2014", "filename": "x", "sentences": []},
+            {"cocoid": 2, "split": "test", "filepath": "train2014", "filename": "x", "sentences": []}]})
+
+
+def test_vqav2_loader(tmp_path):
+    root = tmp_path / "vqav2"
+    make_vqav2(root)
+    tr = data.load_records("vqav2", "train", str(tmp_path))  # data_root/vqav2 found
+    assert [r["id"] for r in tr] == ["10", "20"] and tr[0]["answers"] == ["cat"] * 10
+    assert tr[0]["image_path"] == str(root / "train2014" / "COCO_train2014_000000000001.jpg")
+    assert tr[0]["answer_type"] == "other" and tr[0]["question_type"] == "what is" and tr[0]["image_id"] == "1"
+    assert [r["id"] for r in data.load_records("vqav2", "val", str(root))] == ["30"]
+    make_vqav2(root, karpathy=True)
+    assert sorted(r["id"] for r in data.load_records("vqav2", "train", str(root))) == ["10", "30"]
+    assert [r["id"] for r in data.load_records("vqav2", "test", str(root))] == ["20"]
+    with pytest.raises(DataError, match="no records"):
+        data.load_records("vqav2", "val", str(root))  # empty Karpathy val
+
+
+def test_gqa_loader(tmp_path):
+    root = tmp_path / "gqa"
+    jpeg(root / "images" / "n1.jpg")
+    write_json(root / "questions1.2" / "testdev_balanced_questions.json", {
+        "q1": {"imageId": "n1", "question": "Is it red?", "answer": "yes", "fullAnswer": "Yes, it is.",
+               "types": {"structural": "verify", "semantic": "attr", "detailed": "verifyAttr"}},
+        "q2": {"imageId": "n1", "question": "How many?", "answer": "2", "types": {}}})
+    recs = data.load_records("gqa", "test", str(root))
+    assert [r["answer_type"] for r in recs] == ["yes/no", "number"] and recs[0]["question_type"] == "verifyAttr"
+    assert data.vqa_score("yes", recs[0]["answers"]) == 1.0 and data.vqa_score("no", recs[0]["answers"]) == 0.0
+
+
+def test_karpathy_caption_loaders(tmp_path):
+    coco = tmp_path / "coco"
+    jpeg(coco / "val2014" / "COCO_val2014_000000000042.jpg")
+    write_json(coco / "dataset_coco.json", {"dataset": "coco", "images": [
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "cocoid": 42, "split": "test",
+         "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}, {"raw": "A brown dog."}]},
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000043.jpg", "cocoid": 43, "split": "restval",
+         "sentences": [{"raw": "A cat."}]}]})
+    test = data.load_records("coco", "test", str(coco))
+    assert test[0]["captions"] == ["A dog.", "A brown dog."] and test[0]["id"] == "42"
+    assert data.load_records("coco", "train", str(coco))[0]["id"] == "43"  # restval is train
+    fl = tmp_path / "flickr30k"
+    jpeg(fl / "flickr30k-images" / "1000.jpg")
+    write_json(fl / "dataset_flickr30k.json", {"images": [
+        {"filename": "1000.jpg", "imgid": 0, "split": "val", "sentences": [{"raw": "Two men."}]}]})
+    rec = data.load_records("flickr30k", "val", str(tmp_path))[0]
+    assert rec["id"] == "1000" and rec["image_path"].endswith("flickr30k-images/1000.jpg")
+    assert data.load_image(rec).size == (40, 30)
+
+
+def make_coop(tmp_path, n_per_class=4):
+    root = tmp_path / "eurosat"
+    classes = ["annual crop", "forest", "river", "sea lake"]
+    split = {"train": [], "val": [], "test": []}
+    for lab, c in enumerate(classes):
+        for i in range(n_per_class):
+            rel = f"{c.replace(' ', '')}/{c.replace(' ', '')}_{i}.jpg"
+            jpeg(root / "2750" / rel, color=(lab * 60, 100, 100), size=(8, 8))
+            split["train" if i < n_per_class - 1 else "test"].append([rel, lab, c])
+        split["val"].append(split["train"][-1])
+    write_json(root / "split_zhou_EuroSAT.json", split)
+    return root, classes
+
+
+def test_coop_loader_few_shot_base_new(tmp_path):
+    root, classes = make_coop(tmp_path)
+    tr = data.load_records("eurosat", "train", str(tmp_path))
+    assert len(tr) == 12 and data.classnames_of(tr) == classes and tr[0]["image_path"].startswith(str(root / "2750"))
+    two = data.load_records("eurosat", "train", str(root), num_shots=2, seed=0)
+    assert Counter(r["label"] for r in two) == {0: 2, 1: 2, 2: 2, 3: 2}
+    sets = {tuple(r["id"] for r in data.load_records("eurosat", "train", str(root), num_shots=1, seed=s)) for s in range(6)}
+    assert len(sets) > 1  # sampling depends on the seed
+    new = data.load_records("eurosat", "test", str(root), subset="new")
+    assert data.classnames_of(new) == classes[2:] and [r["label"] for r in new] == [0, 1]
+    assert [r["classname"] for r in new] == classes[2:]
+    base = data.load_records("eurosat", "train", str(root), num_shots=1, subset="base")
+    assert sorted(r["label"] for r in base) == [0, 1]
+
+
+def test_imagenet_folders_and_aircraft(tmp_path):
+    inet = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for wnid in ("n02", "n01"):
+            jpeg(inet / "images" / split / wnid / f"{wnid}_{split}.JPEG")
+    (inet / "classnames.txt").write_text("n01 tench\nn02 goldfish\n")
+    te = data.load_records("imagenet", "test", str(tmp_path))  # test = val folder
+    assert [(r["label"], r["classname"]) for r in te] == [(0, "tench"), (1, "goldfish")]
+    fg = tmp_path / "fgvc_aircraft"
+    (fg / "images").mkdir(parents=True)
+    (fg / "variants.txt").write_text("707-320\nA300B4\n")
+    (fg / "images_variant_train.txt").write_text("0001 A300B4\n0002 707-320\n")
+    for i in ("0001", "0002"):
+        jpeg(fg / "images" / f"{i}.jpg")
+    recs = data.load_records("fgvc_aircraft", "train", str(fg))
+    assert [(r["label"], r["classname"]) for r in recs] == [(1, "A300B4"), (0, "707-320")]
+
+
+def test_unreadable_images_skipped_counted_and_limited(tmp_path, capsys):
+    root, _ = make_coop(tmp_path, n_per_class=5)
+    bad = root / "2750" / "forest" / "forest_0.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    recs = data.load_records("eurosat", "train", str(root))  # 16 images, 1 corrupt
+    with pytest.raises(data.UnreadableImage, match="forest_0.jpg"):
+        data.load_image(next(r for r in recs if r["image_path"] == str(bad)))
+    kw = dict(cache_dir=str(tmp_path / "c"), dataset="eurosat", split="train", image_size=8, patch_size=4, progress=False)
+    feats, rows = data.extract_features(recs, "patches", max_bad_fraction=0.1, **kw)
+    assert "skipped 1 of 16 unreadable images" in capsys.readouterr().err
+    i = next(i for i, r in enumerate(recs) if r["image_path"] == str(bad))
+    assert float(feats[rows[i]].abs().sum()) == 0.0 and float(feats[rows[0]].abs().sum()) > 0
+    with pytest.raises(DataError, match="skipped 1 of 16 unreadable"):
+        data.extract_features(recs, "patches", max_bad_fraction=0.05, **dict(kw, cache_dir=str(tmp_path / "d")))
+    assert not list((tmp_path / "d").glob("*.npy"))
+    counter = data.ImageSkipCounter(0.5)
+    assert counter(recs[i]) is None and counter(recs[0]) is not None
+    counter.check()  # 1 of 2 = 50% is allowed
+
+
+# ----------------------------------------------------------------------------------- bad input
+def test_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        data.load_records("mnist", "train")
+    with pytest.raises(DataError, match="unknown split"):
+        data.load_records("shapes_vqa", "dev")
+    with pytest.raises(DataError, match="needs --data_root"):
+        data.load_records("vqav2", "train")
+    with pytest.raises(DataError, match="does not exist.*visualqa.org"):
+        data.load_records("vqav2", "train", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="missing file .*v2_OpenEnded_mscoco_train2014_questions.json.*visualqa"):
+        data.load_records("vqav2", "train", str(tmp_path))
+    root = tmp_path / "vqav2"
+    make_vqav2(root)
+    (root / "v2_mscoco_val2014_annotations.json").write_text('{"annotations": [')
+    with pytest.raises(DataError, match="malformed JSON in .*v2_mscoco_val2014_annotations.json"):
+        data.load_records("vqav2", "val", str(root))
+    write_json(root / "v2_mscoco_val2014_annotations.json", {"annotations": [{"question_id": 30, "answers": []}]})
+    with pytest.raises(DataError, match="v2_mscoco_val2014_annotations.json: missing key annotations\\[\\]."):
+        data.load_records("vqav2", "val", str(root))
+    write_json(root / "v2_mscoco_val2014_annotations.json", {"anns": []})
+    with pytest.raises(DataError, match="missing key 'anns'|missing key 'annotations'"):
+        data.load_records("vqav2", "val", str(root))
+    (root / "train2014").rename(root / "elsewhere")
+    with pytest.raises(DataError, match="missing image folder .*train2014"):
+        data.load_records("vqav2", "train", str(root))
+    coop, _ = make_coop(tmp_path)
+    write_json(coop / "split_zhou_EuroSAT.json", {"train": [["a.jpg", 0]], "val": [], "test": []})
+    with pytest.raises(DataError, match=r"train\[0\] should be \[relative_path, label, classname\]"):
+        data.load_records("eurosat", "train", str(coop))
+    write_json(coop / "split_zhou_EuroSAT.json", {"train": [["a.jpg", 0, "x"]], "val": [], "test": []})
+    with pytest.raises(DataError, match="eurosat/test: no records"):
+        data.load_records("eurosat", "test", str(coop))
+    with pytest.raises(DataError, match="unknown class subset"):
+        data.load_records("shapes_cls", "train", subset="old")
+    with pytest.raises(DataError, match="no records"):
+        data.load_records("shapes_vqa", "val", split_sizes={"train": 1, "val": 0, "test": 1})
+    with pytest.raises(DataError, match="not a multiple of patch_size"):
+        data.extract_features(data.load_records("shapes_vqa", "val", limit=1), image_size=30, patch_size=8)
+
+
+# ----------------------------------------------------------------------------------- loaders
+def test_make_loader_order_depends_on_seed_and_epoch():
+    ds = list(range(20))
+    def order(seed, epoch):
+        loader = data.make_loader(ds, 4, shuffle=True, seed=seed)
+        data.set_epoch(loader, epoch)
+        return torch.cat(list(loader)).tolist()
+    assert order(0, 0) == order(0, 0) and sorted(order(0, 0)) == ds
+    assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
+    recs = data.load_records("shapes_vqa", "val", split_sizes=SMALL, limit=10)
+    batch = next(iter(data.make_loader(recs, 3, shuffle=False)))
+    assert batch == recs[:3]
+
+
+def _ddp_worker(rank, port, cache_dir, out_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    recs = data.load_records("shapes_caption", "val", split_sizes=SMALL)
+    feats, rows = data.extract_features(recs, "patches", cache_dir=cache_dir, dataset="shapes_caption",
+                                        split="val", image_size=16, patch_size=8, progress=False)
+    loader = data.make_loader(list(range(10)), 2, shuffle=True, seed=0)
+    data.set_epoch(loader, 1)
+    bad = [{"id": "x", "image_id": "x", "image_path": os.path.join(out_dir, "missing.jpg"), "task": "cls", "meta": {}}]
+    try:  # rank 0 fails; nobody hangs: rank 0 re-raises its error, the others raise DataError
+        data.extract_features(bad, "patches", cache_dir=cache_dir, dataset="bad", progress=False)
+        err = ""
+    except DataError as e:
+        err = str(e)
+    torch.save({"feats": feats.clone(), "idx": torch.cat(list(loader)), "err": err}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_rank0_extracts_and_sampler_shards(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_ddp_worker, args=(port, str(tmp_path / "c"), str(tmp_path)),
+                                          nprocs=2, start_method="fork")
+    r0, r1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert torch.equal(r0["feats"], r1["feats"]) and r0["feats"].shape == (20, 4, 192)
+    assert sorted(r0["idx"].tolist() + r1["idx"].tolist()) == list(range(10))
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+    assert "skipped 1 of 1 unreadable" in r0["err"] and "missing after rank 0" in r1["err"]
+
+
+def test_help_reads_as_guide():
+    doc = data.__doc__
+    assert "Sample schema" in doc and "load_records" in doc and len(doc.splitlines()) < 60
