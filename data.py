@@ -645,9 +645,12 @@ def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
                 if not (isinstance(it, list) and len(it) == 3):
                     raise DataError(f"malformed {path.name}: {s}[{i}] should be "
                                     f"[relative_path, label, classname] (file {path})")
-                names[int(it[1])] = it[2]
+                lab, name = int(it[1]), it[2]
+                if names.setdefault(lab, (name, f"{s}[{i}]"))[0] != name:
+                    raise DataError(f"malformed {path.name}: label {lab} is '{names[lab][0]}' in "
+                                    f"{names[lab][1]} but '{name}' in {s}[{i}] (file {path})")
         items = [(img_dir / p, int(lab)) for p, lab, _ in data[split]]
-        classnames = [names[i] for i in range(len(names))] if sorted(names) == list(range(len(names))) else None
+        classnames = [names[i][0] for i in range(len(names))] if sorted(names) == list(range(len(names))) else None
         if classnames is None:
             raise DataError(f"malformed {path.name}: labels are not 0..K-1 (file {path})")
     elif dataset == "fgvc_aircraft" and (root / "variants.txt").is_file():

@@ -522,6 +522,10 @@ def test_bad_inputs(tmp_path):
     write_json(coop / "split_zhou_EuroSAT.json", {"train": [["a.jpg", 0, "x"]], "val": [], "test": []})
     with pytest.raises(DataError, match="eurosat/test: no records"):
         data.load_records("eurosat", "test", str(coop))
+    write_json(coop / "split_zhou_EuroSAT.json", {"train": [["a.jpg", 0, "x"]], "val": [],
+                                                   "test": [["a.jpg", 0, "y"]]})
+    with pytest.raises(DataError, match=r"label 0 is 'x' in train\[0\] but 'y' in test\[0\]"):
+        data.load_records("eurosat", "train", str(coop))
     with pytest.raises(DataError, match="unknown class subset"):
         data.load_records("shapes_cls", "train", subset="old")
     with pytest.raises(DataError, match="no records"):
