@@ -512,7 +512,7 @@ def load_lm(args: Args):
     try:
         cfg = transformers.AutoConfig.from_pretrained(args.model)
         cls = transformers.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else transformers.AutoModelForCausalLM
-        return cls.from_pretrained(args.model)
+        return cls.from_pretrained(args.model, dtype=torch.float32)  # fp32 weights; bf16 autocast on GPU
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load --model {args.model!r}: {str(e).splitlines()[0]}") from None
 
