@@ -1196,6 +1196,7 @@ def format_results(r: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     try:
         args = resolve(args)
         return run(args)
@@ -1203,6 +1204,7 @@ def main(argv=None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     finally:
+        torch.set_num_threads(threads)  # main() may run inside a larger process (tests)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
