@@ -82,7 +82,7 @@ class Args:
     rank_threshold: float = field(default=0.9, metadata={"help": "effective-rank threshold on the cumulative normalised singular values (Table 1: 0.9)"})
     rank_samples: int = field(default=64, metadata={"help": "evaluation samples used for the effective rank"})
     prefix_hidden: int = field(default=128, metadata={"help": "prefix-encoder MLP width (prefix_tuning.py)"})
-    num_beams: int = field(default=5, metadata={"help": "beam size for captions (App. B.2); VQA is greedy"})
+    num_beams: int = field(default=-1, metadata={"help": "beam size for captions (App. B.2: 5; -1 = 5 for HF models, 1 (greedy) for --model tiny); VQA is greedy"})
     max_new_tokens: int = field(default=32, metadata={"help": "generation length limit"})
     pretrain_steps: int = field(default=400, metadata={"help": "--model tiny: pre-training steps of prefix_tuning.py's tiny BLIP-2 on the broad mix (cached by settings)"})
     train_limit: int = field(default=-1, metadata={"help": "use the first N downstream train records (-1 = tiny default / all for real data)"})
@@ -137,6 +137,8 @@ def resolve(a: Args) -> Args:
     a.batch_size = a.batch_size if a.batch_size > 0 else (TINY["batch_size"] if tiny else 128)
     if a.eval_limit < 0 and tiny:
         a.eval_limit = TINY["eval_limit"]
+    if a.num_beams < 1:
+        a.num_beams = 1 if tiny else 5      # DEVIATION (tiny only): greedy captions keep the default run ~2 min
     if a.train_limit < 0 and tiny:
         a.train_limit = TINY["train_limit"]
     if a.pt_epochs + a.ft_epochs <= 0:
@@ -687,6 +689,8 @@ def final_eval(a: Args, model, recs: dict, ctx, log, prefix_used: bool) -> dict:
         res["downstream_no_prefix"] = pt_evaluate(model, recs["eval"], a, ctx, "-prefix")
         pt_set_prefix(model, matched_noise(P, a.noise_seed))
         res["downstream_noise_prefix"] = pt_evaluate(model, recs["eval"], a, ctx, "-prefix +noise")
+        pt_set_prefix(model, "off")      # what the *weights* kept of the pre-training mix, without the task prefix
+        res["pretrain_mix_no_prefix"] = pt_evaluate(model, recs["mix"], a, ctx, "mix -prefix")
         pt_set_prefix(model, "on")
     res["rank"] = rank_report(pt_features(model, recs["eval"][: a.rank_samples], a, ctx), a.rank_threshold)
     return res
@@ -754,13 +758,14 @@ def table_row(name: str, r: dict) -> str:
     np_ = r.get("downstream_no_prefix", {}).get("score")
     nz = r.get("downstream_noise_prefix", {}).get("score")
     f = lambda v: f"{v:7.2f}" if isinstance(v, (int, float)) else "      -"
+    mn = r.get("pretrain_mix_no_prefix", {}).get("score")
     return (f"| {name:<26} | {r['trainable_pct']:8.3f}% | {f(d['score'])} | {f(np_)} | {f(nz)} | {f(m['score'])} "
-            f"| {f(r['rank']['eff_rank'])} | {f(r['rank']['eff_rank_pooled'])} |")
+            f"| {f(mn)} | {f(r['rank']['eff_rank'])} | {f(r['rank']['eff_rank_pooled'])} |")
 
 
 def print_table(rows: list, metric: str, mix_metric: str, extra: list = ()):
     hdr = (f"| {'method':<26} | trainable | {metric[:7]:>7} | -prefix | +noise  |   mix   "
-           f"| effrank | pooled  |")
+           f"| mix -pf | effrank | pooled  |")
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     for name, r in rows:

@@ -150,7 +150,8 @@ def test_stage_plans_budget_and_prefix_keeps_training():
 # ---------------------------------------------------------------- end to end (tiny)
 TINY = ["--train_limit", "8", "--eval_limit", "4", "--rank_samples", "4", "--batch_size", "4",
         "--pt_epochs", "1", "--ft_epochs", "1", "--num_prefix", "4", "--lora_r", "4", "--adapter_dim", "4",
-        "--log_every", "1"]
+        "--log_every", "1", "--pretrain_steps", "3", "--max_new_tokens", "6", "--device", "cpu",
+        "--cache_dir", os.path.join(ROOT, "cache", "test_pt_peft_train")]   # tiny BLIP-2 pre-trained for 3 steps
 
 
 def _ckpt(d):
