@@ -306,9 +306,10 @@ def tiny_config(tok, width: int, image_size: int, patch: int) -> CLIPConfig:
     ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=len(tok))
     return CLIPConfig(
         text_config=dict(vocab_size=len(tok) + 1, hidden_size=width, intermediate_size=4 * width,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=48, **ids),
-        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=image_size, patch_size=patch),
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=48,
+                         projection_dim=width, **ids),
+        vision_config=dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch, projection_dim=width),
         projection_dim=width)
 
 

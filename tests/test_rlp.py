@@ -33,6 +33,15 @@ def tiny():
     return clip, tok
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: one thread is as fast on an idle machine and far faster on a busy one (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -164,10 +173,33 @@ def test_untrained_prompts_equal_zero_shot(tmp_path, cache):
         assert (m[k]["base_mean"], m[k]["new_mean"]) == (m["zeroshot"]["base_mean"], m["zeroshot"]["new_mean"])
 
 
+def test_real_data_path_with_local_hf_clip(tmp_path):
+    """CoOp-layout dataset (DTD, folder layout) + a local HF CLIP checkpoint: data.extract_features(pooled=True)
+    with the HF tower, the checkpoint's tokenizer, the dataset's template; base-to-new runs end to end."""
+    import numpy as np
+    from PIL import Image
+    tok = rlp.tiny_tokenizer()
+    rlp.CLIPModel(rlp.tiny_config(tok, 32, 64, 32)).save_pretrained(tmp_path / "clip")
+    tok.save_pretrained(tmp_path / "clip")
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("red", "green", "blue", "gray"):
+            d = tmp_path / "data" / "dtd" / "images" / split / c
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+    res = rlp.main(["--dataset", "DTD", "--data_root", str(tmp_path / "data"), "--model", str(tmp_path / "clip"),
+                    "--compare", "--shots", "2", "--max_steps", "2", "--num_seeds", "1", "--out_dir",
+                    str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
+    assert res["dataset"] == "dtd" and res["methods"]["rlp"]["tunable"] == 4 + 32
+    assert list((tmp_path / "cache" / "features").glob("dtd-test-base-*.npy"))             # features cached on disk
+
+
 def test_cli_subprocess(tmp_path, cache):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "rlp.py", "--max_steps", "2", "--prompt", "rlp", "--out_dir", str(out),
-                        "--cache_dir", cache] + TINY, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--cache_dir", cache] + TINY, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trainable: 36 || all:" in r.stdout and "HM" in r.stdout
     assert json.loads((out / "results.json").read_text())["methods"]["rlp"]["per_seed"][0]["steps"] == 2
