@@ -33,6 +33,7 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -422,6 +423,11 @@ def greedy(lm, inputs: dict, max_new_tokens: int, eos_id: int, pad_id: int, star
     return torch.stack(tokens, 1)
 
 
+def cache_kw(lm) -> str:
+    """Name of the KV-cache argument: `cache` from transformers 5.24 on, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
 def prefill(lm, inputs: dict, start_id: int):
     """First forward of generation -> (output with next-token logits, decoding state)."""
     if lm.config.is_encoder_decoder:
@@ -435,7 +441,7 @@ def prefill(lm, inputs: dict, start_id: int):
         last = torch.tensor([mask.shape[1] - 1], device=mask.device)  # logits of the last position only
         out = lm(**inputs, position_ids=pos, use_cache=True, logits_to_keep=last)
         state = {"attention_mask": mask, "position_ids": pos[:, -1:]}
-    state["past_key_values"] = out.past_key_values
+    state[cache_kw(lm)] = out.cache if cache_kw(lm) == "cache" else out.past_key_values
     return out, state
 
 
@@ -447,7 +453,7 @@ def decode_step(lm, state: dict, tok: torch.Tensor):
         state["attention_mask"] = torch.cat([state["attention_mask"], state["attention_mask"].new_ones(tok.shape[0], 1)], 1)
         state["position_ids"] = state["position_ids"] + 1
         out = lm(input_ids=tok[:, None], **state, use_cache=True)
-    state["past_key_values"] = out.past_key_values
+    state[cache_kw(lm)] = out.cache if cache_kw(lm) == "cache" else out.past_key_values
     return out
 
 

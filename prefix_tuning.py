@@ -29,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -62,20 +63,20 @@ class Args:
     out_dir: Optional[str] = field(default=None, metadata={"help": "default runs/prefix_tuning/<dataset>-<mode>-p<P>"})
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/ckpt.pt"})
     overwrite: bool = field(default=False, metadata={"help": "overwrite existing results"})
-    epochs: int = field(default=4, metadata={"help": "epochs (Table 14: 5; tiny default 4 for the 2-minute budget)"})
+    epochs: int = field(default=5, metadata={"help": "epochs (Table 14: 5)"})
     max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: all epochs)"})
     batch_size: int = field(default=16, metadata={"help": "batch size per process (Table 14: 128)"})
-    lr: float = field(default=3e-3, metadata={"help": "max LR (Table 14: 5e-5 for BLIP-2-2.7B; DEVIATION tiny model needs more)"})
+    lr: float = field(default=1e-2, metadata={"help": "max LR (Table 14: 5e-5 for BLIP-2-2.7B; DEVIATION: the tiny default needs 1e-2)"})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (Table 14)"})
     warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up fraction, then linear decay to 0 (App. B.2)"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     num_prefix: int = field(default=16, metadata={"help": "number of prefixes P (App. C.1 saturation point: 16)"})
-    prefix_mode: str = field(default="input", metadata={"help": "input: prefixes at the LM input (paper) | kv: per-layer key/value prefixes"})
+    prefix_mode: str = field(default="auto", metadata={"help": "input: prefixes at the LM input (paper) | kv: per-layer key/value prefixes | auto: input for HF models, kv for tiny"})
     prefix_hidden: int = field(default=128, metadata={"help": "hidden width of the prefix-encoder MLP (Li & Liang: 512-800)"})
     num_beams: int = field(default=5, metadata={"help": "beam size for captions (App. B.2); VQA is greedy"})
     max_new_tokens: int = field(default=32, metadata={"help": "generation length limit"})
-    train_limit: int = field(default=512, metadata={"help": "downstream training samples (-1: all)"})
-    eval_limit: int = field(default=100, metadata={"help": "evaluation samples, also of the pre-training mix (-1: all)"})
+    train_limit: int = field(default=-1, metadata={"help": "downstream training samples (-1: all)"})
+    eval_limit: int = field(default=300, metadata={"help": "evaluation samples, also of the pre-training mix (-1: all)"})
     cache_dir: str = field(default="cache", metadata={"help": "pre-trained tiny BLIP-2 cache"})
     pretrain_steps: int = field(default=400, metadata={"help": "tiny pre-training steps on the broad mix (cached)"})
     log_every: int = field(default=10, metadata={"help": "log every N steps"})
@@ -292,7 +293,9 @@ class PrefixLMM(nn.Module):
                                                   kv[l, 1].unsqueeze(0).expand(B, -1, -1, -1))
                                                  for l in range(kv.shape[0])])             # fresh each forward
             am = torch.cat([torch.ones(B, Pn, dtype=am.dtype, device=dev), am], 1)         # mask covers the past
-        out = lm(inputs_embeds=emb, attention_mask=am, position_ids=pos, past_key_values=cache,
+        # the KV-cache argument is `cache` from transformers 5.24 on, `past_key_values` before
+        ck = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+        out = lm(inputs_embeds=emb, attention_mask=am, position_ids=pos, **{ck: cache},
                  use_cache=cache is not None, output_hidden_states=hidden, return_dict=True)
         return out, n_in
 
@@ -610,6 +613,9 @@ def train(a: Args, net: PrefixLMM, ctx, device, rank, world, log) -> dict:
 # ----------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    threads = torch.get_num_threads()
+    if a.model == "tiny":
+        torch.set_num_threads(1)   # tiny ops: 1 thread is as fast idle and many times faster on a busy CPU
     try:
         return _main(a)
     except (data.DataError, UsageError) as e:
@@ -618,9 +624,16 @@ def main(argv=None) -> dict:
     except NonFinite as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    finally:
+        torch.set_num_threads(threads)   # main() may run inside a larger process (tests)
 
 
 def _main(a: Args) -> dict:
+    if a.prefix_mode == "auto":
+        # DEVIATION (tiny only): the paper puts prefixes at the input, but the 2-layer tiny OPT (learned absolute
+        # positions, which input prefixes shift) barely trains that way: on the default task 5 epochs reach train
+        # loss 2.76 / CIDEr 3.3 in input mode vs 0.87 / 48.4 in kv mode (README). HF models keep the paper's input mode.
+        a.prefix_mode = "kv" if a.model == "tiny" else "input"
     if a.prefix_mode not in ("input", "kv"):
         raise UsageError(f"unknown --prefix_mode {a.prefix_mode!r}; choose input or kv")
     if a.num_prefix < 1:
@@ -666,11 +679,13 @@ def _main(a: Args) -> dict:
         net.prefix_state = P
         res["prefix_tuned"] = {"downstream": evaluate(net, recs["eval"], ctx), "mix": evaluate(net, recs["mix"], ctx)}
         res["time_s"] = round(time.time() - t0, 1)
-        with open(os.path.join(a.out_dir, "results.json"), "w") as f:
+        tmp = os.path.join(a.out_dir, "results.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(res, f, indent=1)
+        os.replace(tmp, os.path.join(a.out_dir, "results.json"))   # atomic
         m = ctx["metric"]
         print(f"\nprefix-tuning ({a.prefix_mode}, P={a.num_prefix}) on {a.dataset}; downstream = {m}, "
-              f"mix = {ctx['mix_metric']} on the pre-training mix")
+              f"{ctx['mix_metric']} on the pre-training mix (prefix on)")
         print(f"{'model':<28}{'downstream':>12}{'mix':>8}  example")
         for k in ("pretrained", "prefix_tuned"):
             r = res[k]
