@@ -872,7 +872,7 @@ def evaluate(args: Args, model: VLModel, tok, evalset, device) -> dict:
         for i, seq in zip(b["index"], out.tolist()):
             seq = seq[:seq.index(tok.eos_token_id)] if tok.eos_token_id in seq else seq
             preds[i] = tok.decode(seq, skip_special_tokens=True).strip()
-    res = {"eval_time_s": round(time.time() - t0, 1), "examples": [[recs[i].get("question", ""), preds[i]] for i in range(3)]}
+    res = {"eval_time_s": round(time.time() - t0, 1), "examples": [[recs[i].get("question", ""), preds[i]] for i in range(min(3, len(preds)))]}
     if task_of(args.dataset) == "vqa":
         res["vqa"] = data.vqa_accuracy([preds[i] for i in range(len(recs))], recs)
     else:
@@ -1191,7 +1191,7 @@ def format_results(r: dict) -> str:
     lines = [f"results on {r['dataset']} ({r['model']}, vision {r['vision']})", head]
     if vqa:
         p = r["answer_prior"]
-        lines.append(f"{'answer prior (no image; chance)':<34}{'-':>11}{'-':>7}{'-':>9}" + "".join(f"{p[c]:>9.2f}" for c in cols))
+        lines.append(f"{'answer prior (no image; chance)':<34}{'-':>11}{'-':>7}{'-':>9}" + "".join(f"{p.get(c, float('nan')):>9.2f}" for c in cols))
     names = {"memvp": "MemVP (memory space)", "input": "input-space prompting"}
     for mode, m in r["modes"].items():
         met = m.get("vqa") or m.get("caption") or {}

@@ -216,6 +216,39 @@ def test_local_hf_checkpoint(cache, tmp_path):
     assert (ck["args"]["lr"], ck["args"]["lam"], ck["args"]["scale"], ck["args"]["shared_pos"]) == (9e-3, 0.01, 0.1, True)
 
 
+def test_real_vqav2_format_with_local_clip_tower(cache, tmp_path, capsys):
+    """Official VQAv2 files (questions / annotations JSON + COCO-named JPEGs, one unreadable) + a local HF CLIP
+    vision tower: features extracted by data.py, MemVP trains and is scored with the VQA accuracy."""
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    root = tmp_path / "vqav2"
+    for cs, iids in (("train2014", [1, 2, 3, 4]), ("val2014", [5, 6])):
+        qs, anns = [], []
+        for iid in iids:
+            (root / cs).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), (40 * iid, 200, 30)).save(root / cs / f"COCO_{cs}_{iid:012d}.jpg")
+            qs.append({"question_id": iid * 10, "image_id": iid, "question": "what color is it?"})
+            anns.append({"question_id": iid * 10, "image_id": iid, "answer_type": "other", "question_type": "what color",
+                         "multiple_choice_answer": "red", "answers": [{"answer": "red", "answer_id": k + 1}
+                                                                      for k in range(10)]})
+        (root / f"v2_OpenEnded_mscoco_{cs}_questions.json").write_text(json.dumps({"questions": qs}))
+        (root / f"v2_mscoco_{cs}_annotations.json").write_text(json.dumps({"annotations": anns}))
+    (root / "train2014" / "COCO_train2014_000000000004.jpg").write_bytes(b"not a jpeg")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "clip")
+    argv = small(cache, tmp_path / "run", "--dataset", "vqav2", "--data_root", str(tmp_path), "--vision",
+                 str(tmp_path / "clip"), "--image_size", "32", "--eval_split", "val", "--prompting", "memvp",
+                 "--threads", "1", "--batch_size", "2")
+    with pytest.raises(SystemExit) as e:          # 1 of 4 unreadable > the 1 % limit: clear error, exit 2
+        memvp.main(argv)
+    assert e.value.code == 2 and "COCO_train2014_000000000004.jpg" in capsys.readouterr().err
+    Image.new("RGB", (40, 30)).save(root / "train2014" / "COCO_train2014_000000000004.jpg")
+    r = memvp.main(argv)["modes"]["memvp"]
+    assert r["steps"] == 2 and 0 <= r["vqa"]["overall"] <= 100
+    assert any(f.startswith("vqav2-train") for f in os.listdir(os.path.join(cache, "features")))
+
+
 def test_benchmark_tiny(tmp_path, capsys):
     res = memvp.main(["--benchmark", "--bench_layers", "1", "--bench_d", "32", "--bench_ffn", "64", "--bench_heads", "4",
                       "--bench_kv_heads", "2", "--bench_vocab", "64", "--bench_n", "12", "--bench_L", "6",
