@@ -207,3 +207,26 @@ def test_existing_results_need_overwrite(tmp_path, cache, capsys):
     with pytest.raises(SystemExit) as e:
         pt.main(TINY + ["--cache_dir", cache, "--out_dir", str(tmp_path / "r")])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_local_blip2_checkpoint_on_coco_karpathy_files(tmp_path):
+    """The real path: a local Blip2ForConditionalGeneration folder (+ its tokenizer) and COCO Karpathy files in the
+    official layout (dataset_coco.json + val2014 JPEGs); input-mode prefix (the paper's), beam search, CIDEr."""
+    from PIL import Image
+    tok = pt.tokenizer_tiny()
+    pt.tiny_blip2(len(tok), 0).save_pretrained(tmp_path / "blip2")
+    tok.save_pretrained(tmp_path / "blip2")
+    coco, images = tmp_path / "coco", []
+    (coco / "val2014").mkdir(parents=True)
+    for i, split in enumerate(["train", "restval", "train", "train", "val", "val"]):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.new("RGB", (48, 40), (40 * i, 100, 200)).save(coco / "val2014" / name)
+        images.append({"filepath": "val2014", "filename": name, "cocoid": i, "split": split,
+                       "sentences": [{"raw": "A red circle is on the left."}, {"raw": "A blue square."}]})
+    (coco / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
+    res = pt.main(["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path),
+                   "--max_steps", "2", "--batch_size", "2", "--num_prefix", "4", "--num_beams", "2",
+                   "--max_new_tokens", "5", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    assert res["prefix_mode"] == "input"          # auto -> the paper's input prefixes for HF models
+    assert res["task"] == "caption" and res["train"]["steps"] == 2 and res["prefix_tuned"]["downstream"]["CIDEr"] >= 0
+    assert os.path.exists(tmp_path / "out" / "prefix.pt")
