@@ -72,8 +72,9 @@ class Args:
     method: str = field(default="lora", metadata={"help": "lora | adapter | both"})
     kinds: str = field(default="none,mul", metadata={"help": "comma list of routing functions to train: none,mul,add,xtxvTxv,xtxv2"})
     compare: bool = field(default=False, metadata={"help": "train none + all 4 routings for LoRA and Adapter on the same data/budget, print a poster-like table"})
-    r: Optional[int] = field(default=None, metadata={"help": "bottleneck rank (paper 64/128; released scripts 128); tiny: 8"})
-    alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (scaling alpha/r); default = r as in the paper"})
+    # (not "--r": torchrun's argparse rejects it as an ambiguous abbreviation of its --rdzv*/--role/... options)
+    r_bottleneck: Optional[int] = field(default=None, metadata={"help": "bottleneck rank r of LoRA and Adapter (paper 64/128; released scripts 128); tiny: 8"})
+    alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (scaling alpha/r); default = r_bottleneck as in the paper"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA inputs (released GPT-2 scripts: 0)"})
     train_ln: bool = field(default=False, metadata={"help": "also train the blocks' LayerNorms (the released GPT-2 code does unless --freeze_ln)"})
     visual_tokens: str = field(default="pooled", metadata={"help": "pooled (N=1, paper) | grid (N>1 visual tokens; formulas as written, see DEVIATION in route)"})
@@ -138,14 +139,16 @@ def resolve(a: Args) -> Args:
     if bad or not a.kinds:
         raise ValueError(f"unknown routing kind(s) {bad}; choose from {','.join(ROUTINGS)}")
     tiny = a.model.startswith("tiny")
-    real = {"caption": dict(r=128, lr=3e-5, batch_size=40, epochs=20, warmup=5000, num_beams=5),
-            "vqa": dict(r=128, lr=3e-4, batch_size=512, epochs=20, warmup=0.05, num_beams=1)}[task]
-    small = {"caption": dict(r=8, lr=3e-3, batch_size=32, epochs=2, warmup=0.05, num_beams=3),
-             "vqa": dict(r=8, lr=3e-3, batch_size=32, epochs=3, warmup=0.05, num_beams=1)}[task]
+    real = {"caption": dict(r_bottleneck=128, lr=3e-5, batch_size=40, epochs=20, warmup=5000, num_beams=5),
+            "vqa": dict(r_bottleneck=128, lr=3e-4, batch_size=512, epochs=20, warmup=0.05, num_beams=1)}[task]
+    # DEVIATION (tiny models only): rank 8, lr 3e-3, batch 32, 2-3 epochs, 5% warmup, beam 3, so that the
+    # offline default trains in ~1 minute on one CPU thread; the released values above are for real models.
+    small = {"caption": dict(r_bottleneck=8, lr=3e-3, batch_size=32, epochs=2, warmup=0.05, num_beams=3),
+             "vqa": dict(r_bottleneck=8, lr=3e-3, batch_size=32, epochs=3, warmup=0.05, num_beams=1)}[task]
     for k, v in (small if tiny else real).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
-    a.alpha = float(a.r) if a.alpha is None else a.alpha
+    a.alpha = float(a.r_bottleneck) if a.alpha is None else a.alpha
     a.image_size = a.image_size or (48 if a.vision == "patches" else 224)
     if a.out_dir is None:
         what = "compare" if a.compare else f"{a.method}-{a.kinds.replace(',', '_')}"
@@ -227,15 +230,10 @@ class RoutedLoRA(nn.Module):
         x_v = None if self.kind == "none" else self.drop(self.ctx.x_r.to(x.dtype)) @ self.lora_A.t()  # (B, N, k*r)
         h = route(x_t, x_v, self.kind).unflatten(-1, (len(self.slices), self.r))         # (B, L, k, r)
         up = torch.einsum("blkr,kor->blko", h, self.lora_B.to(h.dtype)) * self.scaling  # (B, L, k, width)
-        pieces, pos = [], 0
-        for i, (a, b) in enumerate(self.slices):                         # zero-pad the untouched parts (k of qkv)
-            if a > pos:
-                pieces.append(out.new_zeros(*out.shape[:-1], a - pos))
-            pieces.append(up[..., i, :])
-            pos = b
-        if pos < self.d_out:
-            pieces.append(out.new_zeros(*out.shape[:-1], self.d_out - pos))
-        return out + torch.cat(pieces, -1).to(out.dtype)
+        delta = up.new_zeros(*out.shape[:-1], self.d_out)                 # zero-pad the untouched parts (k of qkv)
+        for i, (a, b) in enumerate(self.slices):
+            delta[..., a:b] = up[..., i, :]
+        return out + delta.to(out.dtype)
 
 
 class RoutedAdapter(nn.Module):
@@ -393,7 +391,7 @@ def build_model(a: Args, prep, method, kind):
     if (prep.task == "vqa") != (fam == "roberta"):
         raise ValueError(f"model {a.model!r} ({fam}) does not fit {a.dataset}: captioning needs a causal LM, VQA an encoder (RoBERTa)")
     ctx = VisualContext()
-    adapters, targets = patch_lm(lm, fam, method, a.r, a.alpha, kind, ctx, a.lora_dropout)
+    adapters, targets = patch_lm(lm, fam, method, a.r_bottleneck, a.alpha, kind, ctx, a.lora_dropout)
     model = VisualLM(lm, prep.task, ctx, adapters, len(prep.answers))
     ln = []
     if a.train_ln:
@@ -425,13 +423,13 @@ class Prep:
 
 def frozen_projection(x: torch.Tensor, width: int):
     """Frozen map of train tokens x (M, d) to the LM width, fitted once: top-`width` PCA directions
-    when d > width (keeps the most variance), else a fixed seeded Gaussian embedding; scaled so the
-    projected train tokens have unit RMS per dimension. -> (mean (d,), P (d, width))."""
+    (SVD of the centred data, cheap for M << d) when there are enough tokens and d > width, else a
+    fixed seeded Gaussian embedding; scaled so the projected train tokens have unit RMS per dimension.
+    -> (mean (d,), P (d, width))."""
     mu = x.mean(0)
     xc = x - mu
-    if x.size(1) > width:
-        _, vecs = torch.linalg.eigh(xc.T.double() @ xc.double())             # ascending eigenvalues
-        P = vecs[:, -width:].flip(1).float()
+    if x.size(1) > width and x.size(0) > width:
+        P = torch.linalg.svd(xc.double(), full_matrices=False)[2][:width].T.float()   # (d, width)
     else:
         P = torch.randn(x.size(1), width, generator=torch.Generator().manual_seed(1234)) / math.sqrt(x.size(1))
     return mu, P / (xc @ P).pow(2).mean().sqrt()
@@ -832,7 +830,7 @@ def main(argv=None) -> dict:
     if rank == 0:
         atomic_json(out, res_path)
         print(f"\nrouting functions in {'LoRA/Adapter' if a.method == 'both' else a.method} bottlenecks -- "
-              f"{a.dataset}, {a.model}, r={a.r}, eval on {a.eval_split} ({len(p.eval_records)} records)")
+              f"{a.dataset}, {a.model}, r={a.r_bottleneck}, eval on {a.eval_split} ({len(p.eval_records)} records)")
         print(table(results, p.task))
         print(f"results: {res_path}  ({out['total_time_s']} s)")
     if dist.is_initialized():
