@@ -17,7 +17,9 @@ Setting (as in the released code): frozen vision encoder, pooled feature; GPT-2 
 on the q and v parts of the fused c_attn (adapters after the attention and MLP outputs), CE on
 caption tokens, beam search; RoBERTa VQA as classification over the answer vocabulary (frozen pooler
 on token 0 = the visual token, trainable 2-layer head, BCE on soft scores). LLaMA-family causal LMs
-are patched at q_proj/v_proj (LoRA) and o_proj/down_proj (Adapter).
+are patched at q_proj/v_proj (LoRA) and o_proj/down_proj (Adapter). Offline (--model tiny on shapes_*),
+the frozen LM is a tiny GPT-2 pre-trained text-only on the captions and the frozen vision encoder a small
+CNN pre-trained to name objects in images of another synthetic world (both cached; see DEVIATIONs).
 
 Examples
   python routing_bottleneck.py                      # tiny GPT-2, synthetic captions, LoRA: none vs x_t o x'_v
@@ -68,7 +70,9 @@ class Args:
     dataset: str = field(default="shapes_caption", metadata={"help": "shapes_caption|coco|flickr30k (captioning) or shapes_vqa|vqav2|gqa (VQA)"})
     data_root: Optional[str] = field(default=None, metadata={"help": "root of the official dataset files (not needed for shapes_*)"})
     model: str = field(default="tiny", metadata={"help": "tiny (=tiny-gpt2 for captions, tiny-roberta for VQA) | tiny-gpt2 | tiny-llama | tiny-roberta | HF id/path (gpt2, roberta-base, a LLaMA)"})
-    vision: str = field(default="patches", metadata={"help": "'patches' (raw-pixel patches, offline) or a HF ViT/CLIP id whose pooled feature is used (paper: ViT-B/16 in21k)"})
+    vision: str = field(default="auto", metadata={"help": "auto | tiny-cnn (offline: small CNN pre-trained on a different synthetic world, frozen; cached) | patches (raw-pixel patches) | a HF ViT/CLIP id/path whose pooled feature is used (paper: google/vit-base-patch16-224-in21k); auto = tiny-cnn for tiny models on shapes_*, else the paper's ViT"})
+    vision_pretrain_steps: int = field(default=1000, metadata={"help": "tiny-cnn: supervised pre-training steps (cached by settings in --cache_dir)"})
+    cache_dir: str = field(default="cache", metadata={"help": "cache of the pre-trained tiny vision encoder"})
     method: str = field(default="lora", metadata={"help": "lora | adapter | both"})
     kinds: str = field(default="none,mul", metadata={"help": "comma list of routing functions to train: none,mul,add,xtxvTxv,xtxv2"})
     compare: bool = field(default=False, metadata={"help": "train none + all 4 routings for LoRA and Adapter on the same data/budget, print a poster-like table"})
@@ -149,7 +153,9 @@ def resolve(a: Args) -> Args:
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.alpha = float(a.r_bottleneck) if a.alpha is None else a.alpha
-    a.image_size = a.image_size or (48 if a.vision == "patches" else 224)
+    if a.vision == "auto":
+        a.vision = "tiny-cnn" if tiny and a.dataset.startswith("shapes") else "google/vit-base-patch16-224-in21k"
+    a.image_size = a.image_size or (48 if a.vision in ("patches", "tiny-cnn") else 224)
     if a.out_dir is None:
         what = "compare" if a.compare else f"{a.method}-{a.kinds.replace(',', '_')}"
         a.out_dir = os.path.join("runs", "routing_bottleneck", f"{a.dataset}-{a.model.replace('/', '_')}-{what}")
@@ -435,6 +441,67 @@ def frozen_projection(x: torch.Tensor, width: int):
     return mu, P / (xc @ P).pow(2).mean().sqrt()
 
 
+class TinyVisionEncoder(nn.Module):
+    """Offline stand-in for the paper's frozen ImageNet-21k ViT: a small CNN whose pooled output has the LM's width.
+    pixels (B, 3, S, S) -> grid tokens (B, 9, w), pooled feature (B, w)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(64, width, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(3))
+        self.pool = nn.Linear(9 * width, width)
+
+    def forward(self, px):
+        g = self.conv(px).flatten(2).transpose(1, 2)                         # (B, 9, w)
+        return g, self.pool(g.flatten(1))                                    # (B, 9, w), (B, w)
+
+
+def _pixels(records, size):
+    return torch.stack([torch.from_numpy(np.asarray(data.load_image(r, size), np.float32) / 255).permute(2, 0, 1)
+                        for r in records])                                   # (B, 3, S, S)
+
+
+def tiny_vision_encoder(a: Args, width: int) -> TinyVisionEncoder:
+    """DEVIATION (offline only): the paper's x_R comes from a ViT pre-trained on ImageNet-21k classification. Raw
+    pixels are a poor stand-in (a linear probe on their PCA barely beats chance at naming the colours in an image),
+    so we pre-train a small CNN, supervised, to name the colours, shapes, positions and the (colour, shape),
+    (size, shape) and (shape, position) pairs in images of a DIFFERENT synthetic world (world_seed 1; downstream data is world 0), then freeze it. Cached."""
+    key = f"w{width}-s{a.image_size}-n{a.vision_pretrain_steps}-d{data.DATA_VERSION}"
+    path = os.path.join(a.cache_dir, "routing_bottleneck", f"tiny_cnn_{key}.pt")
+    enc = TinyVisionEncoder(width)
+    if os.path.exists(path):
+        enc.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return enc.eval().requires_grad_(False)
+    recs = data.load_records("shapes_caption", "train", world_seed=1)
+    objs = [r["meta"]["scene"]["objects"] for r in recs]
+    names = lambda o: [o["color"], o["shape"], o["pos"], f"{o['color']} {o['shape']}", f"{o['size']} {o['shape']}",
+                       f"{o['shape']} {o['pos']}"]
+    vocab = sorted({n for os_ in objs for o in os_ for n in names(o)})
+    y = torch.zeros(len(recs), len(vocab))                                   # multi-hot attribute pairs
+    for i, os_ in enumerate(objs):
+        for o in os_:
+            y[i, [vocab.index(n) for n in names(o)]] = 1
+    x = _pixels(recs, a.image_size)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    enc, head = TinyVisionEncoder(width), nn.Linear(width, len(vocab))
+    opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=2e-3)
+    for _ in tqdm(range(a.vision_pretrain_steps), desc="pre-train tiny vision encoder (cached)", leave=False):
+        idx = torch.randint(len(recs), (64,), generator=g)
+        loss = F.binary_cross_entropy_with_logits(head(enc(x[idx])[1]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"tiny vision encoder pre-trained for {a.vision_pretrain_steps} steps on world 1 "
+          f"({len(vocab)} attribute pairs, final BCE {loss.item():.3f})", flush=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(enc.state_dict(), tmp)
+    os.replace(tmp, path)                                                    # atomic; same bytes from every rank
+    return enc.eval().requires_grad_(False)
+
+
 def visual_features(a: Args, records, split, width, proj=None):
     """-> (x_R table (num_images, N, width) float32, rows (len(records),), proj) via data.extract_features.
 
@@ -445,7 +512,15 @@ def visual_features(a: Args, records, split, width, proj=None):
     DEVIATION: the paper feeds a frozen ViT's pooled output directly (ViT-B width = GPT-2 width).
     """
     pooled = a.visual_tokens == "pooled"
-    if a.vision == "patches":
+    if a.vision == "tiny-cnn":
+        enc, ids = tiny_vision_encoder(a, width), {}
+        rows = [ids.setdefault(r["image_id"], len(ids)) for r in records]
+        first = {i: r for r, i in zip(records, rows)}
+        with torch.no_grad():
+            out = [enc(_pixels([first[i] for i in range(j, min(j + 256, len(ids)))], a.image_size))
+                   for j in range(0, len(ids), 256)]
+        tok = torch.cat([o[1][:, None] if pooled else o[0] for o in out])   # (I, 1, w) or (I, 9, w)
+    elif a.vision == "patches":
         feats, rows = data.extract_features(records, "patches", dataset=a.dataset, split=split,
                                             image_size=a.image_size, patch_size=a.patch_size)
         f = feats.float()                                                      # (I, s*s, 3p^2)
@@ -776,8 +851,18 @@ def table(results, task) -> str:
 
 
 def main(argv=None) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)   # _main() may lower it; main() may run inside a larger process (tests)
+
+
+def _main(argv=None) -> dict:
     try:
         a = resolve(parse_args(argv))
+        if a.model.startswith("tiny") and a.device in ("auto", "cpu") and not torch.cuda.is_available():
+            torch.set_num_threads(1)     # tiny ops: 1 thread is as fast idle and many times faster on a busy CPU
         rank, world = setup_device(a)
         res_path = os.path.join(a.out_dir, "results.json")
         if os.path.exists(res_path) and not (a.resume or a.overwrite):

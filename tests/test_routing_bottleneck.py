@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -14,8 +15,10 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import routing_bottleneck as rb  # noqa: E402
 
+CACHE = tempfile.mkdtemp(prefix="routing_test_cache_")     # the tiny vision encoder (3 steps) is cached here
 TINY = ["--tiny_hidden", "32", "--tiny_layers", "1", "--r_bottleneck", "4", "--train_limit", "24", "--eval_limit", "6",
-        "--batch_size", "8", "--tiny_pretrain_steps", "2", "--num_beams", "2", "--max_gen_len", "6", "--log_every", "1"]
+        "--batch_size", "8", "--tiny_pretrain_steps", "2", "--num_beams", "2", "--max_gen_len", "6", "--log_every", "1",
+        "--vision_pretrain_steps", "3", "--cache_dir", CACHE]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -213,7 +216,8 @@ def test_smoke_roberta_vqa_and_llama_adapter(tmp_path):
                    "--kinds", "xtxv2"])
     assert out["task"] == "vqa" and out["model"] == "tiny-roberta" and 0 <= out["runs"][0]["VQA"] <= 100
     out = rb.main(["--out_dir", str(tmp_path / "llama"), *TINY, "--model", "tiny-llama", "--method", "adapter",
-                   "--max_steps", "2", "--kinds", "add", "--visual_tokens", "grid", "--pool_grid", "2"])
+                   "--max_steps", "2", "--kinds", "add", "--visual_tokens", "grid", "--pool_grid", "2",
+                   "--vision", "patches"])
     assert out["runs"][0]["method"] == "adapter" and "CIDEr" in out["runs"][0]
 
 
@@ -309,3 +313,17 @@ def test_real_formats_local_gpt2_and_vit(tmp_path):
                    "--r_bottleneck", "4", "--num_beams", "2", "--max_gen_len", "5", "--device", "cpu"])
     assert [r["routing"] for r in out["runs"]] == ["none", "xtxvTxv"] and out["task"] == "caption"
     assert out["runs"][0]["trainable"] == out["runs"][1]["trainable"] and out["runs"][1]["steps"] == 2
+
+
+def test_tiny_vision_encoder_defaults_cache_and_frozen(tmp_path):
+    a = rb.resolve(rb.parse_args(["--out_dir", str(tmp_path / "o"), "--vision_pretrain_steps", "2",
+                                  "--cache_dir", str(tmp_path)]))
+    assert a.vision == "tiny-cnn" and a.image_size == 48                  # auto: offline stand-in for the ViT
+    assert rb.resolve(rb.parse_args(["--model", "gpt2", "--dataset", "coco"])).vision == "google/vit-base-patch16-224-in21k"
+    e1, e2 = rb.tiny_vision_encoder(a, 16), rb.tiny_vision_encoder(a, 16)   # second call loads the cache
+    assert len(list((tmp_path / "routing_bottleneck").glob("tiny_cnn_*.pt"))) == 1
+    assert not any(p.requires_grad for p in e1.parameters())
+    for (k, v), w in zip(e1.state_dict().items(), e2.state_dict().values()):
+        assert torch.equal(v, w), k
+    g, p = e1(torch.rand(2, 3, 48, 48))
+    assert g.shape == (2, 9, 16) and p.shape == (2, 16)
