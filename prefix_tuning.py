@@ -270,8 +270,9 @@ class PrefixLMM(nn.Module):
                          encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long, device=dev)).last_hidden_state
         return lmm.language_projection(qo.to(lmm.language_projection.weight.dtype))          # (B, Q, d)
 
-    def lm_forward(self, batch, ids, mask, hidden=False):
-        """Run the LM on [prefix (input mode); visual tokens; text ids]. Returns (output, n_prefix_in_sequence)."""
+    def lm_inputs(self, batch, ids, mask):
+        """LM inputs for [prefix (input mode); visual tokens; text ids] -> (inputs_embeds, attention mask, position
+        ids, KV cache holding the kv-mode prefix or None, n_prefix_in_sequence)."""
         lm = self.lmm.language_model
         dev = self.lmm.query_tokens.device
         ids, mask = ids.to(dev), mask.to(dev)
@@ -293,11 +294,20 @@ class PrefixLMM(nn.Module):
                                                   kv[l, 1].unsqueeze(0).expand(B, -1, -1, -1))
                                                  for l in range(kv.shape[0])])             # fresh each forward
             am = torch.cat([torch.ones(B, Pn, dtype=am.dtype, device=dev), am], 1)         # mask covers the past
+        return emb, am, pos, cache, n_in
+
+    def lm_call(self, emb, am, pos, cache, use_cache=False, hidden=False):
+        lm = self.lmm.language_model
         # the KV-cache argument is `cache` from transformers 5.24 on, `past_key_values` before
         ck = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         out = lm(inputs_embeds=emb, attention_mask=am, position_ids=pos, **{ck: cache},
-                 use_cache=cache is not None, output_hidden_states=hidden, return_dict=True)
-        return out, n_in
+                 use_cache=use_cache or cache is not None, output_hidden_states=hidden, return_dict=True)
+        return out, (out.cache if ck == "cache" else out.past_key_values)
+
+    def lm_forward(self, batch, ids, mask, hidden=False):
+        """Run the LM on [prefix (input mode); visual tokens; text ids]. Returns (output, n_prefix_in_sequence)."""
+        emb, am, pos, cache, n_in = self.lm_inputs(batch, ids, mask)
+        return self.lm_call(emb, am, pos, cache, hidden=hidden)[0], n_in
 
     def forward(self, batch) -> torch.Tensor:
         out, n_in = self.lm_forward(batch, batch["input_ids"], batch["attention_mask"])
@@ -316,9 +326,12 @@ class PrefixLMM(nn.Module):
         return h, m
 
     @torch.no_grad()
-    def generate(self, batch, num_beams: int = 1, max_new_tokens: int = 32, eos_id: int = 2, pad_id: int = 0):
-        """Beam search (num_beams=1: greedy) re-running the full sequence each step (tiny models; one code path for
-        both prefix modes). Final pick: sum log-prob / length (HF length_penalty=1). Returns list of token-id lists."""
+    def generate(self, batch, num_beams: int = 1, max_new_tokens: int = 32, eos_id: int = 2, pad_id: int = 0,
+                 use_cache: bool = True):
+        """Beam search (num_beams=1: greedy). Final pick: sum log-prob / length (HF length_penalty=1). With use_cache
+        one forward over [prefix; visual; prompt], then one token per step on the KV cache (beams reordered in it);
+        use_cache=False re-runs the whole sequence each step (the reference the tests compare against).
+        Returns list of token-id lists."""
         K = num_beams
         B = batch["prompt_ids"].shape[0]
         rep = lambda x: x.repeat_interleave(K, 0)
@@ -331,8 +344,13 @@ class PrefixLMM(nn.Module):
         score[:, 0] = 0                                                                     # one live beam at start
         done = torch.zeros(B * K, dtype=torch.bool, device=dev)
         lens = torch.zeros(B * K, device=dev)
+        if use_cache:
+            emb, am, pos, cache, _ = self.lm_inputs(bb, pids, pm)
+            out, cache = self.lm_call(emb, am, pos, cache, use_cache=True)
+            pos = pos[:, -1:]                                                               # (B*K, 1)
         for _ in range(max_new_tokens):
-            out, _ = self.lm_forward(bb, torch.cat([pids.to(dev), seqs], 1), torch.cat([pm.to(dev), gm], 1))
+            if not use_cache:
+                out, _ = self.lm_forward(bb, torch.cat([pids.to(dev), seqs], 1), torch.cat([pm.to(dev), gm], 1))
             lp = out.logits[:, -1].float().log_softmax(-1)                                  # (B*K, V)
             lp[done] = float("-inf")
             lp[done, pad_id] = 0.0                                                          # finished beams keep score
@@ -341,11 +359,17 @@ class PrefixLMM(nn.Module):
             beam = (idx // V + torch.arange(B, device=dev).unsqueeze(1) * K).view(-1)
             tok = (idx % V).view(-1)
             seqs, done, lens, gm = torch.cat([seqs[beam], tok.unsqueeze(1)], 1), done[beam], lens[beam], gm[beam]
-            gm = torch.cat([gm, (~done).long().unsqueeze(1)], 1)
+            live = (~done).long().unsqueeze(1)                                              # pads after eos: masked
+            gm = torch.cat([gm, live], 1)
             lens = lens + (~done).float()
             done = done | (tok == eos_id)
             if done.all():
                 break
+            if use_cache:                                                                   # feed just the new token
+                cache.reorder_cache(beam)
+                am, pos = torch.cat([am[beam], live], 1), pos[beam] + live
+                emb = self.lmm.language_model.get_input_embeddings()(tok.unsqueeze(1))      # (B*K, 1, d)
+                out, cache = self.lm_call(emb, am, pos, cache, use_cache=True)
         best = (score.view(-1) / lens.clamp(min=1)).view(B, K).argmax(-1) + torch.arange(B, device=dev) * K
         res = []
         for s in seqs[best].tolist():
