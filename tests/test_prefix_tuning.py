@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from formats import write_coco_karpathy  # noqa: E402
 import prefix_tuning as pt  # noqa: E402
 
 TINY = ["--pretrain_steps", "3", "--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--num_prefix", "4",
@@ -231,18 +233,10 @@ def test_existing_results_need_overwrite(tmp_path, cache, capsys):
 def test_local_blip2_checkpoint_on_coco_karpathy_files(tmp_path):
     """The real path: a local Blip2ForConditionalGeneration folder (+ its tokenizer) and COCO Karpathy files in the
     official layout (dataset_coco.json + val2014 JPEGs); input-mode prefix (the paper's), beam search, CIDEr."""
-    from PIL import Image
     tok = pt.tokenizer_tiny()
     pt.tiny_blip2(len(tok), 0).save_pretrained(tmp_path / "blip2")
     tok.save_pretrained(tmp_path / "blip2")
-    coco, images = tmp_path / "coco", []
-    (coco / "val2014").mkdir(parents=True)
-    for i, split in enumerate(["train", "restval", "train", "train", "val", "val"]):
-        name = f"COCO_val2014_{i:012d}.jpg"
-        Image.new("RGB", (48, 40), (40 * i, 100, 200)).save(coco / "val2014" / name)
-        images.append({"filepath": "val2014", "filename": name, "cocoid": i, "split": split,
-                       "sentences": [{"raw": "A red circle is on the left."}, {"raw": "A blue square."}]})
-    (coco / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
+    write_coco_karpathy(tmp_path)
     res = pt.main(["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path),
                    "--max_steps", "2", "--batch_size", "2", "--num_prefix", "4", "--num_beams", "2",
                    "--max_new_tokens", "5", "--device", "cpu", "--out_dir", str(tmp_path / "out")])

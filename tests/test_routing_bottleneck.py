@@ -12,6 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from formats import write_coco_karpathy  # noqa: E402
 import data  # noqa: E402
 import routing_bottleneck as rb  # noqa: E402
 
@@ -290,7 +292,6 @@ def test_ddp_two_gloo_processes(tmp_path):
 def test_real_formats_local_gpt2_and_vit(tmp_path):
     """The real path end to end on fixtures: COCO Karpathy files (dataset_coco.json + JPEGs), a local GPT-2
     folder (+ tokenizer) and a local HF ViT tower whose pooled output (width 32 = GPT-2 width) is x_R."""
-    from PIL import Image
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
     tok = data.build_tokenizer()
     torch.manual_seed(0)
@@ -299,14 +300,7 @@ def test_real_formats_local_gpt2_and_vit(tmp_path):
     tok.save_pretrained(tmp_path / "gpt2")
     ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
                        patch_size=8)).save_pretrained(tmp_path / "vit")
-    coco, images = tmp_path / "coco", []
-    (coco / "val2014").mkdir(parents=True)
-    for i, split in enumerate(["train", "restval", "train", "train", "val", "val"]):
-        name = f"COCO_val2014_{i:012d}.jpg"
-        Image.new("RGB", (48, 40), (40 * i, 100, 200)).save(coco / "val2014" / name)
-        images.append({"filepath": "val2014", "filename": name, "cocoid": i, "split": split,
-                       "sentences": [{"raw": "a red circle on the left ."}, {"raw": "a blue square ."}]})
-    (coco / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
+    write_coco_karpathy(tmp_path)
     out = rb.main(["--out_dir", str(tmp_path / "out"), "--dataset", "coco", "--data_root", str(tmp_path),
                    "--model", str(tmp_path / "gpt2"), "--vision", str(tmp_path / "vit"), "--image_size", "32",
                    "--eval_split", "val", "--kinds", "none,xtxvTxv", "--max_steps", "2", "--batch_size", "4",
