@@ -70,7 +70,7 @@ class Args:
     dataset: str = field(default="shapes_caption", metadata={"help": "shapes_caption|coco|flickr30k (captioning) or shapes_vqa|vqav2|gqa (VQA)"})
     data_root: Optional[str] = field(default=None, metadata={"help": "root of the official dataset files (not needed for shapes_*)"})
     model: str = field(default="tiny", metadata={"help": "tiny (=tiny-gpt2 for captions, tiny-roberta for VQA) | tiny-gpt2 | tiny-llama | tiny-roberta | HF id/path (gpt2, roberta-base, a LLaMA)"})
-    vision: str = field(default="auto", metadata={"help": "auto | tiny-cnn (offline: small CNN pre-trained on a different synthetic world, frozen; cached) | patches (raw-pixel patches) | a HF ViT/CLIP id/path whose pooled feature is used (paper: google/vit-base-patch16-224-in21k); auto = tiny-cnn for tiny models on shapes_*, else the paper's ViT"})
+    vision: str = field(default="auto", metadata={"help": "auto | tiny-cnn (offline: small CNN pre-trained on a different synthetic world, frozen; cached) | patches (raw-pixel patches) | a HF ViT/CLIP id/path whose pooled feature is used (paper: google/vit-base-patch16-224-in21k); auto = tiny-cnn for tiny models on shapes_*, patches for tiny models on real data, else the paper's ViT"})
     vision_pretrain_steps: int = field(default=1000, metadata={"help": "tiny-cnn: supervised pre-training steps (cached by settings in --cache_dir)"})
     cache_dir: str = field(default="cache", metadata={"help": "cache of the pre-trained tiny vision encoder"})
     method: str = field(default="lora", metadata={"help": "lora | adapter | both"})
@@ -154,7 +154,8 @@ def resolve(a: Args) -> Args:
             setattr(a, k, v)
     a.alpha = float(a.r_bottleneck) if a.alpha is None else a.alpha
     if a.vision == "auto":
-        a.vision = "tiny-cnn" if tiny and a.dataset.startswith("shapes") else "google/vit-base-patch16-224-in21k"
+        a.vision = ("tiny-cnn" if a.dataset.startswith("shapes") else "patches") if tiny \
+            else "google/vit-base-patch16-224-in21k"
     a.image_size = a.image_size or (48 if a.vision in ("patches", "tiny-cnn") else 224)
     if a.out_dir is None:
         what = "compare" if a.compare else f"{a.method}-{a.kinds.replace(',', '_')}"
