@@ -441,7 +441,8 @@ def prefill(lm, inputs: dict, start_id: int):
         last = torch.tensor([mask.shape[1] - 1], device=mask.device)  # logits of the last position only
         out = lm(**inputs, position_ids=pos, use_cache=True, logits_to_keep=last)
         state = {"attention_mask": mask, "position_ids": pos[:, -1:]}
-    state[cache_kw(lm)] = out.cache if cache_kw(lm) == "cache" else out.past_key_values
+    k = cache_kw(lm)
+    state[k] = getattr(out, k)  # the output field has the argument's name
     return out, state
 
 
@@ -453,7 +454,8 @@ def decode_step(lm, state: dict, tok: torch.Tensor):
         state["attention_mask"] = torch.cat([state["attention_mask"], state["attention_mask"].new_ones(tok.shape[0], 1)], 1)
         state["position_ids"] = state["position_ids"] + 1
         out = lm(input_ids=tok[:, None], **state, use_cache=True)
-    state[cache_kw(lm)] = out.cache if cache_kw(lm) == "cache" else out.past_key_values
+    k = cache_kw(lm)
+    state[k] = getattr(out, k)  # the output field has the argument's name
     return out
 
 

@@ -302,7 +302,7 @@ class PrefixLMM(nn.Module):
         ck = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
         out = lm(inputs_embeds=emb, attention_mask=am, position_ids=pos, **{ck: cache},
                  use_cache=use_cache or cache is not None, output_hidden_states=hidden, return_dict=True)
-        return out, (out.cache if ck == "cache" else out.past_key_values)
+        return out, getattr(out, ck)                      # the output field has the argument's name
 
     def lm_forward(self, batch, ids, mask, hidden=False):
         """Run the LM on [prefix (input mode); visual tokens; text ids]. Returns (output, n_prefix_in_sequence)."""
@@ -635,6 +635,14 @@ def train(a: Args, net: PrefixLMM, ctx, device, rank, world, log) -> dict:
 # ----------------------------------------------------------------------------------
 # 7. main
 # ----------------------------------------------------------------------------------
+def resolve_prefix_mode(mode: str, model: str) -> str:
+    """'auto' -> kv for --model tiny, input (the paper's) for HF checkpoints; other values pass through.
+    DEVIATION (tiny only): the paper puts prefixes at the input, but the 2-layer tiny OPT (learned absolute
+    positions, which input prefixes shift) barely trains that way: on the default task 5 epochs reach train
+    loss 2.76 / CIDEr 3.3 in input mode vs 0.87 / 48.4 in kv mode (README)."""
+    return ("kv" if model == "tiny" else "input") if mode == "auto" else mode
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     threads = torch.get_num_threads()
@@ -653,11 +661,7 @@ def main(argv=None) -> dict:
 
 
 def _main(a: Args) -> dict:
-    if a.prefix_mode == "auto":
-        # DEVIATION (tiny only): the paper puts prefixes at the input, but the 2-layer tiny OPT (learned absolute
-        # positions, which input prefixes shift) barely trains that way: on the default task 5 epochs reach train
-        # loss 2.76 / CIDEr 3.3 in input mode vs 0.87 / 48.4 in kv mode (README). HF models keep the paper's input mode.
-        a.prefix_mode = "kv" if a.model == "tiny" else "input"
+    a.prefix_mode = resolve_prefix_mode(a.prefix_mode, a.model)
     if a.prefix_mode not in ("input", "kv"):
         raise UsageError(f"unknown --prefix_mode {a.prefix_mode!r}; choose input or kv")
     if a.num_prefix < 1:

@@ -127,11 +127,7 @@ def resolve(a: Args) -> Args:
         raise UsageError(f"unknown --peft_target {a.peft_target!r}; choose from {', '.join(QKV_NAMES)}")
     if a.dataset not in data.DATASETS:
         raise UsageError(f"unknown dataset {a.dataset!r}; choose from {', '.join(data.DATASETS)}")
-    if a.prefix_mode == "auto":
-        # DEVIATION (tiny only): the paper inserts prefixes at the input. The 2-layer tiny OPT has learned absolute
-        # positions and input-mode prefixes shift them all; measured on the default task, 150 prefix-only steps reach
-        # loss 2.7 (input) vs 0.87 (kv), so stage 1 would be a no-op in input mode. HF models keep the paper's input mode.
-        a.prefix_mode = "kv" if tiny else "input"
+    a.prefix_mode = pt.resolve_prefix_mode(a.prefix_mode, a.model)   # auto: kv for tiny (DEVIATION there)
     if a.prefix_mode not in ("input", "kv"):
         raise UsageError(f"unknown --prefix_mode {a.prefix_mode!r}; choose from input, kv")
     if a.epochs > 0:

@@ -862,7 +862,7 @@ def main(argv=None) -> dict:
 def _main(argv=None) -> dict:
     try:
         a = resolve(parse_args(argv))
-        if a.model.startswith("tiny") and a.device in ("auto", "cpu") and not torch.cuda.is_available():
+        if a.model.startswith("tiny") and (a.device == "cpu" or (a.device == "auto" and not torch.cuda.is_available())):
             torch.set_num_threads(1)     # tiny ops: 1 thread is as fast idle and many times faster on a busy CPU
         rank, world = setup_device(a)
         res_path = os.path.join(a.out_dir, "results.json")
