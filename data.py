@@ -71,6 +71,13 @@ DATASETS = ("shapes_vqa", "shapes_caption", "shapes_cls",
 DATA_VERSION = 1  # bump when synthetic rendering / feature layout changes (invalidates caches)
 
 
+def cache_dir(*parts: str) -> str:
+    """Folder of every cache (frozen features, tiny pre-trained stand-ins): $VLPEFT_CACHE if set,
+    else cache/ next to this file. The tests point it at a temporary folder."""
+    root = os.environ.get("VLPEFT_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
+    return os.path.join(root, *parts)
+
+
 class DataError(Exception):
     """A problem with the user's data or arguments. Scripts catch it, print the
     message (which names the file / key / path and how to get the data) and exit 2."""

@@ -1,0 +1,95 @@
+"""The infrastructure block at the end of every method file is the same text, and it behaves as documented."""
+import importlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+METHOD_FILES = ("memvp.py", "routing_bottleneck.py", "rlp.py", "prefix_tuning.py", "pt_peft_train.py")
+BEGIN, END = "# Infrastructure -- the same text in every method file", "# End of infrastructure"
+
+
+def block(name: str) -> str:
+    text = (REPO / name).read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, f"{name}: infrastructure markers missing"
+    return text[text.index(BEGIN):text.index(END)]
+
+
+def test_same_block_in_every_method_file():
+    blocks = {name: block(name) for name in METHOD_FILES}
+    ref = blocks[METHOD_FILES[0]]
+    for name, b in blocks.items():
+        assert b == ref, f"{name}: infrastructure block differs from {METHOD_FILES[0]}"
+    names = set(re.findall(r"^(?:def|class) (\w+)", ref, re.M))
+    assert {"UsageError", "NonFiniteLoss", "setup_device", "seed_everything", "lr_schedule",
+            "save_checkpoint", "load_checkpoint", "run_cli"} <= names
+
+
+@pytest.fixture(scope="module")
+def infra():
+    return importlib.import_module("rlp")  # any method file: the block is identical
+
+
+def test_lr_schedule_shapes(infra):
+    def lrs(**kw):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sch = infra.lr_schedule(opt, **kw)
+        out = []
+        for _ in range(kw["total_steps"]):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sch.step()
+        return out
+    lin = lrs(warmup_steps=2, total_steps=6, warmup="linear", decay="linear")
+    assert lin == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    cos = lrs(warmup_steps=1, total_steps=5, warmup="constant", decay="cosine", warmup_factor=0.01)
+    assert cos == pytest.approx([0.01, 1.0, 0.8535534, 0.5, 0.1464466])
+
+
+def test_checkpoint_and_out_dir(infra, tmp_path):
+    path = str(tmp_path / "ck.pt")
+    infra.save_checkpoint(path, {"step": 3, "trainable": {"w": torch.ones(2)}})
+    assert infra.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path) == ["ck.pt"]
+    with pytest.raises(infra.UsageError, match="no checkpoint"):
+        infra.load_checkpoint(str(tmp_path / "missing.pt"))
+    out = tmp_path / "run"
+    infra.prepare_out_dir(str(out), resume=False, overwrite=False)
+    infra.write_json(str(out / "results.json"), {"a": 1})
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(infra.UsageError, match="--overwrite"):
+        infra.prepare_out_dir(str(out), resume=False, overwrite=False)
+    infra.prepare_out_dir(str(out), resume=False, overwrite=True)
+    assert sorted(os.listdir(out)) == ["notes.txt"]  # only the script's own outputs are removed
+
+
+def test_parse_cli_and_exit_codes(infra, capsys):
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    @dataclass
+    class A:
+        lr: Optional[float] = field(default=None, metadata={"help": "x"})
+        steps: int = field(default=3, metadata={"help": "y"})
+        fast: bool = field(default=False, metadata={"help": "z"})
+    a = infra.parse_cli(A, ["--lr", "0.5", "--steps", "7", "--fast"])
+    assert (a.lr, a.steps, a.fast) == (0.5, 7, True)
+    assert infra.parse_cli(A, ["--lr", "auto"]).lr is None
+
+    def bad(_):
+        raise infra.UsageError("unknown --dataset 'x'")
+    with pytest.raises(SystemExit) as e:
+        infra.run_cli(bad, None)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: unknown --dataset 'x'"
+
+    def nan(_):
+        raise infra.NonFiniteLoss("non-finite loss at step 4")
+    with pytest.raises(SystemExit) as e:
+        infra.run_cli(nan, None)
+    assert e.value.code == 1
+    assert infra.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00" and infra.mean_std([5.0]) == "5.00 ± 0.00"
