@@ -7,18 +7,20 @@ Everything a method file needs besides its own method:
   classnames_of         class names of classification records, in label order
   load_image            a record -> PIL.Image (renders synthetic scenes on the fly)
   extract_features      frozen vision-encoder features, cached on disk (fp16, memory-mapped)
+  drop_missing          training records whose image is unreadable removed (evaluation keeps them)
   build_tokenizer       word-level PreTrainedTokenizerFast for tiny models (synthetic_vocab)
   vqa_score / vqa_accuracy / caption_metrics / accuracy / harmonic_mean   official metrics
   answer_vocab / vqa_soft_targets   VQA answer vocabulary + soft scores for classifier heads
   make_loader / set_epoch   seeded DataLoader (DistributedSampler under torchrun)
   DataError             every bad-input problem raises this with a readable message
-  UnreadableImage / ImageSkipCounter   corrupt image files: skip, count, fail above a fraction
+  UnreadableImage       raised by load_image for a missing / corrupt image file
 
 Typical use (offline, synthetic):
 
   recs = load_records("shapes_vqa", "train")            # list of dicts, schema below
-  feats, rows = extract_features(recs, "patches", dataset="shapes_vqa", split="train",
-                                 image_size=64, patch_size=8)   # (n_img, 64, 192) fp16
+  feats, rows, missing = extract_features(recs, "patches", dataset="shapes_vqa", split="train",
+                                          train=True, image_size=64, patch_size=8)  # (n_img, 64, 192)
+  recs, rows = drop_missing(recs, rows, missing)         # training only; evaluation keeps all
   tok = build_tokenizer()                                # pad id 0
   vqa_accuracy(preds, recs)                              # {"overall": 71.3, "yes/no": ...}
 
@@ -78,6 +80,9 @@ def cache_dir(*parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+_cache_folder = cache_dir  # extract_features' argument of the same name hides the function
+
+
 class DataError(Exception):
     """A problem with the user's data or arguments. Scripts catch it, print the
     message (which names the file / key / path and how to get the data) and exit 2."""
@@ -85,33 +90,6 @@ class DataError(Exception):
 
 class UnreadableImage(Exception):
     """An image file that is missing or cannot be decoded (skip it and count it)."""
-
-
-class ImageSkipCounter:
-    """Counts unreadable images; `check()` raises DataError above `max_fraction`."""
-
-    def __init__(self, max_fraction: float = 0.01):
-        self.max_fraction, self.total, self.bad = max_fraction, 0, []
-
-    def __call__(self, record: dict, image_size: Optional[int] = None):
-        """load_image(record, image_size), or None (counted) when unreadable."""
-        self.total += 1
-        try:
-            return load_image(record, image_size)
-        except UnreadableImage as e:
-            self.bad.append(str(e))
-            return None
-
-    def report(self) -> str:
-        return (f"skipped {len(self.bad)} of {self.total} unreadable images"
-                + (f" (first: {self.bad[0]})" if self.bad else ""))
-
-    def check(self) -> None:
-        if self.bad:
-            print(f"warning: {self.report()}", file=sys.stderr)
-        if self.total and len(self.bad) / self.total > self.max_fraction:
-            raise DataError(f"{self.report()}; more than {self.max_fraction:.1%} of the images "
-                            "are unreadable -- check the image folder (re-download or re-extract)")
 
 
 # ----------------------------------------------------------------------------------
@@ -465,7 +443,7 @@ def classnames_of(records: Sequence[dict]) -> list[str]:
 
 def load_image(record: dict, image_size: Optional[int] = None) -> Image.Image:
     """PIL RGB image of a record; raises `UnreadableImage` (not DataError) for missing or
-    corrupt files so callers can skip and count (see `ImageSkipCounter`). Synthetic
+    corrupt files (extract_features counts them and gives them zero features). Synthetic
     records are rendered (at `image_size` if given, else the record's size)."""
     if record.get("image_path") is None:
         meta = record["meta"]
@@ -716,52 +694,62 @@ def _dist_rank() -> tuple[int, bool]:
     return (dist.get_rank() if on else 0), on
 
 
+def _image_table(records: Sequence[dict]) -> tuple[list, torch.Tensor]:
+    """One row per distinct image_id, in order of first appearance; records without an image
+    (image_id None) share one extra row, which stays all zeros. -> (first record per row or None, rows)."""
+    first: dict = {}
+    rows = torch.tensor([first.setdefault(r.get("image_id"), len(first)) for r in records], dtype=torch.long)
+    uniq = [None] * len(first)
+    for r, i in zip(records, rows.tolist()):
+        if uniq[i] is None and r.get("image_id") is not None:
+            uniq[i] = r
+    return uniq, rows
+
+
 def extract_features(records: Sequence[dict], encoder: str = "patches", *,
-                     cache_dir: str = "cache/features", dataset: str = "", split: str = "",
-                     layer: int = -2, image_size: int = 224, patch_size: int = 8,
-                     keep_cls: bool = False, pooled: bool = False, device: str = "cpu",
-                     batch_size: int = 64, max_bad_fraction: float = 0.01,
+                     dataset: str = "", split: str = "", train: Optional[bool] = None,
+                     cache_dir: Optional[str] = None, layer: int = -2, image_size: Optional[int] = None,
+                     patch_size: int = 8, keep_cls: bool = False, pooled: bool = False,
+                     device: str = "cpu", batch_size: int = 64, max_bad_fraction: float = 0.01,
                      model=None, image_processor=None, progress: bool = True):
-    """-> (feats, rows): feats a (num_images, n, d) float16 tensor (memory-mapped from the
-    cache), rows a LongTensor (len(records),) mapping each record to its image's row.
+    """-> (feats, rows, missing): feats a (num_images, n, d) float16 tensor memory-mapped from the
+    cache, rows a LongTensor (len(records),) giving each record's row of feats, missing a
+    BoolTensor (len(records),): True where the record's image file is unreadable.
 
     encoder "patches": raw-pixel patch tokens (Fuyu-style), n = (image_size/patch_size)^2,
-    d = 3*patch_size^2, values in [-1, 1]; no network. Any other value: a Hugging Face
-    CLIP/ViT vision tower id or path (or pass `model`, an already built tower, and use
-    `encoder` as its cache name); tokens of hidden_states[layer] (grid tokens, CLS
-    dropped unless keep_cls); pooled=True gives (num_images, 1, d) pooled+projected
-    embedding (CLIP image_embeds). Cached at cache_dir keyed by (dataset, split, encoder,
-    layer, image_size, pooled, hash of the image ids); written to a temp file then renamed,
-    so a partial cache is never read. Unreadable images: zero features, counted, reported;
-    DataError if more than max_bad_fraction. tqdm bar while extracting. Under
-    torch.distributed rank 0 extracts, the others wait at a barrier, then all load.
+    d = 3*patch_size^2, values in [-1, 1] (image_size default 224). Any other value: a Hugging
+    Face CLIP/ViT vision tower id or path (or pass `model`, a built tower, and use `encoder` as
+    its cache name): tokens of hidden_states[layer] (CLS dropped unless keep_cls); pooled=True
+    gives (num_images, 1, d), the pooled projected embedding (CLIP image_embeds).
+    Unreadable images get zero features; a split with more than max_bad_fraction of them is a
+    DataError naming the first files. train (default: split == "train") only words the report:
+    training drops those records (drop_missing), evaluation keeps every question so that scores
+    stay comparable with the official evaluation. Records without an image (image_id None,
+    e.g. ScienceQA text-only questions) share one all-zero row and are not missing.
+    Cached in cache_dir (default cache_dir("features")) keyed by dataset, split, encoder,
+    settings and a hash of the image ids; written to a temp file then renamed, so a partial
+    cache is never read. Under torch.distributed rank 0 extracts, the others wait, all load.
     """
+    image_size = image_size or 224
     if encoder == "patches" and image_size % patch_size:
         raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    first: dict[str, int] = {}
-    rows = torch.tensor([first.setdefault(r["image_id"], len(first)) for r in records], dtype=torch.long)
-    uniq = [None] * len(first)
-    for r in records:
-        if uniq[first[r["image_id"]]] is None:
-            uniq[first[r["image_id"]]] = r
+    uniq, rows = _image_table(records)
+    ids = "\n".join("" if r is None else str(r["image_id"]) for r in uniq)
     key = {"version": DATA_VERSION, "dataset": dataset, "split": split, "encoder": encoder,
            "image_size": image_size, "pooled": pooled, "n_images": len(uniq),
-           "ids": hashlib.sha1("\n".join(first).encode()).hexdigest()[:16]}
-    if encoder == "patches":
-        key["patch_size"] = patch_size
-    else:
-        key.update(layer=layer, keep_cls=keep_cls)
+           "ids": hashlib.sha1(ids.encode()).hexdigest()[:16]}
+    key.update({"patch_size": patch_size} if encoder == "patches" else {"layer": layer, "keep_cls": keep_cls})
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder)[-48:]
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"{dataset or 'data'}-{split or 'all'}-{slug}-{digest}.npy"
+    folder = Path(cache_dir or _cache_folder("features"))
+    path = folder / f"{dataset or 'data'}-{split or 'all'}-{slug}-{digest}.npy"
     rank, distributed = _dist_rank()
     error = None
-    if rank == 0 and _cached_key(path) != key:
+    if rank == 0 and _cached(path, key) is None:
         try:
-            _extract_to(path, key, uniq, encoder, layer=layer, image_size=image_size,
-                        patch_size=patch_size, keep_cls=keep_cls, pooled=pooled, device=device,
-                        batch_size=batch_size, max_bad_fraction=max_bad_fraction, model=model,
-                        image_processor=image_processor, progress=progress)
+            encode = _encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
+                              patch_size=patch_size, keep_cls=keep_cls, pooled=pooled, device=device)
+            _extract_to(path, key, uniq, encode, image_size, batch_size, max_bad_fraction, progress)
         except Exception as e:
             error = e  # raised after the barrier, so the other ranks do not wait forever
     if distributed:
@@ -769,63 +757,87 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
         dist.barrier()
     if error is not None:
         raise error
-    if _cached_key(path) != key:
+    bad = _cached(path, key)
+    if bad is None:
         raise DataError(f"feature cache {path} is missing after rank 0's extraction (see rank 0's error; "
                         "cache_dir must be on a file system shared by all ranks)")
-    arr = np.load(path, mmap_mode="c")  # copy-on-write memory map: cheap, never written back
-    return torch.from_numpy(arr), rows
+    missing = torch.zeros(len(uniq), dtype=torch.bool)
+    missing[list(bad)] = True
+    missing = missing[rows]
+    if bad and rank == 0:
+        _report_missing(bad, uniq, missing, f"{dataset}/{split}", split == "train" if train is None else train)
+    return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write map, never written back
 
 
-def _cached_key(path: Path) -> Optional[dict]:
-    """The key stored next to a COMPLETE cache file (None if missing/partial/corrupt)."""
+def _report_missing(bad: dict, uniq: list, missing: torch.Tensor, name: str, train: bool) -> None:
+    n_img = sum(r is not None for r in uniq)
+    keep = ("" if train else f"; their {int(missing.sum())} questions are kept with zero image features, "
+            "as the official evaluation counts them")
+    print(f"warning: {name}: {len(bad)} of {n_img} images unreadable (first: "
+          f"{', '.join(list(bad.values())[:3])}){keep}", file=sys.stderr)
+
+
+def drop_missing(records: Sequence[dict], rows: torch.Tensor, missing: torch.Tensor):
+    """Training records whose image is unreadable removed (count printed): -> (records, rows)."""
+    keep = (~missing).nonzero().flatten()
+    if len(keep) < len(records):
+        print(f"dropped {len(records) - len(keep)} of {len(records)} training records "
+              "whose image is unreadable", file=sys.stderr)
+    return [records[i] for i in keep.tolist()], rows[keep]
+
+
+def _cached(path: Path, key: dict) -> Optional[dict]:
+    """{row: reason} of the unreadable images of a COMPLETE cache file with this key, else None."""
     try:
-        key = json.loads(path.with_suffix(".json").read_text())["key"]
-        np.load(path, mmap_mode="r")  # header must parse
-        return key
+        meta = json.loads(path.with_suffix(".json").read_text())
+        np.load(path, mmap_mode="r")  # the header must parse
     except Exception:
         return None
+    return {int(i): why for i, why in meta["unreadable"]} if meta.get("key") == key else None
 
 
-def _extract_to(path: Path, key: dict, uniq: list[dict], encoder: str, *, layer, image_size,
-                patch_size, keep_cls, pooled, device, batch_size, max_bad_fraction, model,
-                image_processor, progress) -> None:
+def _extract_to(path: Path, key: dict, uniq: list, encode: Callable, image_size: int,
+                batch_size: int, max_bad_fraction: float, progress: bool) -> None:
     from tqdm.auto import tqdm
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    counter = ImageSkipCounter(max_bad_fraction)
-    encode = (None if encoder == "patches" else
-              _hf_encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
-                          keep_cls=keep_cls, pooled=pooled, device=device))
-    out = None
+    bad, n_img = [], sum(r is not None for r in uniq)
+    shape = encode([Image.new("RGB", (image_size, image_size))]).shape[1:]  # (n, d)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(uniq), *shape))  # zeros
     try:
-        bar = tqdm(range(0, len(uniq), batch_size), desc=f"features {key['dataset']}/{key['split']} ({encoder})",
-                   disable=not progress)
-        for start in bar:
-            batch = uniq[start:start + batch_size]
-            imgs = [counter(r, image_size) for r in batch]
-            ok = [i for i, im in enumerate(imgs) if im is not None]
-            if encode is None:
-                feats = np.stack([_patches(imgs[i], image_size, patch_size) for i in ok]) if ok else None
-                shape = ((image_size // patch_size) ** 2, 3 * patch_size ** 2)
-            else:
-                feats = encode([imgs[i] for i in ok]) if ok else None
-                shape = feats.shape[1:] if feats is not None else None
-            if out is None and shape is not None:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(uniq), *shape))
-            if feats is not None:
-                out[[start + i for i in ok]] = feats.astype(np.float16)
-        counter.check()
-        if out is None:
-            raise DataError(f"no readable image among {len(uniq)} for {key['dataset']}/{key['split']}")
+        for start in tqdm(range(0, len(uniq), batch_size), disable=not progress,
+                          desc=f"features {key['dataset']}/{key['split']} ({key['encoder']})"):
+            imgs = {}
+            for i, r in enumerate(uniq[start:start + batch_size], start):
+                try:
+                    imgs[i] = None if r is None else load_image(r, image_size)
+                except UnreadableImage as e:
+                    bad.append((i, str(e)))
+            ok = [i for i, im in imgs.items() if im is not None]
+            if ok:
+                out[ok] = encode([imgs[i] for i in ok]).astype(np.float16)  # (B, n, d)
+        if len(bad) > max_bad_fraction * n_img:
+            raise DataError(f"{key['dataset']}/{key['split']}: {len(bad)} of {n_img} images are unreadable, more "
+                            f"than {max_bad_fraction:.0%} (first: {', '.join(b for _, b in bad[:3])}); check the "
+                            "image folder (re-download or re-extract)")
         out.flush()
         del out
         jtmp = tmp.with_name(tmp.name + ".json")
-        jtmp.write_text(json.dumps({"key": key}))
+        jtmp.write_text(json.dumps({"key": key, "unreadable": bad}))
         os.replace(jtmp, path.with_suffix(".json"))
         os.replace(tmp, path)  # the .npy appears last and complete
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _encoder(encoder: str, model, image_processor, *, layer, image_size, patch_size, keep_cls, pooled,
+             device) -> Callable:
+    """A function list[PIL image] -> (B, n, d) float array."""
+    if encoder == "patches":
+        return lambda images: np.stack([_patches(im, image_size, patch_size) for im in images])
+    return _hf_encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
+                       keep_cls=keep_cls, pooled=pooled, device=device)
 
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -249,8 +249,9 @@ def test_patch_features_cache_roundtrip(tmp_path, monkeypatch):
     loads = []
     real_load = np.load
     monkeypatch.setattr(np, "load", lambda *a, **k: loads.append(k.get("mmap_mode")) or real_load(*a, **k))
-    feats, rows = data.extract_features(recs, "patches", **kw)
+    feats, rows, missing = data.extract_features(recs, "patches", **kw)
     monkeypatch.undo()
+    assert missing.shape == (len(recs),) and not missing.any()
     assert loads and all(m is not None for m in loads)  # always memory-mapped from the cache
     n_img = len({r["image_id"] for r in recs})
     assert feats.shape == (n_img, 16, 192) and feats.dtype == torch.float16 and rows.shape == (len(recs),)
@@ -263,7 +264,7 @@ def test_patch_features_cache_roundtrip(tmp_path, monkeypatch):
                if recs[i]["image_id"] == recs[j]["image_id"])
     # second call hits the cache (no extraction)
     monkeypatch.setattr(data, "_extract_to", lambda *a, **k: pytest.fail("cache not used"))
-    feats2, rows2 = data.extract_features(recs, "patches", **kw)
+    feats2, rows2, _ = data.extract_features(recs, "patches", **kw)
     assert torch.equal(feats, feats2) and torch.equal(rows, rows2)
     monkeypatch.undo()
     # a different key (image size / other images) is a different cache file
@@ -274,7 +275,7 @@ def test_patch_features_cache_roundtrip(tmp_path, monkeypatch):
 def test_feature_cache_interrupted_write_is_never_read(tmp_path, monkeypatch):
     recs = data.load_records("shapes_caption", "val", split_sizes=SMALL)
     kw = dict(cache_dir=str(tmp_path), dataset="shapes_caption", split="val", image_size=16, patch_size=8, progress=False)
-    good, _ = data.extract_features(recs, "patches", **kw)
+    good, _, _ = data.extract_features(recs, "patches", **kw)
     good = good.clone()
     npy = next(tmp_path.glob("*.npy"))
     # 1) crash in the middle of a rewrite: the temp file is left behind, never read
@@ -295,12 +296,12 @@ def test_feature_cache_interrupted_write_is_never_read(tmp_path, monkeypatch):
     monkeypatch.undo()
     # simulate a leftover temp file of a killed process (the finally clause could not run)
     (tmp_path / (npy.name + ".tmp-99999-deadbeef")).write_bytes(b"\x93NUMPY garbage")
-    feats, _ = data.extract_features(recs, "patches", **kw)
+    feats, _, _ = data.extract_features(recs, "patches", **kw)
     assert torch.equal(feats, good)
     # 2) a complete-looking .npy without its key file (crash between the renames) is recomputed
     npy.with_suffix(".json").unlink()
     np.save(npy, np.zeros((1, 1), np.float16))
-    feats, _ = data.extract_features(recs, "patches", **kw)
+    feats, _, _ = data.extract_features(recs, "patches", **kw)
     assert torch.equal(feats, good)
 
 
@@ -314,7 +315,7 @@ def test_hf_clip_tower_features(tmp_path):
     recs = data.load_records("shapes_cls", "val", split_sizes=SMALL)[:6]
     kw = dict(cache_dir=str(tmp_path / "cache"), dataset="shapes_cls", split="val", image_size=32, progress=False)
     enc = str(tmp_path / "tiny-clip")
-    feats, rows = data.extract_features(recs, enc, layer=-2, **kw)
+    feats, rows, _ = data.extract_features(recs, enc, layer=-2, **kw)
     assert feats.shape == (6, 16, 32)  # CLS dropped: (32/8)^2 grid tokens
     # reference: simple resize + CLIP normalisation (no image processor saved)
     px = torch.stack([torch.from_numpy(np.asarray(data.load_image(r, 32), np.float32) / 255).permute(2, 0, 1)
@@ -323,21 +324,21 @@ def test_hf_clip_tower_features(tmp_path):
     with torch.no_grad():
         out = model(pixel_values=px, output_hidden_states=True)
     assert torch.allclose(feats.float(), out.hidden_states[-2][:, 1:], atol=2e-2)
-    cls_feats, _ = data.extract_features(recs, enc, layer=-1, keep_cls=True, **kw)
+    cls_feats, _, _ = data.extract_features(recs, enc, layer=-1, keep_cls=True, **kw)
     assert cls_feats.shape == (6, 17, 32)
     assert torch.allclose(cls_feats.float(), out.hidden_states[-1], atol=2e-2)
-    pooled, _ = data.extract_features(recs, enc, pooled=True, **kw)
+    pooled, _, _ = data.extract_features(recs, enc, pooled=True, **kw)
     assert pooled.shape == (6, 1, 16)
     assert torch.allclose(pooled.float()[:, 0], out.image_embeds, atol=2e-2)
     # with the model's own image processor
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(enc)
-    f2, _ = data.extract_features(recs, enc, layer=-2, **dict(kw, cache_dir=str(tmp_path / "cache2")))
+    f2, _, _ = data.extract_features(recs, enc, layer=-2, **dict(kw, cache_dir=str(tmp_path / "cache2")))
     assert f2.shape == (6, 16, 32)
     # an in-memory full CLIP model (image side used; pooled = projected image features)
     from transformers import CLIPConfig, CLIPModel
     full = CLIPModel(CLIPConfig(vision_config=cfg.to_dict(), projection_dim=16, text_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50))).eval()
-    fp, _ = data.extract_features(recs, "tiny-full-clip", model=full, pooled=True, **kw)
+    fp, _, _ = data.extract_features(recs, "tiny-full-clip", model=full, pooled=True, **kw)
     with torch.no_grad():
         ref = full.get_image_features(pixel_values=px).pooler_output
     assert fp.shape == (6, 1, 16) and torch.allclose(fp.float()[:, 0], ref, atol=2e-2)
@@ -469,24 +470,41 @@ def test_imagenet_folders_and_aircraft(tmp_path):
     assert [(r["label"], r["classname"]) for r in recs] == [(1, "A300B4"), (0, "707-320")]
 
 
-def test_unreadable_images_skipped_counted_and_limited(tmp_path, capsys):
-    root, _ = make_coop(tmp_path, n_per_class=5)
-    bad = root / "2750" / "forest" / "forest_0.jpg"
-    bad.write_bytes(b"this is not a jpeg")
-    recs = data.load_records("eurosat", "train", str(root))  # 16 images, 1 corrupt
-    with pytest.raises(data.UnreadableImage, match="forest_0.jpg"):
-        data.load_image(next(r for r in recs if r["image_path"] == str(bad)))
-    kw = dict(cache_dir=str(tmp_path / "c"), dataset="eurosat", split="train", image_size=8, patch_size=4, progress=False)
-    feats, rows = data.extract_features(recs, "patches", max_bad_fraction=0.1, **kw)
-    assert "skipped 1 of 16 unreadable images" in capsys.readouterr().err
-    i = next(i for i, r in enumerate(recs) if r["image_path"] == str(bad))
-    assert float(feats[rows[i]].abs().sum()) == 0.0 and float(feats[rows[0]].abs().sum()) > 0
-    with pytest.raises(DataError, match="skipped 1 of 16 unreadable"):
-        data.extract_features(recs, "patches", max_bad_fraction=0.05, **dict(kw, cache_dir=str(tmp_path / "d")))
-    assert not list((tmp_path / "d").glob("*.npy"))
-    counter = data.ImageSkipCounter(0.5)
-    assert counter(recs[i]) is None and counter(recs[0]) is not None
-    counter.check()  # 1 of 2 = 50% is allowed
+def test_unreadable_images_policy(tmp_path, capsys, monkeypatch):
+    """Training drops the records of unreadable images, evaluation keeps them with zero features; records
+    without an image get zero features and are not missing; more than 1% unreadable is an error."""
+    recs = []
+    for i in range(100):  # 100 images, two questions each, then 3 text-only questions
+        jpeg(tmp_path / "img" / f"{i}.jpg", color=(i, 100, 200), size=(8, 8))
+        recs += [{"id": f"{i}-{q}", "image_id": str(i), "image_path": str(tmp_path / "img" / f"{i}.jpg"),
+                  "task": "vqa", "meta": {}} for q in range(2)]
+    recs += [{"id": f"t{q}", "image_id": None, "image_path": None, "task": "mcq", "meta": {}} for q in range(3)]
+    (tmp_path / "img" / "7.jpg").write_bytes(b"this is not a jpeg")
+    with pytest.raises(data.UnreadableImage, match="7.jpg"):
+        data.load_image(recs[14])
+    kw = dict(cache_dir=str(tmp_path / "c"), dataset="fixture", image_size=8, patch_size=4, progress=False)
+    feats, rows, missing = data.extract_features(recs, "patches", split="train", train=True, **kw)
+    assert feats.shape == (101, 4, 48) and missing.tolist() == [r["image_id"] == "7" for r in recs]
+    assert feats[rows[missing]].abs().sum() == 0 and feats[rows[-3:]].abs().sum() == 0  # zeros
+    assert (feats[rows[:14]].float().abs().sum((1, 2)) > 0).all() and len(set(rows[-3:].tolist())) == 1
+    assert "fixture/train: 1 of 100 images unreadable" in capsys.readouterr().err
+    kept, kept_rows = data.drop_missing(recs, rows, missing)
+    assert [r["id"] for r in kept] == [r["id"] for r in recs if r["image_id"] != "7"]
+    assert torch.equal(kept_rows, rows[~missing])
+    assert "dropped 2 of 203 training records" in capsys.readouterr().err
+    monkeypatch.setattr(data, "_extract_to", lambda *a, **k: pytest.fail("cache not used"))
+    _, _, again = data.extract_features(recs, "patches", split="train", **kw)  # cached: same report
+    assert torch.equal(again, missing) and "1 of 100 images unreadable" in capsys.readouterr().err
+    monkeypatch.undo()
+    _, _, ev = data.extract_features(recs, "patches", split="val", train=False, **kw)
+    assert torch.equal(ev, missing)
+    assert "their 2 questions are kept with zero image features" in capsys.readouterr().err
+    text, text_rows, none = data.extract_features(recs[-3:], "patches", split="text", **kw)
+    assert text.shape == (1, 4, 48) and text.abs().sum() == 0 and not none.any()
+    (tmp_path / "img" / "9.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"2 of 100 images are unreadable, more than 1% \(first: .*7.jpg.*9.jpg"):
+        data.extract_features(recs, "patches", split="test", **kw)
+    assert not list((tmp_path / "c").glob("*-test-*"))
 
 
 # ----------------------------------------------------------------------------------- bad input
@@ -553,7 +571,7 @@ def _ddp_worker(rank, port, cache_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     recs = data.load_records("shapes_caption", "val", split_sizes=SMALL)
-    feats, rows = data.extract_features(recs, "patches", cache_dir=cache_dir, dataset="shapes_caption",
+    feats, rows, _ = data.extract_features(recs, "patches", cache_dir=cache_dir, dataset="shapes_caption",
                                         split="val", image_size=16, patch_size=8, progress=False)
     loader = data.make_loader(list(range(10)), 2, shuffle=True, seed=0)
     data.set_epoch(loader, 1)
@@ -577,7 +595,7 @@ def test_ddp_rank0_extracts_and_sampler_shards(tmp_path):
     assert torch.equal(r0["feats"], r1["feats"]) and r0["feats"].shape == (20, 4, 192)
     assert sorted(r0["idx"].tolist() + r1["idx"].tolist()) == list(range(10))
     assert len(list((tmp_path / "c").glob("*.npy"))) == 1
-    assert "skipped 1 of 1 unreadable" in r0["err"] and "missing after rank 0" in r1["err"]
+    assert "1 of 1 images are unreadable" in r0["err"] and "missing after rank 0" in r1["err"]
 
 
 def test_help_reads_as_guide():
