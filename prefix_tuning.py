@@ -1,24 +1,31 @@
-"""prefix_tuning.py -- prefix-tuning a BLIP-2 style LMM (stage 1 of PT-PEFT).
+"""prefix_tuning.py -- prefix-tuning a frozen BLIP-2 (stage 1 of PT-PEFT).
 
-Paper: "Preserving Pre-trained Representation Space: On Effectiveness of Prefix-tuning for Large
-Multi-modal Models" (Kim et al., arXiv 2411.00029), Sec. 3, Fig. 5-6, App. B.1/B.2/B.5, Table 14.
+Kim, Lee, Shim, Shim, "Preserving Pre-trained Representation Space: On Effectiveness of Prefix-tuning for
+Large Multi-modal Models", arXiv 2411.00029 (Sec. 3, Fig. 5-6, App. B, Tables 8 and 14).
 
-Idea: keep the whole LMM frozen and learn P prefix vectors that are put in front of the language
-model's sequence, [prefix; Q-Former visual tokens; text] (Fig. 5). The prefixes come from a prefix
-encoder (Fig. 6): prefix embeddings (P x d) + a prefix-type embedding (counterpart of token-type
-embeddings) -> MLP re-parameterisation (Li & Liang 2021). After training the encoder output is exported
-as a plain tensor, so inference has no extra block (App. B.1). `--prefix_mode kv` is Li & Liang's deep
-prefix instead: per-layer key/value prefixes through a transformers `Cache` built fresh each forward.
+The LMM stays frozen; only prefixes are learned. A prefix encoder (Fig. 6) maps P prefix embeddings plus a
+prefix-type embedding through an MLP (Li & Liang's re-parameterisation); after training its output is kept
+as a plain tensor (App. B.1). Table 8 puts BLIP-2's prefixes in two places, P = 8 (captioning) or 16 (VQA):
+  Q-Former  key/value prefixes of every self-attention layer: the queries also attend to P learned keys and
+            values (Eq. 7, App. D.3), so the LM still receives num_query_tokens visual tokens;
+  OPT       input prefixes: the LM reads [prefix; visual tokens; text] (Fig. 5).
+--lm_prefix kv gives Li & Liang's per-layer key/value prefixes in the LM instead; none, no LM prefix.
 
-Offline default (`--model tiny`): a tiny random BLIP-2 (ViT, Q-Former, OPT) with data.py's word-level
-tokenizer is first PRE-TRAINED on a broad mix of the synthetic world (captions in styles 0-3 + VQA
-families color/shape/count/exist; cached under cache/prefix_tuning/, keyed by its settings). The
-downstream task is held out of that mix: shapes_caption = caption style 4 ("the red circle is on the
-left ..."), shapes_vqa = the position/relation question families. We report the downstream score and
-the score on the pre-training mix (what is kept / lost).
+  Fig. 6  prefix encoder                   PrefixEncoder.forward
+  Eq. 7   attention over [P; X]            QFormerPrefixAttention.forward, kv_cache (--lm_prefix kv)
+  Fig. 5  [prefix; visual tokens; text]    PrefixBlip2.lm_inputs
+  B.1     prefix kept as a plain tensor    PrefixBlip2.export_prefix
+  B.2     captions by beam search (5)      beam_search
+  B.4     AdamW (0.9, 0.99), linear warm-up and decay, Table 14 values   train, PAPER
 
-  python prefix_tuning.py                                  # tiny BLIP-2, shapes_caption, prints a table
-  python prefix_tuning.py --dataset shapes_vqa --prefix_mode kv
+Offline (--model tiny, the default): a tiny BLIP-2 (ViT, Q-Former, OPT; word-level tokenizer) pre-trained
+once on all weights (cached) on another synthetic world: four caption styles and four VQA question families,
+half of the samples with the scene described in words before the prompt. The downstream tasks are held out:
+shapes_caption = a fifth caption style ("the red circle is on the left ..."), shapes_vqa = position and
+relation questions. "mix" = the pre-training tasks on the benchmark world: what the model keeps.
+
+  python prefix_tuning.py                            # tiny BLIP-2, shapes_caption, Table 8 prefixes
+  python prefix_tuning.py --compare --seeds 0,1,2    # Table 8 vs LM input / LM kv / Q-Former alone
   python prefix_tuning.py --dataset coco --data_root /data --model /ckpt/blip2-opt-2.7b --device cuda
   torchrun --nproc_per_node 2 prefix_tuning.py --max_steps 20
 """
@@ -36,7 +43,9 @@ import os
 import random
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -50,678 +59,820 @@ from tqdm import tqdm
 import data
 
 
-# ----------------------------------------------------------------------------------
-# 1. Args (paper values where they can run offline; Table 14 = BLIP-2 hyper-parameters)
-# ----------------------------------------------------------------------------------
-@dataclass
-class Args:
-    dataset: str = field(default="shapes_caption", metadata={"help": "shapes_caption | shapes_vqa | coco | flickr30k | vqav2"})
-    data_root: Optional[str] = field(default=None, metadata={"help": "root of real datasets (official formats)"})
-    model: str = field(default="tiny", metadata={"help": "tiny (random BLIP-2, pre-trained on the synthetic mix) or a local Blip2 path"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "default runs/prefix_tuning/<dataset>-<mode>-p<P>"})
-    resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/ckpt.pt"})
-    overwrite: bool = field(default=False, metadata={"help": "overwrite existing results"})
-    epochs: int = field(default=5, metadata={"help": "epochs (Table 14: 5)"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (-1: all epochs)"})
-    batch_size: int = field(default=16, metadata={"help": "batch size per process (Table 14: 128)"})
-    lr: float = field(default=1e-2, metadata={"help": "max LR (Table 14: 5e-5 for BLIP-2-2.7B; DEVIATION: the tiny default needs 1e-2)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (Table 14)"})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "linear warm-up fraction, then linear decay to 0 (App. B.2)"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
-    num_prefix: int = field(default=16, metadata={"help": "number of prefixes P (App. C.1 saturation point: 16)"})
-    prefix_mode: str = field(default="auto", metadata={"help": "input: prefixes at the LM input (paper) | kv: per-layer key/value prefixes | auto: input for HF models, kv for tiny"})
-    prefix_hidden: int = field(default=128, metadata={"help": "hidden width of the prefix-encoder MLP (Li & Liang: 512-800)"})
-    num_beams: int = field(default=5, metadata={"help": "beam size for captions (App. B.2); VQA is greedy"})
-    max_new_tokens: int = field(default=32, metadata={"help": "generation length limit"})
-    train_limit: int = field(default=-1, metadata={"help": "downstream training samples (-1: all)"})
-    eval_limit: int = field(default=300, metadata={"help": "evaluation samples, also of the pre-training mix (-1: all)"})
-    cache_dir: str = field(default="cache", metadata={"help": "pre-trained tiny BLIP-2 cache"})
-    pretrain_steps: int = field(default=400, metadata={"help": "tiny pre-training steps on the broad mix (cached)"})
-    log_every: int = field(default=10, metadata={"help": "log every N steps"})
-    save_every: int = field(default=50, metadata={"help": "checkpoint every N steps"})
+# ---- The method: prefix encoder (Fig. 6), Q-Former key/value prefixes (Eq. 7), prefixed BLIP-2 (Fig. 5) ----
+class PrefixEncoder(nn.Module):
+    """Fig. 6: P prefix embeddings + a prefix-type embedding -> Linear-Tanh-Linear (Li & Liang 2021).
+    n_layers = 0: input prefixes (P, d); else key/value prefixes (n_layers, 2, P, d_kv), peft's layout."""
+
+    def __init__(self, num_prefix: int, d: int, hidden: int, n_layers: int = 0, d_kv: Optional[int] = None):
+        super().__init__()
+        self.shape = (num_prefix, d) if n_layers == 0 else (num_prefix, n_layers, 2, d_kv or d)
+        self.embedding = nn.Parameter(torch.randn(num_prefix, d) * 0.02)      # (P, d)
+        self.type_embedding = nn.Parameter(torch.zeros(1, d))                # one type, cf. token types
+        out = math.prod(self.shape[1:])
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, out))
+
+    def forward(self) -> torch.Tensor:
+        h = self.mlp(self.embedding + self.type_embedding).view(self.shape)  # (P, d) or (P, L, 2, d_kv)
+        return h if h.dim() == 2 else h.permute(1, 2, 0, 3)                   # (L, 2, P, d_kv)
+
+    def num_params(self) -> int:
+        """Analytic count: P d + d + (d + 1) hidden + (hidden + 1) out."""
+        (P, d), h, out = self.embedding.shape, self.mlp[0].out_features, self.mlp[2].out_features
+        return P * d + d + (d + 1) * h + (h + 1) * out
 
 
-def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Args):
-        h = f.metadata.get("help", "")
-        if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name}", action="store_true", help=h)
-        else:
-            typ = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(f"--{f.name}", type=typ, default=f.default, help=h)
-    return Args(**vars(p.parse_args(argv)))
+class QFormerPrefixAttention(nn.Module):
+    """Eq. 7: Q-Former self-attention over [P; X], softmax(q [P_k; k]^T / sqrt(d_h)) [P_v; v]. Replaces HF's
+    module, keeping its query/key/value Linears under their names (LoRA can wrap them). `prefix` (2, P, d)
+    is set by PrefixBlip2 for one forward; None gives the original attention."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.query, self.key, self.value = attn.query, attn.key, attn.value
+        self.heads, self.dropout, self.prefix = attn.num_attention_heads, attn.attention_dropout, None
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        B, L, d = hidden_states.shape
+        q, k, v = (f(hidden_states).view(B, L, self.heads, -1).transpose(1, 2)          # (B, H, L, d_h)
+                   for f in (self.query, self.key, self.value))
+        if self.prefix is not None:
+            p = self.prefix.to(k.dtype).view(2, 1, -1, self.heads, k.shape[-1]).transpose(2, 3)
+            k = torch.cat([p[0].expand(B, -1, -1, -1), k], 2)                           # (B, H, P + L, d_h)
+            v = torch.cat([p[1].expand(B, -1, -1, -1), v], 2)
+            if attention_mask is not None:                                              # prefixes: visible
+                attention_mask = F.pad(attention_mask, (k.shape[2] - L, 0),
+                                       value=attention_mask.dtype == torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(B, L, d), None
 
 
-class UsageError(ValueError):
-    pass
+PREFIX_PARAMS = "prefix_encoders."   # the name of every trainable parameter of PrefixBlip2 starts with it
 
 
-# ----------------------------------------------------------------------------------
-# 2. Data: pre-training mix vs held-out downstream task (the synthetic world)
-# ----------------------------------------------------------------------------------
-PT_FAMILIES = ("color", "shape", "count", "exist")      # pre-training VQA families
-DOWN_FAMILIES = ("position", "relation")                # held out -> downstream shapes_vqa
-PT_STYLES, DOWN_STYLE = (0, 1, 2, 3), 4                 # caption templates (data.ShapesWorld.captions)
-IMAGE_SIZE = 32
-WORLD = {"train": 1200, "val": 200, "test": 300}
-EXTRA_WORDS = ["question", "answer", "caption", ":"]
+class PrefixBlip2(nn.Module):
+    """A frozen Blip2ForConditionalGeneration (`lmm`) with Table 8's prefixes: key/value prefixes in every
+    Q-Former self-attention layer and input (or kv) prefixes in the LM. forward(batch) -> LM loss.
+    prefix_state: "on" (the encoders' output), "off" (exactly the base LMM) or a dict like export_prefix()."""
+
+    def __init__(self, lmm, num_prefix: int, lm_prefix: str, qformer_prefix: bool, hidden: int, cache_mb=0.0):
+        super().__init__()
+        self.lmm, self.lm_mode, self.prefix_state = lmm, lm_prefix, "on"
+        tc, qc = lmm.config.text_config, lmm.config.qformer_config
+        self.kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        d_kv = self.kv_heads * (getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+        self.prefix_encoders, self.qformer_attn = nn.ModuleDict(), []
+        if num_prefix > 0 and lm_prefix != "none":
+            layers = tc.num_hidden_layers if lm_prefix == "kv" else 0
+            self.prefix_encoders["lm"] = PrefixEncoder(num_prefix, tc.hidden_size, hidden, layers, d_kv)
+        if num_prefix > 0 and qformer_prefix:
+            self.prefix_encoders["qformer"] = PrefixEncoder(num_prefix, qc.hidden_size, hidden,
+                                                            qc.num_hidden_layers)
+            self.qformer_attn = patch_qformer(lmm.qformer)
+        self.vision_cache = VisionCache(cache_mb)
+
+    def prefixes(self) -> dict:
+        if isinstance(self.prefix_state, dict):
+            return self.prefix_state
+        return {} if self.prefix_state == "off" else {k: enc() for k, enc in self.prefix_encoders.items()}
+
+    @torch.no_grad()
+    def export_prefix(self) -> dict:
+        """App. B.1: {"lm": ..., "qformer": ...} as plain tensors; no encoder is needed at inference."""
+        return {k: enc().detach().clone() for k, enc in self.prefix_encoders.items()}
+
+    def visual_tokens(self, batch: dict, qformer_prefix: Optional[torch.Tensor]) -> torch.Tensor:
+        """ViT (frozen: outputs cached) -> Q-Former with its key/value prefixes -> projection: (B, Q, d)."""
+        lmm, vit = self.lmm, self.lmm.vision_model
+        dtype = vit.embeddings.patch_embedding.weight.dtype
+        pixels = batch["pixel_values"].to(lmm.query_tokens.device, dtype)
+        img = self.vision_cache(vit, pixels, batch["image_ids"])                       # (B, N, d_vit)
+        for layer, attn in enumerate(self.qformer_attn):
+            attn.prefix = None if qformer_prefix is None else qformer_prefix[layer]   # (2, P, d_q)
+        try:
+            q = lmm.qformer(query_embeds=lmm.query_tokens.expand(len(img), -1, -1), encoder_hidden_states=img)
+        finally:
+            for attn in self.qformer_attn:
+                attn.prefix = None
+        return lmm.language_projection(q.last_hidden_state)                            # (B, Q, d)
+
+    def lm_inputs(self, batch: dict, ids: torch.Tensor, mask: torch.Tensor):
+        """Fig. 5: [prefix (input mode); visual tokens; text] -> (embeddings, attention mask, positions, KV
+        cache holding a kv-mode prefix or None). Text is left-padded; positions skip the pads."""
+        P = self.prefixes()
+        vis = self.visual_tokens(batch, P.get("qformer"))                              # (B, Q, d)
+        B, ids, mask = len(vis), ids.to(vis.device), mask.to(vis.device)
+        x = torch.cat([vis, self.lmm.language_model.get_input_embeddings()(ids).to(vis.dtype)], 1)
+        am = torch.cat([mask.new_ones(vis.shape[:2]), mask], 1)                        # (B, Q + T)
+        if "lm" in P and self.lm_mode == "input":
+            x = torch.cat([P["lm"].to(x.dtype).expand(B, -1, -1), x], 1)               # (B, P + Q + T, d)
+            am = torch.cat([mask.new_ones(B, len(P["lm"])), am], 1)
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        if "lm" in P and self.lm_mode == "kv":                                         # mask covers the past
+            kv = P["lm"].to(x.dtype)
+            return x, torch.cat([mask.new_ones(B, kv.shape[2]), am], 1), pos, kv_cache(kv, B, self.kv_heads)
+        return x, am, pos, None
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        T = batch["labels"].shape[1]
+        out, _ = call_lm(self.lmm.language_model, *self.lm_inputs(batch, batch["input_ids"],
+                                                                  batch["attention_mask"]))
+        logits = out.logits[:, -T - 1:-1].float()             # position t predicts text token t
+        labels = batch["labels"].to(logits.device)            # -100 except target + eos
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    @torch.no_grad()
+    def features(self, batch: dict) -> dict:
+        """LM last-layer states at the visual-token and text positions, prefixes in context (as forward)."""
+        x, am, pos, cache = self.lm_inputs(batch, batch["input_ids"], batch["attention_mask"])
+        h = call_lm(self.lmm.language_model, x, am, pos, cache, hidden=True)[0].hidden_states[-1]
+        T, Q = batch["input_ids"].shape[1], self.lmm.config.num_query_tokens
+        return {"image": h[:, -T - Q:-T], "text": h[:, -T:], "text_mask": batch["attention_mask"]}
 
 
-def prompt_of(rec: dict) -> str:
-    return f"question : {rec['question']} answer :" if rec["task"] == "vqa" else "caption :"
+class VisionCache:
+    """Outputs of the frozen ViT per image id, at most max_mb MB, least recently used dropped first: memory
+    does not grow with the dataset. Valid only while the ViT is frozen: a forward with a trainable ViT
+    parameter bypasses and empties it (call clear() after changing ViT weights any other way)."""
+
+    def __init__(self, max_mb: float):
+        self.max_bytes, self.bytes, self.items = int(max_mb * 2 ** 20), 0, OrderedDict()
+
+    def clear(self):
+        self.bytes = 0
+        self.items.clear()
+
+    def __call__(self, vit: nn.Module, pixels: torch.Tensor, ids: list) -> torch.Tensor:
+        if any(p.requires_grad for p in vit.parameters()):
+            self.clear()
+            return vit(pixel_values=pixels).last_hidden_state
+        miss = [i for i, k in enumerate(ids) if k not in self.items]
+        with torch.no_grad():
+            computed = vit(pixel_values=pixels[miss]).last_hidden_state if miss else []
+        new = dict(zip([ids[i] for i in miss], computed))
+        out = torch.stack([new[k] if k in new else self.items[k] for k in ids])        # (B, N, d_vit)
+        for k, v in new.items():
+            self.items[k] = v.clone()                      # a copy: a view would keep the whole batch alive
+            self.bytes += v.nbytes
+        for k in ids:
+            self.items.move_to_end(k)
+        while self.bytes > self.max_bytes:
+            self.bytes -= self.items.popitem(last=False)[1].nbytes
+        return out
 
 
-def _cap(rec, styles, expand):
-    """Caption records restricted to `styles`; expand=True -> one training record per style."""
-    caps = [rec["captions"][s] for s in styles]
-    if not expand:
-        return [dict(rec, captions=caps, target=caps[0])]
-    return [dict(rec, id=f"{rec['id']}-s{s}", captions=caps, target=c) for s, c in zip(styles, caps)]
-
-
-def pretrain_records(split: str, limit: int = -1) -> list[dict]:
-    """The broad pre-training mix: captions (styles 0-3) + VQA (families PT_FAMILIES), interleaved."""
-    kw = dict(image_size=IMAGE_SIZE, split_sizes=WORLD)
-    n = None if limit is None or limit < 0 else max(1, limit // 2)
-    vqa = [dict(r, target=r["answer"]) for r in data.load_records("shapes_vqa", split, **kw)
-           if r["question_type"] in PT_FAMILIES][:n]
-    caps = [c for r in data.load_records("shapes_caption", split, **kw) for c in _cap(r, PT_STYLES, split == "train")][:n]
-    out = [r for pair in zip(vqa, caps) for r in pair] + vqa[len(caps):] + caps[len(vqa):]
+# ---- Patching the Hugging Face model (and one transformers-version difference) ----------------------------
+def patch_qformer(qformer: nn.Module) -> list:
+    """Replace every self-attention `encoder.layer.<i>.attention.attention` by QFormerPrefixAttention."""
+    out = []
+    for i, layer in enumerate(getattr(getattr(qformer, "encoder", None), "layer", [])):
+        attn = getattr(getattr(layer, "attention", None), "attention", None)
+        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("query", "key", "value")):
+            raise UsageError(f"cannot patch {type(qformer).__name__}: expected encoder.layer.{i}.attention."
+                             "attention with nn.Linear query/key/value (the BLIP-2 Q-Former)")
+        layer.attention.attention = QFormerPrefixAttention(attn)
+        out.append(layer.attention.attention)
+    if not out:
+        raise UsageError(f"cannot patch {type(qformer).__name__}: expected Q-Former layers at encoder.layer")
     return out
 
 
-def downstream_records(dataset: str, split: str, data_root=None, limit: int = -1) -> list[dict]:
-    n = None if limit is None or limit < 0 else limit
-    if dataset == "shapes_caption":
-        recs = [_cap(r, (DOWN_STYLE,), False)[0] for r in
-                data.load_records(dataset, split, image_size=IMAGE_SIZE, split_sizes=WORLD)]
-    elif dataset == "shapes_vqa":
-        recs = [dict(r, target=r["answer"]) for r in
-                data.load_records(dataset, split, image_size=IMAGE_SIZE, split_sizes=WORLD)
-                if r["question_type"] in DOWN_FAMILIES]
-    elif dataset in ("coco", "flickr30k", "vqav2"):
-        recs = data.load_records(dataset, split, data_root)
-        recs = [dict(r, target=r["answer"] if r["task"] == "vqa" else r["captions"][0]) for r in recs]
-    else:
-        raise data.DataError(f"unknown dataset {dataset!r} for prefix_tuning; choose from shapes_caption, "
-                             "shapes_vqa, coco, flickr30k, vqav2")
-    return recs[:n]
+def kv_cache(prefix: torch.Tensor, batch: int, heads: int):
+    """--lm_prefix kv: the prefix (L, 2, P, d_kv) as every LM layer's past keys/values (a DynamicCache)."""
+    from transformers import DynamicCache
+    kv = prefix.view(*prefix.shape[:3], heads, -1).transpose(2, 3)                     # (L, 2, H, P, d_h)
+    return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                        for k, v in kv])
 
 
-class Collate:
-    """records -> batch dict. Text = prompt (+ target + eos); labels -100 except target+eos. Pixels cached."""
-
-    def __init__(self, tokenizer, image_size, mean=(0.5,) * 3, std=(0.5,) * 3):
-        self.tok, self.size = tokenizer, image_size
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
-        self.pix = {}
-
-    def pixels(self, rec):
-        if rec["image_id"] not in self.pix:
-            img = data.load_image(rec, self.size).convert("RGB").resize((self.size, self.size))
-            x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-            self.pix[rec["image_id"]] = (x - self.mean) / self.std
-        return self.pix[rec["image_id"]]
-
-    def ids(self, text):
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def __call__(self, recs):
-        bos, eos, pad = self.tok.bos_token_id, self.tok.eos_token_id, self.tok.pad_token_id
-        prompts = [[bos] + self.ids(prompt_of(r)) for r in recs]
-        targets = [self.ids(r["target"]) + [eos] if "target" in r else [] for r in recs]
-        T, Tp = max(len(p) + len(t) for p, t in zip(prompts, targets)), max(len(p) for p in prompts)
-        ids, lab, msk = torch.full((len(recs), T), pad), torch.full((len(recs), T), -100), torch.zeros(len(recs), T, dtype=torch.long)
-        pids, pmsk = torch.full((len(recs), Tp), pad), torch.zeros(len(recs), Tp, dtype=torch.long)
-        for i, (p, t) in enumerate(zip(prompts, targets)):
-            s = p + t                          # left padding: pads sit between the visual tokens and the text
-            ids[i, T - len(s):], msk[i, T - len(s):] = torch.tensor(s), 1
-            if t:
-                lab[i, T - len(t):] = torch.tensor(t)
-            pids[i, Tp - len(p):], pmsk[i, Tp - len(p):] = torch.tensor(p), 1
-        return {"pixel_values": torch.stack([self.pixels(r) for r in recs]), "image_ids": [r["image_id"] for r in recs],
-                "input_ids": ids, "attention_mask": msk, "labels": lab, "prompt_ids": pids, "prompt_mask": pmsk,
-                "ids": [r["id"] for r in recs]}
+def call_lm(lm: nn.Module, x, am, pos, cache=None, use_cache: bool = False, hidden: bool = False):
+    """The LM on embeddings -> (output, KV cache). The cache argument (and output field) is `cache` from
+    transformers 5.24 on, `past_key_values` before."""
+    name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    out = lm(inputs_embeds=x, attention_mask=am, position_ids=pos, use_cache=use_cache or cache is not None,
+             output_hidden_states=hidden, return_dict=True, **{name: cache})
+    return out, getattr(out, name)
 
 
-# ----------------------------------------------------------------------------------
-# 3. The method: prefix encoder (Fig. 6) and the prefixed LMM (Fig. 5)
-# ----------------------------------------------------------------------------------
-class PrefixEncoder(nn.Module):
-    """P prefix embeddings + prefix-type embedding -> MLP (Li & Liang re-parameterisation), App. B.1 / Fig. 6.
-
-    mode "input": output (P, d)            -- prefixes concatenated with the LM input tokens
-    mode "kv":    output (n_layers, 2, P, d_kv) -- per-layer key and value prefixes (d_kv = kv_heads * head_dim)
-    Calling the module returns the prefix tensor; export() returns it detached = the plain prefix of App. B.1.
-    """
-
-    def __init__(self, num_prefix: int, d_model: int, hidden: int, mode: str = "input", n_layers: int = 1, d_kv: int = 0):
-        super().__init__()
-        self.num_prefix, self.mode, self.n_layers, self.d_kv = num_prefix, mode, n_layers, d_kv or d_model
-        self.embedding = nn.Parameter(torch.randn(num_prefix, d_model) * 0.02)            # (P, d)
-        self.type_embedding = nn.Parameter(torch.zeros(1, d_model))                         # (1, d), one prefix type
-        out = d_model if mode == "input" else n_layers * 2 * self.d_kv
-        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, out))
-
-    def forward(self) -> torch.Tensor:
-        h = self.mlp(self.embedding + self.type_embedding)                                 # (P, out)
-        if self.mode == "input":
-            return h                                                                        # (P, d)
-        return h.view(self.num_prefix, self.n_layers, 2, self.d_kv).permute(1, 2, 0, 3)    # (n_layers, 2, P, d_kv)
-
-    @torch.no_grad()
-    def export(self) -> torch.Tensor:
-        return self.forward().detach().clone()
+# ---- The offline stand-in: a tiny BLIP-2 pre-trained once on another synthetic world (cached) -------------
+PT_FAMILIES, DOWN_FAMILIES = ("color", "shape", "count", "exist"), ("position", "relation")
+PT_STYLES, DOWN_STYLE = (0, 1, 2, 3), 4                  # caption templates of data.ShapesWorld.captions
+WORLD = {"train": 1200, "val": 200, "test": 300}         # images per split of a synthetic world
+PRETRAIN_WORLD = 1000                                    # TODO(data.py): data.PRETRAIN_WORLD
+TINY_PRETRAIN = dict(batch_size=32, lr=2e-3, warmup=50, described=0.5)      # + Args.pretrain_steps
 
 
-class PrefixLMM(nn.Module):
-    """A frozen Blip2ForConditionalGeneration (`self.lmm`) with an optional prefix (`self.prefix_encoder`).
-
-    forward(batch) -> scalar LM loss (so DDP can wrap it). prefix_state: "on" (encoder output), "off"
-    (no prefix tokens at all = the base model), or a tensor shaped like prefix_encoder() (e.g. an export).
-    The ViT is frozen in every use of this wrapper, so its outputs are cached per image_id (vis_cache);
-    Q-Former + projection run every forward (pt_peft_train may put LoRA into the Q-Former).
-    """
-
-    def __init__(self, lmm, num_prefix: int = 16, mode: str = "input", hidden: int = 128, vis_cache=None):
-        super().__init__()
-        if mode not in ("input", "kv"):
-            raise UsageError(f"unknown prefix_mode {mode!r}; choose input or kv")
-        for name in ("vision_model", "qformer", "language_projection", "language_model", "query_tokens"):
-            if not hasattr(lmm, name):
-                raise UsageError(f"cannot patch {type(lmm).__name__}: expected a BLIP-2 submodule `{name}`")
-        self.lmm, self.mode = lmm, mode
-        tc = lmm.config.text_config
-        self.n_heads = tc.num_attention_heads
-        self.kv_heads = getattr(tc, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // self.n_heads
-        self.prefix_encoder = (PrefixEncoder(num_prefix, tc.hidden_size, hidden, mode, tc.num_hidden_layers,
-                                             self.kv_heads * self.head_dim) if num_prefix > 0 else None)
-        self.prefix_state = "on"
-        self.vis_cache = {} if vis_cache is None else vis_cache
-        self.cache_vision = True                  # the ViT is frozen: cache its outputs per image_id
-
-    def prefix(self):
-        if self.prefix_encoder is None or (isinstance(self.prefix_state, str) and self.prefix_state == "off"):
-            return None
-        if isinstance(self.prefix_state, torch.Tensor):
-            return self.prefix_state
-        return self.prefix_encoder()
-
-    def visual_tokens(self, batch) -> torch.Tensor:
-        """Q-Former visual tokens projected to the LM width, (B, Q, d)."""
-        lmm, dev = self.lmm, self.lmm.query_tokens.device
-        dt = lmm.vision_model.embeddings.patch_embedding.weight.dtype
-        if not self.cache_vision:                                                           # ViT trains (pre-training)
-            img = lmm.vision_model(pixel_values=batch["pixel_values"].to(dev, dt)).last_hidden_state
-        else:
-            miss = [i for i, k in enumerate(batch["image_ids"]) if k not in self.vis_cache]
-            if miss:
-                with torch.no_grad():
-                    out = lmm.vision_model(pixel_values=batch["pixel_values"][miss].to(dev, dt)).last_hidden_state
-                for j, i in enumerate(miss):
-                    self.vis_cache[batch["image_ids"][i]] = out[j]
-            img = torch.stack([self.vis_cache[k] for k in batch["image_ids"]]).to(dev)      # (B, N, d_vit)
-        q = lmm.query_tokens.expand(img.shape[0], -1, -1)
-        qo = lmm.qformer(query_embeds=q, encoder_hidden_states=img,
-                         encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long, device=dev)).last_hidden_state
-        return lmm.language_projection(qo.to(lmm.language_projection.weight.dtype))          # (B, Q, d)
-
-    def lm_inputs(self, batch, ids, mask):
-        """LM inputs for [prefix (input mode); visual tokens; text ids] -> (inputs_embeds, attention mask, position
-        ids, KV cache holding the kv-mode prefix or None, n_prefix_in_sequence)."""
-        lm = self.lmm.language_model
-        dev = self.lmm.query_tokens.device
-        ids, mask = ids.to(dev), mask.to(dev)
-        vis = self.visual_tokens(batch)
-        B, Q = vis.shape[:2]
-        emb = torch.cat([vis, lm.get_input_embeddings()(ids).to(vis.dtype)], 1)            # (B, Q+T, d)
-        am = torch.cat([torch.ones(B, Q, dtype=mask.dtype, device=dev), mask], 1)          # (B, Q+T)
-        P, n_in, cache = self.prefix(), 0, None
-        if P is not None and self.mode == "input":                                          # [prefix; vis; text]
-            n_in = P.shape[0]
-            emb = torch.cat([P.to(emb.dtype).unsqueeze(0).expand(B, -1, -1), emb], 1)
-            am = torch.cat([torch.ones(B, n_in, dtype=am.dtype, device=dev), am], 1)
-        pos = (am.cumsum(-1) - 1).clamp(min=0)                                              # pads skipped
-        if P is not None and self.mode == "kv":
-            from transformers import DynamicCache
-            Pn = P.shape[2]
-            kv = P.to(emb.dtype).view(P.shape[0], 2, Pn, self.kv_heads, self.head_dim).permute(0, 1, 3, 2, 4)
-            cache = DynamicCache(ddp_cache_data=[(kv[l, 0].unsqueeze(0).expand(B, -1, -1, -1),
-                                                  kv[l, 1].unsqueeze(0).expand(B, -1, -1, -1))
-                                                 for l in range(kv.shape[0])])             # fresh each forward
-            am = torch.cat([torch.ones(B, Pn, dtype=am.dtype, device=dev), am], 1)         # mask covers the past
-        return emb, am, pos, cache, n_in
-
-    def lm_call(self, emb, am, pos, cache, use_cache=False, hidden=False):
-        lm = self.lmm.language_model
-        # the KV-cache argument is `cache` from transformers 5.24 on, `past_key_values` before
-        ck = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
-        out = lm(inputs_embeds=emb, attention_mask=am, position_ids=pos, **{ck: cache},
-                 use_cache=use_cache or cache is not None, output_hidden_states=hidden, return_dict=True)
-        return out, getattr(out, ck)                      # the output field has the argument's name
-
-    def lm_forward(self, batch, ids, mask, hidden=False):
-        """Run the LM on [prefix (input mode); visual tokens; text ids]. Returns (output, n_prefix_in_sequence)."""
-        emb, am, pos, cache, n_in = self.lm_inputs(batch, ids, mask)
-        return self.lm_call(emb, am, pos, cache, hidden=hidden)[0], n_in
-
-    def forward(self, batch) -> torch.Tensor:
-        out, n_in = self.lm_forward(batch, batch["input_ids"], batch["attention_mask"])
-        T = batch["labels"].shape[1]
-        logits = out.logits[:, -T - 1:-1].float()                # position t predicts text token t (vis/prefix ignored)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].to(logits.device).reshape(-1),
-                               ignore_index=-100)
-
-    @torch.no_grad()
-    def features(self, batch):
-        """LM last-layer hidden states (B, L, d) and mask (B, L) of the non-prefix positions (visual + text)."""
-        out, n_in = self.lm_forward(batch, batch["input_ids"], batch["attention_mask"], hidden=True)
-        h = out.hidden_states[-1][:, n_in:]
-        Q = h.shape[1] - batch["attention_mask"].shape[1]
-        m = torch.cat([torch.ones(h.shape[0], Q, dtype=torch.long), batch["attention_mask"]], 1).to(h.device)
-        return h, m
-
-    @torch.no_grad()
-    def generate(self, batch, num_beams: int = 1, max_new_tokens: int = 32, eos_id: int = 2, pad_id: int = 0,
-                 use_cache: bool = True):
-        """Beam search (num_beams=1: greedy). Final pick: sum log-prob / length (HF length_penalty=1). With use_cache
-        one forward over [prefix; visual; prompt], then one token per step on the KV cache (beams reordered in it);
-        use_cache=False re-runs the whole sequence each step (the reference the tests compare against).
-        Returns list of token-id lists."""
-        K = num_beams
-        B = batch["prompt_ids"].shape[0]
-        rep = lambda x: x.repeat_interleave(K, 0)
-        bb = {"image_ids": [i for i in batch["image_ids"] for _ in range(K)], "pixel_values": rep(batch["pixel_values"])}
-        pids, pm = rep(batch["prompt_ids"]), rep(batch["prompt_mask"])
-        dev = self.lmm.query_tokens.device
-        seqs = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
-        gm = torch.zeros(B * K, 0, dtype=torch.long, device=dev)                           # mask of generated tokens
-        score = torch.full((B, K), float("-inf"), device=dev)
-        score[:, 0] = 0                                                                     # one live beam at start
-        done = torch.zeros(B * K, dtype=torch.bool, device=dev)
-        lens = torch.zeros(B * K, device=dev)
-        if use_cache:
-            emb, am, pos, cache, _ = self.lm_inputs(bb, pids, pm)
-            out, cache = self.lm_call(emb, am, pos, cache, use_cache=True)
-            pos = pos[:, -1:]                                                               # (B*K, 1)
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                out, _ = self.lm_forward(bb, torch.cat([pids.to(dev), seqs], 1), torch.cat([pm.to(dev), gm], 1))
-            lp = out.logits[:, -1].float().log_softmax(-1)                                  # (B*K, V)
-            lp[done] = float("-inf")
-            lp[done, pad_id] = 0.0                                                          # finished beams keep score
-            V = lp.shape[-1]
-            score, idx = (score.view(-1, 1) + lp).view(B, K * V).topk(K, -1)                # (B, K)
-            beam = (idx // V + torch.arange(B, device=dev).unsqueeze(1) * K).view(-1)
-            tok = (idx % V).view(-1)
-            seqs, done, lens, gm = torch.cat([seqs[beam], tok.unsqueeze(1)], 1), done[beam], lens[beam], gm[beam]
-            live = (~done).long().unsqueeze(1)                                              # pads after eos: masked
-            gm = torch.cat([gm, live], 1)
-            lens = lens + (~done).float()
-            done = done | (tok == eos_id)
-            if done.all():
-                break
-            if use_cache:                                                                   # feed just the new token
-                cache.reorder_cache(beam)
-                am, pos = torch.cat([am[beam], live], 1), pos[beam] + live
-                emb = self.lmm.language_model.get_input_embeddings()(tok.unsqueeze(1))      # (B*K, 1, d)
-                out, cache = self.lm_call(emb, am, pos, cache, use_cache=True)
-        best = (score.view(-1) / lens.clamp(min=1)).view(B, K).argmax(-1) + torch.arange(B, device=dev) * K
-        res = []
-        for s in seqs[best].tolist():
-            res.append(s[: s.index(eos_id)] if eos_id in s else s)
-        return res
+def tiny_blip2(vocab: int):
+    """ViT 2x48 (32 px images, 8 px patches), Q-Former 2x48 with 8 queries, OPT 2x64, weights N(0, 1/d).
+    DEVIATION (tiny only): HF's BLIP-2 initialisation expects a checkpoint on top (ViT 1e-10, query tokens
+    0, std 0.02 elsewhere). From it the tiny model's queries are all equal, so it barely sees the image, and
+    its OPT attends almost uniformly, so input prefixes cannot steer it (README)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    layers = dict(num_hidden_layers=2, num_attention_heads=4)
+    vision = dict(hidden_size=48, intermediate_size=96, image_size=32, patch_size=8,
+                  initializer_range=48 ** -0.5)
+    qformer = dict(hidden_size=48, intermediate_size=96, encoder_hidden_size=48, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0, vocab_size=vocab, initializer_range=48 ** -0.5)
+    text = dict(model_type="opt", vocab_size=vocab, hidden_size=64, ffn_dim=128, max_position_embeddings=128,
+                word_embed_proj_dim=64, dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                init_std=64 ** -0.5)
+    cfg = Blip2Config(vision_config=vision | layers, qformer_config=qformer | layers,
+                      text_config=text | layers, num_query_tokens=8, initializer_range=48 ** -0.5)
+    model = Blip2ForConditionalGeneration(cfg).float()
+    nn.init.normal_(model.query_tokens)                  # distinct queries (a LayerNorm follows: any scale)
+    return model
 
 
-# ----------------------------------------------------------------------------------
-# 4. Model building: tiny BLIP-2 from configs (+ cached pre-training on the broad mix) or a local checkpoint
-# ----------------------------------------------------------------------------------
-def tiny_blip2(vocab_size: int, seed: int = 0):
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig,
-                              OPTConfig)
-    torch.manual_seed(seed)
-    vc = Blip2VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=IMAGE_SIZE, patch_size=8)
-    qc = Blip2QFormerConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                            encoder_hidden_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            vocab_size=vocab_size)
-    tc = OPTConfig(vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                   max_position_embeddings=128, word_embed_proj_dim=64, dropout=0.0, attention_dropout=0.0,
-                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = Blip2Config(vision_config=vc.to_dict(), qformer_config=qc.to_dict(), text_config=tc.to_dict(), num_query_tokens=8)
-    return Blip2ForConditionalGeneration(cfg).float()
-
-
-def tokenizer_tiny():
-    return data.build_tokenizer(data.synthetic_vocab() + EXTRA_WORDS)
-
-
-def pretrain_tiny(tok, steps: int, seed: int, device, cache_dir: str, log=print):
-    """Pre-train ALL parameters of the tiny BLIP-2 on the broad mix (pretrain_records), cached by its settings."""
-    settings = {"v": 1, "data": data.DATA_VERSION, "steps": steps, "seed": seed, "world": WORLD, "img": IMAGE_SIZE,
-                "vocab": len(tok), "families": PT_FAMILIES, "styles": PT_STYLES, "bs": 32, "lr": 2e-3}
-    key = hashlib.md5(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+def pretrain_tiny(tok, steps: int, cache_dir: str, device, log=print):
+    """ALL weights of the tiny BLIP-2 trained on the mix of PRETRAIN_WORLD, a `described` fraction with the
+    scene in words before the prompt (so the LM learns to read its context); cached, keyed by the recipe."""
+    torch.manual_seed(0)
+    model, r = tiny_blip2(len(tok)), dict(TINY_PRETRAIN, steps=steps)
+    recipe = json.dumps([r, model.config.to_dict(), tok.get_vocab(), data.DATA_VERSION], sort_keys=True,
+                        default=str)
+    key = hashlib.sha1(recipe.encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, "prefix_tuning", f"tiny_blip2_{key}.pt")
-    model = tiny_blip2(len(tok), seed)
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if rank0:
-        recs = pretrain_records("train")
-        col, g = Collate(tok, IMAGE_SIZE), torch.Generator().manual_seed(seed)
-        m = model.to(device).train()
-        net = PrefixLMM(m, 0)
-        net.cache_vision = False                                    # the ViT trains here: no feature cache
-        opt = torch.optim.AdamW(m.parameters(), lr=settings["lr"], betas=(0.9, 0.99), weight_decay=0.01)
-        sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.0, 1 - s / steps))
-        t0 = time.time()
-        for s in tqdm(range(steps), desc="pre-train tiny BLIP-2 (cached)", leave=False):
-            idx = torch.randint(len(recs), (32,), generator=g).tolist()
+    ddp = dist.is_available() and dist.is_initialized()
+    if not os.path.exists(path) and (not ddp or dist.get_rank() == 0):
+        recs = mix_records("train", PRETRAIN_WORLD, described=r["described"])
+        col, g = Collate(tok, 32, PROMPTS["tiny"]), torch.Generator().manual_seed(0)
+        net = PrefixBlip2(model.to(device).train(), 0, "none", False, 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.99), weight_decay=0.01)
+        sched = lr_schedule(opt, r["warmup"], r["steps"], decay="linear")
+        for _ in tqdm(range(r["steps"]), desc="pre-training the tiny BLIP-2", leave=False, file=sys.stderr):
+            idx = torch.randint(len(recs), (r["batch_size"],), generator=g).tolist()
             loss = net(col([recs[i] for i in idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step(), sch.step()
-            if (s + 1) % 250 == 0:
-                log(f"pre-train step {s + 1}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            opt.step()
+            sched.step()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({k: v.cpu() for k, v in m.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    if dist.is_available() and dist.is_initialized():
+        save_checkpoint(path, {k: v.cpu() for k, v in model.state_dict().items()})
+        log(f"pre-trained the tiny BLIP-2: {r['steps']} steps, last loss {loss.item():.3f}, cached in {path}")
+    if ddp:
         dist.barrier()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.cpu()
 
 
-_PRETRAINED = {}
+# ---- Data -> batches --------------------------------------------------------------------------------------
+PROMPTS = {"tiny": {"caption": "caption :", "vqa": "question : {q} answer :"},
+           "hf": {"caption": "a photo of", "vqa": "Question: {q} Short answer:"}}    # BLIP-2's prompts
 
 
-def setup(a, device) -> dict:
-    """Everything a run needs: tokenizer, the pre-trained (frozen-to-be) LMM, records, collate, task and metrics.
+def describe_scene(scene: dict) -> str:                  # TODO(data.py): data.describe_scene
+    return data._join([f"{data._a(o['size'] + ' ' + o['color'])} {o['shape']} {data._WHERE[o['pos']]}"
+                       for o in scene["objects"]]) + "."
 
-    `a` may be this file's Args or pt_peft_train's (fields read with getattr defaults). Records:
-    train / eval = downstream task, mix = the pre-training mix (eval split). Pre-trained model is cached on disk and in
-    this process (ctx["base"]; build() deep-copies it)."""
-    g = lambda k, d: getattr(a, k, d)
-    dataset, model_name = g("dataset", "shapes_caption"), g("model", "tiny")
-    tl, el = g("train_limit", -1), g("eval_limit", -1)
-    synthetic = dataset.startswith("shapes_")
-    recs = {"train": downstream_records(dataset, "train", g("data_root", None), tl),
-            "eval": downstream_records(dataset, "test" if synthetic else "val", g("data_root", None), el)}
-    if model_name == "tiny":
-        # NOTE: with a real dataset the tiny model's synthetic vocabulary maps most words to <unk> (it runs, means little)
-        tok = tokenizer_tiny()
-        key = (g("pretrain_steps", 400), 0, g("cache_dir", "cache"))
-        if key not in _PRETRAINED:
-            _PRETRAINED[key] = pretrain_tiny(tok, key[0], 0, device, key[2])
-        base, col = _PRETRAINED[key], Collate(tok, IMAGE_SIZE)
-        recs["mix"] = pretrain_records("test", el)
-    else:
+
+def caption_pairs(records: list) -> list:                # TODO(data.py): data.caption_pairs
+    return [dict(r, id=f"{r['id']}-{i}", caption=c) for r in records for i, c in enumerate(r["captions"])]
+
+
+def shapes_records(task: str, split: str, world: int, keep: tuple) -> list:
+    """One synthetic world's VQA records of the question families `keep`, or captions of the styles `keep`."""
+    recs = data.load_records(f"shapes_{task}", split, image_size=32, split_sizes=WORLD, world_seed=world)
+    if task == "vqa":
+        return [r for r in recs if r["question_type"] in keep]
+    return [dict(r, captions=[r["captions"][s] for s in keep]) for r in recs]
+
+
+def mix_records(split: str, world: int, limit: Optional[int] = None, described: float = 0.0) -> list:
+    """The tiny pre-training mix, VQA and captions interleaved (caption pairs for training); a `described`
+    fraction (fixed draw) has the scene in words as context before the prompt."""
+    vqa = shapes_records("vqa", split, world, PT_FAMILIES)
+    caps = shapes_records("caption", split, world, PT_STYLES)
+    caps = caption_pairs(caps) if split == "train" else caps
+    out = [r for pair in zip(vqa, caps) for r in pair] + vqa[len(caps):] + caps[len(vqa):]
+    draw = np.random.default_rng(0).random(len(out))
+    return [dict(r, context=describe_scene(r["meta"]["scene"])) if u < described else r
+            for r, u in zip(out, draw)][:limit]
+
+
+def task_records(dataset: str, split: str, data_root: Optional[str], limit: Optional[int]) -> list:
+    """Downstream records, one per image or question (captions: all references); synthetic ones held out."""
+    if dataset == "shapes_caption":
+        return shapes_records("caption", split, 0, (DOWN_STYLE,))[:limit]
+    if dataset == "shapes_vqa":
+        return shapes_records("vqa", split, 0, DOWN_FAMILIES)[:limit]
+    if dataset not in ("coco", "flickr30k", "vqav2"):
+        raise UsageError(f"unknown --dataset {dataset!r}; choose from shapes_caption, shapes_vqa, coco, "
+                         "flickr30k, vqav2")
+    return data.load_records(dataset, split, data_root)[:limit]
+
+
+class Collate:
+    """Records -> batch: pixels; [bos] (context) prompt (+ target + eos) left-padded, labels on target + eos;
+    the prompt alone for generation. Target: "caption" (a caption pair) or "answer" (VQA), if present.
+    Keeps no per-image state, so its memory does not depend on the dataset."""
+
+    def __init__(self, tok, image_size: int, prompts: dict, mean=(0.5,) * 3, std=(0.5,) * 3):
+        self.tok, self.size, self.prompts = tok, image_size, prompts
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+
+    def pixels(self, rec: dict) -> torch.Tensor:
+        try:
+            img = data.load_image(rec, self.size).convert("RGB").resize((self.size, self.size))
+        except data.UnreadableImage as e:
+            raise data.DataError(f"unreadable image {e}") from None
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)    # (3, H, W)
+        return (x - self.mean) / self.std
+
+    def __call__(self, recs: list) -> dict:
+        ids = lambda s: self.tok(s, add_special_tokens=False)["input_ids"]             # noqa: E731
+        prompts, targets = [], []
+        for r in recs:
+            text = self.prompts[r["task"]].format(q=r.get("question"))
+            text = f"{r['context']} {text}" if r.get("context") else text                # scene in words
+            prompts.append([self.tok.bos_token_id] + ids(text))
+            target = r.get("caption" if r["task"] == "caption" else "answer")
+            targets.append(ids(target) + [self.tok.eos_token_id] if target else [])
+        B, T, Tp = len(recs), max(len(p) + len(t) for p, t in zip(prompts, targets)), max(map(len, prompts))
+        pad = self.tok.pad_token_id
+        b = {"input_ids": torch.full((B, T), pad), "attention_mask": torch.zeros(B, T).long(),
+             "labels": torch.full((B, T), -100), "prompt_ids": torch.full((B, Tp), pad),
+             "prompt_mask": torch.zeros(B, Tp).long(), "image_ids": [r["image_id"] for r in recs],
+             "pixel_values": torch.stack([self.pixels(r) for r in recs])}
+        for i, (p, t) in enumerate(zip(prompts, targets)):
+            b["input_ids"][i, T - len(p + t):] = torch.tensor(p + t)
+            b["attention_mask"][i, T - len(p + t):] = 1
+            b["labels"][i, T - len(t):] = torch.tensor(t, dtype=torch.long)
+            b["prompt_ids"][i, Tp - len(p):], b["prompt_mask"][i, Tp - len(p):] = torch.tensor(p), 1
+        return b
+
+
+# ---- One setting: the frozen LMM, its records and collate (pt_peft_train.py uses it too) -------------------
+@dataclass
+class Setup:
+    args: Args                   # the resolved settings (prefixes, decoding, limits, caches)
+    tokenizer: object
+    base: nn.Module              # the frozen pre-trained Blip2ForConditionalGeneration (build() copies it)
+    records: dict                # train: caption pairs or questions; eval: one per image; mix: tiny only
+    collate: Collate
+    task: str                    # caption | vqa
+
+
+SETUP_FIELDS = ("dataset", "data_root", "model", "num_prefix", "lm_prefix", "qformer_prefix", "prefix_hidden",
+                "num_beams", "max_new_tokens", "train_limit", "eval_limit", "cache_dir", "vision_cache_mb",
+                "pretrain_steps")
+
+
+def setup(a, device) -> Setup:
+    """`a`: this file's Args or pt_peft_train's; SETUP_FIELDS are read by name (Args defaults if absent)."""
+    a = resolve(Args(**{k: getattr(a, k) for k in SETUP_FIELDS if hasattr(a, k)}))
+    real = a.dataset not in ("shapes_caption", "shapes_vqa")
+    recs = {"train": task_records(a.dataset, "train", a.data_root, a.train_limit),
+            "eval": task_records(a.dataset, "val" if real else "test", a.data_root, a.eval_limit), "mix": []}
+    if a.model == "tiny":
+        tok = data.build_tokenizer(data.synthetic_vocab() + ["question", "answer", "caption", ":"])
+        base = pretrain_tiny(tok, a.pretrain_steps, a.cache_dir or data.cache_dir(), device)
+        col = Collate(tok, 32, PROMPTS["tiny"])
+        recs["mix"] = mix_records("test", 0, a.eval_limit)
+    elif os.path.isdir(a.model):
         from transformers import AutoTokenizer, Blip2ForConditionalGeneration
-        if not os.path.isdir(model_name):
-            raise data.DataError(f"model {model_name!r}: not 'tiny' and not a local directory (no hub downloads offline)")
-        tok = AutoTokenizer.from_pretrained(model_name)
-        base = Blip2ForConditionalGeneration.from_pretrained(model_name)
-        col = Collate(tok, base.config.vision_config.image_size, (0.48145466, 0.4578275, 0.40821073),
-                      (0.26862954, 0.26130258, 0.27577711))
-        recs["mix"] = recs["eval"]      # DEVIATION: no pre-training mix for real checkpoints; the eval split stands in
-    task = recs["train"][0]["task"]
-    return {"tokenizer": tok, "base": base, "records": recs, "collate": col, "task": task,
-            "metric": "CIDEr" if task == "caption" else "VQA acc", "mix_metric": "mix = (VQA acc + BLEU-4) / 2",
-            "prefix_mode": g("prefix_mode", "input"), "prefix_hidden": g("prefix_hidden", 128),
-            "num_beams": g("num_beams", 5), "max_new_tokens": g("max_new_tokens", 32), "vis_cache": {}}
-
-
-def build(ctx: dict, n_prefix: int) -> PrefixLMM:
-    """Fresh frozen copy of the pre-trained LMM wrapped with a prefix of n_prefix vectors (0: no prefix encoder).
-    Only prefix_encoder.* requires grad."""
-    lmm = copy.deepcopy(ctx["base"])
-    for p in lmm.parameters():
-        p.requires_grad_(False)
-    net = PrefixLMM(lmm, n_prefix, ctx["prefix_mode"], ctx["prefix_hidden"], ctx["vis_cache"])
-    net.eval()
-    return net
-
-
-# ----------------------------------------------------------------------------------
-# 6. Evaluation (captions: beam 5, BLEU-4/CIDEr; VQA: greedy, official accuracy -- both from data.py)
-# ----------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(model, recs: list, ctx: dict, batch_size: int = 32, show: bool = True) -> dict:
-    """Scores of `model` (a PrefixLMM, possibly inside DDP) on records of one task or the mix of both.
-    {"score": headline, ...}: caption -> CIDEr, vqa -> VQA overall, mix -> (VQA acc + BLEU-4)/2."""
-    net = model.module if isinstance(model, DDP) else model
-    was = net.training
-    net.eval()
-    tok, col = ctx["tokenizer"], ctx["collate"]
-    preds = {}
-    for task in ("caption", "vqa"):
-        rs = [r for r in recs if r["task"] == task]
-        for i in tqdm(range(0, len(rs), batch_size), desc=f"eval {task}", leave=False, disable=not show):
-            chunk = rs[i:i + batch_size]
-            b = col([{k: v for k, v in r.items() if k != "target"} for r in chunk])
-            out = net.generate(b, ctx["num_beams"] if task == "caption" else 1, ctx["max_new_tokens"],
-                               tok.eos_token_id, tok.pad_token_id)
-            for r, o in zip(chunk, out):
-                preds[r["id"]] = tok.decode(o, skip_special_tokens=True).strip()
-    net.train(was)
-    res = {}
-    caps = [r for r in recs if r["task"] == "caption"]
-    vqas = [r for r in recs if r["task"] == "vqa"]
-    if caps:
-        m = data.caption_metrics({r["id"]: preds[r["id"]] for r in caps}, {r["id"]: r["captions"] for r in caps})
-        res.update({"BLEU-4": round(m["BLEU-4"], 2), "CIDEr": round(m["CIDEr"], 2)})
-    if vqas:
-        res["VQA acc"] = round(data.vqa_accuracy([preds[r["id"]] for r in vqas], vqas)["overall"], 2)
-    if caps and vqas:
-        res["score"] = round((res["VQA acc"] + res["BLEU-4"]) / 2, 2)
+        tok = AutoTokenizer.from_pretrained(a.model)
+        base = Blip2ForConditionalGeneration.from_pretrained(a.model)
+        col = Collate(tok, base.config.vision_config.image_size, PROMPTS["hf"],
+                      (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))   # CLIP's
     else:
-        res["score"] = res["CIDEr"] if caps else res["VQA acc"]
-    res["example"] = preds[recs[0]["id"]]
-    return res
+        raise UsageError(f"--model {a.model!r}: neither 'tiny' nor a local Blip2 checkpoint folder")
+    task = recs["eval"][0]["task"]
+    recs["train"] = caption_pairs(recs["train"]) if task == "caption" else recs["train"]
+    return Setup(a, tok, base.eval().requires_grad_(False), recs, col, task)
 
 
-# ----------------------------------------------------------------------------------
-# 5. Train loop pieces (seeding, DDP, schedule, atomic checkpoints with RNG states)
-# ----------------------------------------------------------------------------------
-class NonFinite(RuntimeError):
-    pass
+def build(s: Setup, with_prefix: bool = True) -> PrefixBlip2:
+    """A fresh copy of the frozen LMM with the prefixes of s.args (or none); only the prefixes train."""
+    a = s.args
+    model = PrefixBlip2(copy.deepcopy(s.base), a.num_prefix if with_prefix else 0, a.lm_prefix,
+                        a.qformer_prefix, a.prefix_hidden, a.vision_cache_mb)
+    assert all(n.startswith(PREFIX_PARAMS) for n, p in model.named_parameters() if p.requires_grad)
+    return model.eval()
 
 
-def seed_all(seed: int):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
-def setup_dist(device_arg: str):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_arg in ("auto", "cuda")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cuda" if cuda else "cpu"), rank, world
-
-
-def lr_lambda(total: int, warmup: int):
-    """Linear warm-up from 0 to the max LR, then linear decay to 0 (App. B.2)."""
-    return lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
-
-
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(st):
-    random.setstate(st["python"]), np.random.set_state(st["numpy"]), torch.set_rng_state(st["torch"])
-
-
-def save_ckpt(path, net, opt, sch, step, epoch):
-    tmp = f"{path}.tmp"
-    torch.save({"params": {n: p.detach().cpu() for n, p in net.named_parameters() if p.requires_grad},
-                "optim": opt.state_dict(), "sched": sch.state_dict(), "step": step, "epoch": epoch,
-                "rng": rng_state()}, tmp)
-    os.replace(tmp, path)
-
-
-def train(a: Args, net: PrefixLMM, ctx, device, rank, world, log) -> dict:
-    recs, col = ctx["records"]["train"], ctx["collate"]
-    params = [p for p in net.parameters() if p.requires_grad]
-    model = DDP(net) if world > 1 else net
-    loader = data.make_loader(recs, a.batch_size, shuffle=True, seed=a.seed, collate_fn=col,
+# ---- Training: one loop, prefix parameters only -----------------------------------------------------------
+def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, log) -> dict:
+    """AdamW (0.9, 0.99), linear warm-up and linear decay over all epochs (App. B.4); --max_steps stops early
+    on the same schedule, so --resume continues exactly. Checkpoint: <out_dir>/ckpt.pt."""
+    recs = s.records["train"]
+    loader = data.make_loader(recs, a.batch_size, shuffle=True, seed=a.seed, collate_fn=s.collate,
                               num_workers=a.num_workers, drop_last=len(recs) >= a.batch_size * world)
-    spe = len(loader)
-    if spe == 0:
-        raise UsageError(f"no training batches ({len(recs)} records, batch size {a.batch_size})")
-    total = spe * a.epochs                         # the LR schedule spans all epochs; --max_steps only stops early
-    stop = total if a.max_steps < 0 else min(total, a.max_steps)
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)   # Table 14
-    sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, int(a.warmup_ratio * total)))
-    ckpt = os.path.join(a.out_dir, "ckpt.pt")
-    step = 0
-    if a.resume and os.path.exists(ckpt):
-        ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-        with torch.no_grad():
-            for n, p in net.named_parameters():
-                if p.requires_grad:
-                    p.copy_(ck["params"][n])
-        opt.load_state_dict(ck["optim"]), sch.load_state_dict(ck["sched"]), set_rng_state(ck["rng"])
-        step = ck["step"]
-        log(f"resumed from {ckpt} at step {step}")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    model.train()
-    bar = tqdm(total=stop, initial=step, desc="prefix-tuning", disable=rank != 0, leave=False)
-    last_good = ckpt if os.path.exists(ckpt) else "none"
-    loss = torch.tensor(0.0)
+    per_epoch, params = len(loader), [p for p in model.parameters() if p.requires_grad]
+    if per_epoch == 0:
+        raise UsageError(f"no training batches ({len(recs)} records, --batch_size {a.batch_size})")
+    total = per_epoch * a.epochs
+    stop = total if a.max_steps is None else min(total, a.max_steps)
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
+    sched = lr_schedule(opt, min(a.warmup_steps, total - 1), total, warmup="linear", decay="linear")
+    path, step, loss = os.path.join(a.out_dir, "ckpt.pt"), 0, torch.tensor(float("nan"))
+    if a.resume and os.path.exists(path):
+        ck = load_checkpoint(path)
+        model.load_state_dict(ck["trainable"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        step, loss = ck["step"], torch.tensor(ck["train_loss"])
+    last_good = path if os.path.exists(path) else "none"
+    net = DDP(model) if world > 1 else model
+    net.train()
+    bar = tqdm(total=stop, initial=step, desc="prefix-tuning", disable=rank != 0, file=sys.stderr)
+    t0 = time.time()
     try:
         while step < stop:
-            epoch, skip = divmod(step, spe)
+            epoch, skip = divmod(step, per_epoch)
             data.set_epoch(loader, epoch)
-            for bi, batch in enumerate(loader):
-                if bi < skip:
+            for i, batch in enumerate(loader):
+                if i < skip:
                     continue
                 if step >= stop:
                     break
-                with amp:
-                    loss = model(batch)
+                with autocast(device):
+                    loss = net(batch)
                 if not torch.isfinite(loss):
-                    raise NonFinite(f"non-finite loss at step {step}; last good checkpoint: {last_good}")
+                    raise NonFiniteLoss(f"non-finite loss at step {step}; last good checkpoint: {last_good}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step(), sch.step()
+                opt.step()
+                sched.step()
                 step += 1
                 bar.update(1)
                 if step % a.log_every == 0 or step == stop:
-                    log(json.dumps({"step": step, "epoch": epoch, "loss": round(loss.item(), 5),
-                                    "lr": sch.get_last_lr()[0]}), metrics={"step": step, "loss": loss.item()})
+                    lr = sched.get_last_lr()[0]
+                    log(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": lr}), file=sys.stderr)
                 if rank == 0 and (step % a.save_every == 0 or step == stop):
-                    save_ckpt(ckpt, net, opt, sch, step, epoch)
-                    last_good = ckpt
+                    save_checkpoint(path, checkpoint(model, opt, sched, step, loss))
+                    last_good = path
     except KeyboardInterrupt:
         if rank == 0:
-            save_ckpt(ckpt, net, opt, sch, step, step // spe)
-            log(f"interrupted: checkpoint saved at step {step} in {ckpt}")
+            save_checkpoint(path, checkpoint(model, opt, sched, step, loss))
         raise
     bar.close()
     model.eval()
-    return {"steps": step, "final_loss": round(loss.item(), 5)}
+    return {"steps": step, "train_loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1)}
 
 
-# ----------------------------------------------------------------------------------
-# 7. main
-# ----------------------------------------------------------------------------------
-def resolve_prefix_mode(mode: str, model: str) -> str:
-    """'auto' -> kv for --model tiny, input (the paper's) for HF checkpoints; other values pass through.
-    DEVIATION (tiny only): the paper puts prefixes at the input, but the 2-layer tiny OPT (learned absolute
-    positions, which input prefixes shift) barely trains that way: on the default task 5 epochs reach train
-    loss 2.76 / CIDEr 3.3 in input mode vs 0.87 / 48.4 in kv mode (README)."""
-    return ("kv" if model == "tiny" else "input") if mode == "auto" else mode
+def checkpoint(model: nn.Module, opt, sched, step: int, loss: torch.Tensor) -> dict:
+    return {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "rng": rng_state(),
+            "train_loss": loss.item()}
+
+
+# ---- Evaluation: captions by beam search (App. B.2), VQA greedy; metrics from data.py ---------------------
+@torch.no_grad()
+def beam_search(model: PrefixBlip2, batch: dict, num_beams: int, max_new_tokens: int, eos_id: int,
+                pad_id: int, use_cache: bool = True) -> list:
+    """Beam search (num_beams = 1: greedy), the final pick by sum log-prob / length (HF length_penalty 1).
+    use_cache: one forward over [prefix; visual; prompt], then one token per step on the KV cache, beams
+    reordered in it (a kv-mode prefix sits in the same cache); use_cache=False re-runs the whole sequence
+    every step (the tests' reference). Returns the generated token ids of each sample."""
+    K, B, lm = num_beams, len(batch["prompt_ids"]), model.lmm.language_model
+    dev = model.lmm.query_tokens.device
+    bb = {"image_ids": [i for i in batch["image_ids"] for _ in range(K)],
+          "pixel_values": batch["pixel_values"].repeat_interleave(K, 0)}
+    pids, pm = (batch[k].repeat_interleave(K, 0).to(dev) for k in ("prompt_ids", "prompt_mask"))
+    seqs, gm = pids[:, :0], pm[:, :0]                                                  # generated ids, mask
+    score = torch.full((B, K), float("-inf"), device=dev)
+    score[:, 0] = 0                                                                  # one live beam at first
+    done, lens = torch.zeros(B * K, dtype=torch.bool, device=dev), torch.zeros(B * K, device=dev)
+    if use_cache:
+        x, am, pos, cache = model.lm_inputs(bb, pids, pm)
+        out, cache = call_lm(lm, x, am, pos, cache, use_cache=True)
+        pos = pos[:, -1:]
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            out, _ = call_lm(lm, *model.lm_inputs(bb, torch.cat([pids, seqs], 1), torch.cat([pm, gm], 1)))
+        lp = out.logits[:, -1].float().log_softmax(-1)                                 # (B K, V)
+        lp[done] = float("-inf")
+        lp[done, pad_id] = 0.0                                                         # finished: score kept
+        V = lp.shape[-1]
+        score, idx = (score.view(-1, 1) + lp).view(B, K * V).topk(K, -1)               # (B, K)
+        beam, tok = (idx // V + torch.arange(B, device=dev)[:, None] * K).view(-1), (idx % V).view(-1)
+        seqs, done, lens, gm = torch.cat([seqs[beam], tok[:, None]], 1), done[beam], lens[beam], gm[beam]
+        live = (~done).long()[:, None]                                               # pads after eos: masked
+        gm, lens, done = torch.cat([gm, live], 1), lens + live[:, 0], done | (tok == eos_id)
+        if done.all():
+            break
+        if use_cache:                                                                  # feed the new token
+            cache.reorder_cache(beam)
+            am, pos = torch.cat([am[beam], live], 1), pos[beam] + live
+            out, cache = call_lm(lm, lm.get_input_embeddings()(tok[:, None]), am, pos, cache, use_cache=True)
+    best = (score.view(-1) / lens.clamp(min=1)).view(B, K).argmax(-1) + torch.arange(B, device=dev) * K
+    return [s[: s.index(eos_id)] if eos_id in s else s for s in seqs[best].tolist()]
+
+
+@torch.no_grad()
+def evaluate(model: PrefixBlip2, records: list, s: Setup, batch_size: int = 32) -> dict:
+    """caption -> CIDEr, BLEU-4 (beam s.args.num_beams); vqa -> VQA acc (greedy); "score": the task's metric,
+    or (VQA acc + BLEU-4) / 2 on the mix of both."""
+    model, tok, preds, res = model.module if isinstance(model, DDP) else model, s.tokenizer, {}, {}
+    model.eval()
+    by_task = {t: [r for r in records if r["task"] == t] for t in ("caption", "vqa")}
+    for task, recs in by_task.items():
+        for i in range(0, len(recs), batch_size):
+            chunk, beams = recs[i:i + batch_size], s.args.num_beams if task == "caption" else 1
+            out = beam_search(model, s.collate(chunk), beams, s.args.max_new_tokens, tok.eos_token_id,
+                              tok.pad_token_id)
+            preds.update({r["id"]: tok.decode(o, skip_special_tokens=True).strip()
+                          for r, o in zip(chunk, out)})
+    if by_task["caption"]:
+        m = data.caption_metrics({r["id"]: preds[r["id"]] for r in by_task["caption"]},
+                                 {r["id"]: r["captions"] for r in by_task["caption"]})
+        res.update({"CIDEr": round(m["CIDEr"], 2), "BLEU-4": round(m["BLEU-4"], 2)})
+    if by_task["vqa"]:
+        acc = data.vqa_accuracy([preds[r["id"]] for r in by_task["vqa"]], by_task["vqa"])["overall"]
+        res["VQA acc"] = round(acc, 2)
+    res["score"] = res.get("CIDEr", res.get("VQA acc"))
+    if by_task["caption"] and by_task["vqa"]:
+        res["score"] = round((res["VQA acc"] + res["BLEU-4"]) / 2, 2)
+    return dict(res, example=preds[records[0]["id"]] if records else "")
+
+
+# ---- Config, one run, the results table, main -------------------------------------------------------------
+@dataclass
+class Args:
+    dataset: str = field(default="shapes_caption", metadata={"help": "shapes_caption | shapes_vqa | coco | "
+                                                                     "flickr30k | vqav2"})
+    data_root: Optional[str] = field(default=None, metadata={"help": "root of the real datasets"})
+    model: str = field(default="tiny", metadata={"help": "tiny (offline stand-in) or a local Blip2 folder"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    seed: int = field(default=0, metadata={"help": "random seed (prefix init, data order)"})
+    seeds: Optional[str] = field(default=None, metadata={"help": "e.g. 0,1,2: one run per seed, mean ± std"})
+    out_dir: Optional[str] = field(default=None, metadata={"help": "default runs/prefix_tuning/<dataset>"})
+    resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/ckpt.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in out_dir"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate out_dir's checkpoint, no training"})
+    compare: bool = field(default=False, metadata={"help": "Table 8 vs LM input, LM kv, Q-Former alone"})
+    epochs: Optional[int] = field(default=None, metadata={"help": "epochs (Table 14: 5)"})
+    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after N steps (same LR schedule)"})
+    batch_size: Optional[int] = field(default=None, metadata={"help": "per process (Table 14: 128)"})
+    lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate (Table 14: 5e-5)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (Table 14)"})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "warm-up (Table 14: 5000; VQA 0)"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
+    num_prefix: Optional[int] = field(default=None, metadata={"help": "Table 8: 8 captions, 16 VQA"})
+    lm_prefix: str = field(default="input", metadata={"help": "input (Fig. 5) | kv (Li & Liang) | none"})
+    qformer_prefix: bool = field(default=True, metadata={"help": "Q-Former kv prefixes (Table 8)"})
+    prefix_hidden: Optional[int] = field(default=None, metadata={"help": "MLP width (Li & Liang: 512)"})
+    num_beams: int = field(default=5, metadata={"help": "beam size for captions (App. B.2); VQA is greedy"})
+    max_new_tokens: int = field(default=30, metadata={"help": "generation length limit"})
+    train_limit: Optional[int] = field(default=None, metadata={"help": "first N training images/questions"})
+    eval_limit: Optional[int] = field(default=None, metadata={"help": "first N evaluation images/questions"})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "caches (default: data.cache_dir())"})
+    pretrain_steps: int = field(default=1000, metadata={"help": "--model tiny: pre-training steps (cached)"})
+    vision_cache_mb: float = field(default=1024.0, metadata={"help": "frozen-ViT output cache bound (MB)"})
+    log_every: int = field(default=50, metadata={"help": "log every N steps"})
+    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps"})
+
+
+PAPER = dict(epochs=5, batch_size=128, lr=5e-5, warmup_steps=5000, prefix_hidden=512)    # BLIP-2, Table 14
+TINY = dict(epochs=5, batch_size=16,         # 375 steps on 1200 images: a minute on one CPU core
+            lr=1e-2,                         # DEVIATION: 5e-5 barely moves a 128-wide encoder in 375 steps
+            warmup_steps=30, prefix_hidden=128, eval_limit=300)
+VARIANTS = {"qformer_lm": ("Q-Former + LM input (Table 8)", "input", True),
+            "lm_input": ("LM input only", "input", False), "lm_kv": ("LM kv only (Li & Liang)", "kv", False),
+            "qformer": ("Q-Former only", "none", True)}
+
+
+def resolve(a: Args) -> Args:
+    """None -> the paper's value (TINY's for --model tiny); P by task (Table 8); flags checked."""
+    vqa = a.dataset in ("shapes_vqa", "vqav2")
+    table = TINY if a.model == "tiny" else dict(PAPER, warmup_steps=0 if vqa else 5000)
+    a = dataclasses.replace(a, **{k: v for k, v in table.items() if getattr(a, k) is None})
+    if a.lm_prefix not in ("input", "kv", "none"):
+        raise UsageError(f"unknown --lm_prefix {a.lm_prefix!r}; choose from input, kv, none")
+    if a.lm_prefix == "none" and not a.qformer_prefix and not a.compare:
+        raise UsageError("no prefix to train: --lm_prefix none and --no-qformer_prefix")
+    if min(a.num_prefix or 1, a.epochs, a.batch_size, a.num_beams) < 1:
+        raise UsageError("--num_prefix, --epochs, --batch_size and --num_beams must be >= 1")
+    if a.seeds is not None and not all(x.strip().isdigit() for x in a.seeds.split(",")):
+        raise UsageError(f"--seeds {a.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
+    return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if vqa else 8),
+                               out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", a.dataset))
+
+
+def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
+    """Prefix-tune one model (--eval_only: load it) and evaluate its exported prefixes."""
+    seed_everything(a.seed)
+    model = build(s).to(device)
+    count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
+    if a.eval_only:
+        ck = load_checkpoint(os.path.join(a.out_dir, "ckpt.pt"))
+        model.load_state_dict(ck["trainable"], strict=False)
+        res = {"steps": ck["step"], "train_loss": round(ck["train_loss"], 4)}
+    else:
+        res = train(a, model, s, device, rank, world, log)
+    if rank == 0:
+        model.prefix_state = model.export_prefix()                    # App. B.1: plain tensors at inference
+        torch.save(model.prefix_state, os.path.join(a.out_dir, "prefix.pt"))
+        res["downstream"] = evaluate(model, s.records["eval"], s)
+        res["mix"] = evaluate(model, s.records["mix"], s) if s.records["mix"] else {}
+        write_json(os.path.join(a.out_dir, "results.json"), res)
+    return res
+
+
+def print_table(a: Args, s: Setup, rows: dict) -> None:
+    """One row per model; with --seeds every cell is `mean ± std`."""
+    def cell(v):
+        return "-" if None in v else mean_std(v) if a.seeds else f"{v[0]:.2f}"
+    seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
+    print(f"\nprefix-tuning a frozen {'tiny ' * (a.model == 'tiny')}BLIP-2 on {a.dataset}, "
+          f"P = {s.args.num_prefix}, {seeds} (mix: the pre-training tasks)")
+    metric = "CIDEr" if s.task == "caption" else "VQA acc"
+    print(f"| {'model':<29} | {metric:>13} | {'mix':>13} | {'train CE':>13} | {'time':>6} |")
+    print(f"|{'-' * 31}|{'-' * 15}|{'-' * 15}|{'-' * 15}|{'-' * 8}|")
+    for name, rs in rows.items():
+        t = [r["seconds"] for r in rs if "seconds" in r]
+        cells = [cell([r["downstream"]["score"] for r in rs]), cell([r["mix"].get("score") for r in rs]),
+                 cell([r.get("train_loss") for r in rs]), f"{sum(t) / len(t):.1f}s" if t else "-"]
+        print(f"| {name:<29} | {cells[0]:>13} | {cells[1]:>13} | {cells[2]:>13} | {cells[3]:>6} |")
+
+
+def run(a: Args) -> dict:
+    device, rank, world = setup_device(a.device)
+    a = resolve(a)
+    pin_threads(a.model == "tiny", device)
+    log = print if rank == 0 else (lambda *_, **__: None)
+    prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
+    s = setup(a, device)
+    rows = {"pre-trained, no prefix": []}
+    if rank == 0:
+        base = build(s, with_prefix=False).to(device)
+        mix = evaluate(base, s.records["mix"], s) if s.records["mix"] else {}
+        rows["pre-trained, no prefix"].append({"downstream": evaluate(base, s.records["eval"], s),
+                                                "mix": mix})
+    variants = VARIANTS if a.compare else {"": ("prefix-tuned", a.lm_prefix, a.qformer_prefix)}
+    for key, (name, s.args.lm_prefix, s.args.qformer_prefix) in variants.items():
+        rows[name] = []
+        for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
+            sub = os.path.join(a.out_dir, key, f"seed{seed}" if a.seeds else "")
+            os.makedirs(sub, exist_ok=True)
+            rows[name].append(run_one(dataclasses.replace(a, seed=seed, out_dir=sub), s, device, rank, world, log))
+    if rank == 0:
+        print_table(a, s, rows)
+        write_json(os.path.join(a.out_dir, "results.json"), {"args": dataclasses.asdict(a), "rows": rows})
+    if world > 1:
+        dist.barrier()
+    return rows
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
+    return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
+
+
+# ==============================================================================================
+# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it)
+# ==============================================================================================
+class UsageError(Exception):
+    """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf: training stops, the last good checkpoint stays, exit code 1."""
+
+
+def parse_cli(cls, argv=None, description: str = ""):
+    """An `Args` dataclass from the command line: one --flag per field; 'auto' or 'none' -> None."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    for f in dataclasses.fields(cls):
+        kind, helptext = str(f.type), f.metadata.get("help", "")
+        if kind == "bool":
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+            continue
+        base = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
+        conv = (lambda s, b=base: None if s.lower() in ("auto", "none") else b(s)) if "Optional" in kind else base
+        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{helptext} (default: {f.default})")
+    return cls(**vars(p.parse_args(argv)))
+
+
+def setup_device(device: str):
+    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world > 1 else device
+        torch.cuda.set_device(torch.device(device))
+    return torch.device(device), rank, world
+
+
+def pin_threads(tiny: bool, device: torch.device) -> None:
+    """Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
+    if tiny and device.type == "cpu":
+        torch.set_num_threads(1)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
+                decay: str = "cosine", warmup_factor: float = 0.0):
+    """LambdaLR: warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then
+    'cosine' or 'linear' decay to 0 at total_steps ('none': constant)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
+    """A finished run (results.json) is kept unless --overwrite, which removes only this script's outputs."""
+    if os.path.exists(os.path.join(out_dir, "results.json")) and not (resume or overwrite):
+        raise UsageError(f"{out_dir} holds a finished run (results.json); pass --overwrite to replace it")
+    if rank == 0 and overwrite and not resume and os.path.isdir(out_dir):
+        for p in Path(out_dir).rglob("*"):
+            if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+                p.unlink()
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
+    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
+    params = list(model.parameters())  # de-duplicated by nn.Module
+    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
+    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
+    return n, m
+
+
+def mean_std(values) -> str:
+    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+
+
+def run_cli(run, args):
+    """run(args) with the exit codes every script shares: bad input 2, non-finite loss 1, Ctrl-C 130."""
     threads = torch.get_num_threads()
-    if a.model == "tiny":
-        torch.set_num_threads(1)   # tiny ops: 1 thread is as fast idle and many times faster on a busy CPU
     try:
-        return _main(a)
-    except (data.DataError, UsageError) as e:
+        return run(args)
+    except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except NonFinite as e:
+    except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except KeyboardInterrupt:
+        print("interrupted: the checkpoint is saved; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
     finally:
-        torch.set_num_threads(threads)   # main() may run inside a larger process (tests)
-
-
-def _main(a: Args) -> dict:
-    a.prefix_mode = resolve_prefix_mode(a.prefix_mode, a.model)
-    if a.prefix_mode not in ("input", "kv"):
-        raise UsageError(f"unknown --prefix_mode {a.prefix_mode!r}; choose input or kv")
-    if a.num_prefix < 1:
-        raise UsageError("--num_prefix must be >= 1")
-    a.out_dir = a.out_dir or os.path.join("runs", "prefix_tuning", f"{a.dataset}-{a.prefix_mode}-p{a.num_prefix}")
-    if os.path.exists(os.path.join(a.out_dir, "results.json")) and not (a.resume or a.overwrite):
-        raise UsageError(f"results exist in {a.out_dir}; pass --overwrite")
-    device, rank, world = setup_dist(a.device)
-    if a.device == "cpu":
-        device = torch.device("cpu")
-    if rank == 0:
-        os.makedirs(a.out_dir, exist_ok=True)
-        if a.overwrite and not a.resume:
-            for f in ("ckpt.pt", "metrics.jsonl", "results.json"):
-                if os.path.exists(os.path.join(a.out_dir, f)):
-                    os.remove(os.path.join(a.out_dir, f))
-
-    def log(msg, metrics=None):
-        if rank == 0:
-            tqdm.write(msg)
-            if metrics is not None:
-                with open(os.path.join(a.out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-
-    t0 = time.time()
-    ctx = setup(a, device)
-    seed_all(a.seed)
-    net = build(ctx, a.num_prefix).to(device)
-    names = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert names and all(n.startswith("prefix_encoder.") for n in names), sorted(names)[:5]
-    n_tr, n_all = sum(p.numel() for p in net.parameters() if p.requires_grad), sum(p.numel() for p in net.parameters())
-    log(f"trainable: {n_tr} || all: {n_all} || {100 * n_tr / n_all:.4f}%")
-    recs = ctx["records"]
-    res = {"task": ctx["task"], "metric": ctx["metric"], "prefix_mode": a.prefix_mode, "num_prefix": a.num_prefix}
-    net.prefix_state = "off"                       # the pre-trained model itself (zero-shot)
-    if rank == 0:
-        res["pretrained"] = {"downstream": evaluate(net, recs["eval"], ctx), "mix": evaluate(net, recs["mix"], ctx)}
-    net.prefix_state = "on"
-    res["train"] = train(a, net, ctx, device, rank, world, log)
-    if rank == 0:
-        P = net.prefix_encoder.export()            # App. B.1: plain prefix tensor, no encoder at inference
-        torch.save(P.cpu(), os.path.join(a.out_dir, "prefix.pt"))
-        net.prefix_state = P
-        res["prefix_tuned"] = {"downstream": evaluate(net, recs["eval"], ctx), "mix": evaluate(net, recs["mix"], ctx)}
-        res["time_s"] = round(time.time() - t0, 1)
-        tmp = os.path.join(a.out_dir, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, os.path.join(a.out_dir, "results.json"))   # atomic
-        m = ctx["metric"]
-        print(f"\nprefix-tuning ({a.prefix_mode}, P={a.num_prefix}) on {a.dataset}; downstream = {m}, "
-              f"{ctx['mix_metric']} on the pre-training mix (prefix on)")
-        print(f"{'model':<28}{'downstream':>12}{'mix':>8}  example")
-        for k in ("pretrained", "prefix_tuned"):
-            r = res[k]
-            print(f"{k:<28}{r['downstream']['score']:>12.2f}{r['mix']['score']:>8.2f}  {r['downstream']['example']}")
-        print(f"trainable {100 * n_tr / n_all:.3f}% ; {res['train']['steps']} steps ; {res['time_s']} s")
-    if world > 1:
-        dist.barrier()
-    return res
+        torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+# ==============================================================================================
+# End of infrastructure
+# ==============================================================================================
 
 
 if __name__ == "__main__":

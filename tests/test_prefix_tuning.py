@@ -1,4 +1,5 @@
-"""Tests of prefix_tuning.py: tiny BLIP-2 (pre-trained for 3 steps into a temp cache), few samples."""
+"""Tests of prefix_tuning.py on the tiny BLIP-2 (pre-trained for 3 steps into the session cache), few samples."""
+import copy
 import json
 import os
 import socket
@@ -15,8 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from formats import write_coco_karpathy  # noqa: E402
 import prefix_tuning as pt  # noqa: E402
 
-TINY = ["--pretrain_steps", "3", "--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--num_prefix", "4",
-        "--max_new_tokens", "6", "--num_beams", "2", "--device", "cpu", "--log_every", "1"]
+SMALL = ["--pretrain_steps", "3", "--train_limit", "8", "--eval_limit", "4", "--batch_size", "4",
+         "--num_beams", "2", "--max_new_tokens", "4", "--device", "cpu"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,218 +29,259 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def s():
+    return pt.setup(pt.Args(pretrain_steps=3, train_limit=8, eval_limit=4, num_beams=2, max_new_tokens=6), "cpu")
 
 
-@pytest.fixture(scope="module")
-def ctx(cache):
-    a = pt.Args(pretrain_steps=3, cache_dir=cache, train_limit=8, eval_limit=4, max_new_tokens=6, num_beams=2)
-    return pt.setup(a, torch.device("cpu"))
-
-
-def _net(ctx, mode, n=4):
-    ctx["prefix_mode"] = mode
+def _model(s, lm="input", qformer=True, P=4):
+    s = copy.copy(s)
+    s.args = pt.dataclasses.replace(s.args, lm_prefix=lm, qformer_prefix=qformer, num_prefix=P)
     torch.manual_seed(0)
-    net = pt.build(ctx, n)
-    if net.prefix_encoder is not None:          # non-trivial prefix values
-        with torch.no_grad():
-            for p in net.prefix_encoder.parameters():
+    model = pt.build(s)
+    with torch.no_grad():                        # non-trivial prefixes
+        for p in model.parameters():
+            if p.requires_grad:
                 p.normal_(0, 0.5)
-    return net
+    return model
 
 
-def test_encoder_shapes_and_export(ctx):
-    tc = ctx["base"].config.text_config
-    for mode, shape in (("input", (4, tc.hidden_size)), ("kv", (tc.num_hidden_layers, 2, 4, tc.hidden_size))):
-        net = _net(ctx, mode)
-        P = net.prefix_encoder()
-        assert P.shape == shape
-        E = net.prefix_encoder.export()
-        assert not E.requires_grad and torch.equal(E, P.detach())
-        b = ctx["collate"](ctx["records"]["train"][:3])
-        l_on = net(b)
-        net.prefix_state = E                   # exported plain tensor reproduces the encoder's output
-        assert torch.allclose(net(b), l_on, atol=0, rtol=0)
+def _batch(s, n=3):
+    return s.collate(s.records["train"][:n])
 
 
-def _manual_base_logits(lmm, b):
-    """Independent path: HF get_image_features + LM on [visual; text] with its default positions."""
+def test_encoder_shapes_count_and_export(s):
+    tc, qc = s.base.config.text_config, s.base.config.qformer_config
+    for lm, shape in (("input", (4, tc.hidden_size)), ("kv", (tc.num_hidden_layers, 2, 4, tc.hidden_size))):
+        model = _model(s, lm)
+        assert model.prefix_encoders["lm"]().shape == shape
+        assert model.prefix_encoders["qformer"]().shape == (qc.num_hidden_layers, 2, 4, qc.hidden_size)
+        for enc in model.prefix_encoders.values():
+            assert enc.num_params() == sum(p.numel() for p in enc.parameters())
+        b = _batch(s)
+        loss = model(b)
+        model.prefix_state = model.export_prefix()         # App. B.1: the plain tensors give the same model
+        assert torch.equal(model(b), loss)
+
+
+def _hf_logits(lmm, b, prefix_embeds=None):
+    """Independent path: HF get_image_features + the LM on [prefix; visual; text] with HF's own positions."""
     vis = lmm.get_image_features(pixel_values=b["pixel_values"]).pooler_output
-    emb = torch.cat([vis, lmm.language_model.get_input_embeddings()(b["input_ids"])], 1)
-    am = torch.cat([torch.ones(vis.shape[:2], dtype=torch.long), b["attention_mask"]], 1)
+    parts = [vis, lmm.language_model.get_input_embeddings()(b["input_ids"])]
+    if prefix_embeds is not None:
+        parts.insert(0, prefix_embeds.expand(len(vis), -1, -1))
+    emb = torch.cat(parts, 1)
+    am = torch.cat([torch.ones(emb.shape[0], emb.shape[1] - b["attention_mask"].shape[1], dtype=torch.long),
+                    b["attention_mask"]], 1)
     return lmm.language_model(inputs_embeds=emb, attention_mask=am).logits
 
 
-@pytest.mark.parametrize("mode", ["input", "kv"])
-def test_disabled_prefix_equals_base(ctx, mode):
-    b = ctx["collate"](ctx["records"]["train"][:3])
-    ref = _manual_base_logits(ctx["base"], b)
-    net0, net = _net(ctx, mode, 0), _net(ctx, mode, 4)
-    net.prefix_state = "off"
+def test_no_prefix_equals_hf_and_lm_input_prefix_layout(s):
+    b = _batch(s)
     m = b["attention_mask"].bool()
-    for w in (net0, net):
-        out, n_in = w.lm_forward(b, b["input_ids"], b["attention_mask"])
-        assert n_in == 0
-        assert torch.allclose(out.logits[:, -m.shape[1]:][m], ref[:, -m.shape[1]:][m], atol=1e-5)
-    net.prefix_state = "on"
-    out, _ = net.lm_forward(b, b["input_ids"], b["attention_mask"])
-    assert not torch.allclose(out.logits[:, -m.shape[1]:][m], ref[:, -m.shape[1]:][m], atol=1e-3)
+    T = m.shape[1]
+    ref = _hf_logits(s.base, b)
+    for model in (pt.build(s, with_prefix=False), _model(s)):
+        if model.prefix_encoders:
+            model.prefix_state = "off"                          # exactly the base LMM
+        x, am, pos, cache = model.lm_inputs(b, b["input_ids"], b["attention_mask"])
+        out = pt.call_lm(s.base.language_model, x, am, pos, cache)[0].logits
+        assert cache is None and torch.allclose(out[:, -T:][m], ref[:, -T:][m], atol=1e-5)
+    # LM input prefix alone (Fig. 5): the same as HF's LM on [P; visual; text] built by hand
+    model = _model(s, "input", qformer=False)
+    P = model.prefix_encoders["lm"]()
+    x, am, pos, _ = model.lm_inputs(b, b["input_ids"], b["attention_mask"])
+    assert x.shape[1] == len(P) + s.base.config.num_query_tokens + T
+    out = pt.call_lm(s.base.language_model, x, am, pos)[0].logits
+    assert torch.allclose(out[:, -T:][m], _hf_logits(s.base, b, P)[:, -T:][m], atol=1e-5)
+    # the loss is the mean CE of target + eos, each predicted from the previous position
+    lab = b["labels"]
+    assert torch.allclose(model(b), F.cross_entropy(out[:, -T - 1:-1][lab != -100], lab[lab != -100]), atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["input", "kv", "off"])
-def test_cached_generation_equals_full_rerun(ctx, mode):
-    """Beam search on the KV cache (beams reordered in it, finished beams fed masked pads) gives the same tokens as
-    re-running the whole sequence every step, for greedy and beam 3, with the prefix in both modes and without."""
-    net = _net(ctx, "kv" if mode == "off" else mode)
-    if mode == "off":
-        net.prefix_state = "off"
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():          # the 3-step tiny LM repeats one token; noisy weights make beams swap parents
-        for p in net.lmm.language_model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.5)
-    recs = [{k: v for k, v in r.items() if k != "target"} for r in ctx["records"]["eval"][:4]]
-    b = ctx["collate"](recs)
-    for beams, eos in ((1, 2), (3, 2), (3, 10)):     # eos 10 is frequent here: finished beams, masked pads
-        fast = net.generate(b, beams, 8, eos_id=eos, pad_id=0)
-        slow = net.generate(b, beams, 8, eos_id=eos, pad_id=0, use_cache=False)
-        assert fast == slow and any(len(s) > 1 for s in fast)
+def test_qformer_kv_prefix_matches_hand_computation(s):
+    """Eq. 7 in the Q-Former: queries attend to [P_k; K] / [P_v; V] concatenated by hand; same number of
+    visual tokens for the LM; without a prefix the patched module equals HF's own attention."""
+    model = _model(s, "none", qformer=True)
+    b = _batch(s)
+    attn, seen = model.qformer_attn[0], {}
+    hook = attn.register_forward_hook(lambda m, a, kw, out: seen.update(x=kw["hidden_states"], y=out[0]),
+                                      with_kwargs=True)
+    vis = model.visual_tokens(b, model.prefix_encoders["qformer"]())
+    hook.remove()
+    x, y = seen["x"], seen["y"]                                              # (B, Q, d)
+    B, Q, d = x.shape
+    H = s.base.config.qformer_config.num_attention_heads
+    P = model.prefix_encoders["qformer"]()[0]                                # layer 0: (2, P, d)
+    heads = lambda t: t.reshape(B, -1, H, d // H).transpose(1, 2)           # noqa: E731
+    q = heads(attn.query(x))
+    k = heads(torch.cat([P[0].expand(B, -1, -1), attn.key(x)], 1))           # [P_k; K]
+    v = heads(torch.cat([P[1].expand(B, -1, -1), attn.value(x)], 1))         # [P_v; V]
+    ref = ((q @ k.transpose(-1, -2)) / (d // H) ** 0.5).softmax(-1) @ v
+    assert torch.allclose(y, ref.transpose(1, 2).reshape(B, Q, d), atol=1e-5)
+    assert vis.shape[1] == Q == s.base.config.num_query_tokens
+    hf = s.base.qformer.encoder.layer[0].attention.attention                 # HF's module (unpatched base)
+    assert type(hf).__name__ == "Blip2QFormerMultiHeadAttention"
+    assert torch.allclose(attn(x)[0], hf(hidden_states=x)[0], atol=1e-5)
+    assert not torch.allclose(vis, model.visual_tokens(b, None), atol=1e-4)
 
 
-def test_kv_mode_matches_hand_written_attention(ctx):
-    net = _net(ctx, "kv")
-    b = ctx["collate"](ctx["records"]["train"][:2])
-    attn = net.lmm.language_model.model.decoder.layers[0].self_attn
-    seen = {}
-    h = attn.register_forward_hook(lambda m, args, kw, out: seen.update(x=kw.get("hidden_states", args[0] if args else None),
-                                                                     y=out[0]), with_kwargs=True)
-    net.lm_forward(b, b["input_ids"], b["attention_mask"])
-    h.remove()
-    x, y = seen["x"], seen["y"]                                     # (B, L, d)
+def test_lm_kv_prefix_matches_hand_written_attention(s):
+    model = _model(s, "kv", qformer=False)
+    b = _batch(s, 2)
+    attn, seen = model.lmm.language_model.model.decoder.layers[0].self_attn, {}
+    hook = attn.register_forward_hook(lambda m, a, kw, out: seen.update(x=kw["hidden_states"], y=out[0]),
+                                      with_kwargs=True)
+    model(b)
+    hook.remove()
+    x, y = seen["x"], seen["y"]
     B, L, d = x.shape
-    H, hd = net.n_heads, net.head_dim
-    P = net.prefix_encoder()[0]                                     # layer 0: (2, Pn, d)
-    Pn = P.shape[1]
-    split = lambda t: t.view(B, -1, H, hd).transpose(1, 2)          # (B, H, n, hd)
-    q = split(attn.q_proj(x)) * hd ** -0.5
-    k = torch.cat([split(P[0].expand(B, -1, -1)), split(attn.k_proj(x))], 2)    # [prefix keys; keys]
-    v = torch.cat([split(P[1].expand(B, -1, -1)), split(attn.v_proj(x))], 2)
-    Q = L - b["attention_mask"].shape[1]
-    valid = torch.cat([torch.ones(B, Pn + Q, dtype=torch.bool), b["attention_mask"].bool()], 1)   # (B, Pn+L)
-    causal = torch.ones(L, Pn + L, dtype=torch.bool).tril(Pn)       # query i sees prefix + keys <= i
-    allow = causal[None] & valid[:, None, :]
-    s = (q @ k.transpose(-1, -2)).masked_fill(~allow[:, None], float("-inf"))
-    o = (s.softmax(-1) @ v).transpose(1, 2).reshape(B, L, d)
-    ref = attn.out_proj(o)
-    rows = torch.cat([torch.ones(B, Q, dtype=torch.bool), b["attention_mask"].bool()], 1)
+    H = s.base.config.text_config.num_attention_heads
+    P = model.prefix_encoders["lm"]()[0]                                     # layer 0: (2, P, d)
+    heads = lambda t: t.reshape(B, -1, H, d // H).transpose(1, 2)           # noqa: E731
+    k = heads(torch.cat([P[0].expand(B, -1, -1), attn.k_proj(x)], 1))
+    v = heads(torch.cat([P[1].expand(B, -1, -1), attn.v_proj(x)], 1))
+    Pn, Q = P.shape[1], L - b["attention_mask"].shape[1]
+    valid = torch.cat([torch.ones(B, Pn + Q, dtype=torch.bool), b["attention_mask"].bool()], 1)
+    allow = torch.ones(L, Pn + L, dtype=torch.bool).tril(Pn)[None] & valid[:, None]
+    scores = (heads(attn.q_proj(x)) * (d // H) ** -0.5) @ k.transpose(-1, -2)
+    ref = attn.out_proj((scores.masked_fill(~allow[:, None], float("-inf")).softmax(-1) @ v)
+                        .transpose(1, 2).reshape(B, L, d))
+    rows = valid[:, Pn:]
     assert torch.allclose(y[rows], ref[rows], atol=1e-5)
 
 
-def test_input_mode_masks_and_labels(ctx):
-    col, tok = ctx["collate"], ctx["tokenizer"]
-    recs = ctx["records"]["train"][:3]
-    b = col(recs)
-    for i, r in enumerate(recs):                                    # labels = target + eos, right-aligned
-        tgt = tok(r["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        lab = b["labels"][i]
-        assert lab[lab != -100].tolist() == tgt and lab[-len(tgt):].tolist() == tgt
-        assert (b["attention_mask"][i] == (b["input_ids"][i] != tok.pad_token_id)).all()
-    net = _net(ctx, "input")
-    out, n_in = net.lm_forward(b, b["input_ids"], b["attention_mask"])
-    Q = net.lmm.config.num_query_tokens
-    assert n_in == 4 and out.logits.shape[1] == 4 + Q + b["input_ids"].shape[1]
-    # loss = mean CE of the target tokens only, predicted from the previous position
-    T = b["labels"].shape[1]
-    lg = out.logits[:, -T - 1:-1]
-    m = b["labels"] != -100
-    ref = F.cross_entropy(lg[m], b["labels"][m])
-    assert torch.allclose(net(b), ref, atol=1e-6)
-    # pads are masked: changing the ids under pads changes nothing
-    b2 = dict(b, input_ids=b["input_ids"].masked_fill(b["attention_mask"] == 0, 5))
-    assert torch.allclose(net(b2), net(b), atol=1e-6)
+@pytest.mark.parametrize("lm", ["input", "kv", "off"])
+def test_cached_beam_search_equals_full_rerun(s, lm):
+    """Beam search on the KV cache (beams reordered in it, finished beams fed masked pads) gives the tokens of
+    re-running the whole sequence every step: greedy and beam 3, with LM input / kv prefixes and without."""
+    model = _model(s, "kv" if lm == "off" else lm)
+    if lm == "off":
+        model.prefix_state = "off"
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():                      # a 3-step model repeats one token; noise makes beams swap parents
+        for p in model.lmm.language_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    b = s.collate(s.records["eval"][:4])
+    for beams, eos in ((1, 2), (3, 2), (3, 10)):    # eos 10 is frequent here: finished beams, masked pads
+        fast = pt.beam_search(model, b, beams, 8, eos, 0)
+        assert fast == pt.beam_search(model, b, beams, 8, eos, 0, use_cache=False) and any(len(x) > 1 for x in fast)
 
 
-@pytest.mark.parametrize("mode", ["input", "kv"])
-def test_grads_only_to_prefix(ctx, mode):
-    net = _net(ctx, mode)
-    net(ctx["collate"](ctx["records"]["train"][:2])).backward()
-    for n, p in net.named_parameters():
-        if n.startswith("prefix_encoder."):
-            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert not p.requires_grad and p.grad is None, n
+def test_grads_only_to_prefixes(s):
+    model = _model(s, "input", True)
+    model(_batch(s, 2)).backward()
+    for n, p in model.named_parameters():
+        trains = n.startswith(pt.PREFIX_PARAMS)
+        assert p.requires_grad == trains and (p.grad is not None and p.grad.abs().sum() > 0) == trains, n
 
 
-def test_smoke_main_and_resume(tmp_path, cache):
-    base = TINY + ["--cache_dir", cache, "--epochs", "2", "--save_every", "2"]
-    full = pt.main(base + ["--out_dir", str(tmp_path / "full")])
-    assert full["train"]["steps"] == 4 and "score" in full["prefix_tuned"]["downstream"]
-    assert os.path.exists(tmp_path / "full" / "results.json") and os.path.exists(tmp_path / "full" / "prefix.pt")
+def test_caches_stay_within_their_bound(tmp_path):
+    """A few hundred images through the real path: the ViT output cache stays within vision_cache_mb (least
+    recently used dropped), the collate object keeps nothing per image, and cached == uncached outputs."""
+    tok_dir = tmp_path / "blip2"
+    tok = pt.data.build_tokenizer(pt.data.synthetic_vocab())
+    torch.manual_seed(0)
+    pt.tiny_blip2(len(tok)).save_pretrained(tok_dir)
+    tok.save_pretrained(tok_dir)
+    write_coco_karpathy(tmp_path, splits=("train",) * 300 + ("val",) * 4)
+    s = pt.setup(pt.Args(model=str(tok_dir), dataset="coco", data_root=str(tmp_path), vision_cache_mb=0.04), "cpu")
+    assert len(s.records["train"]) == 600                          # every (image, caption) pair
+    model, state = pt.build(s), dict(vars(s.collate))
+    entry = 17 * 48 * 4                                             # (N, d_vit) float32 per image
+    cap = int(0.04 * 2 ** 20) // entry
+    recs = s.records["train"][::2]                                  # 300 distinct images
+    with torch.no_grad():
+        for i in range(0, len(recs), 50):
+            b = s.collate(recs[i:i + 50])
+            model.visual_tokens(b, None)
+            assert len(model.vision_cache.items) <= cap and model.vision_cache.bytes <= 0.04 * 2 ** 20
+            assert list(model.vision_cache.items)[-1] == b["image_ids"][-1]
+    assert len(model.vision_cache.items) == cap and vars(s.collate) == state
+    vit, pixels, ids = model.lmm.vision_model, b["pixel_values"], b["image_ids"]
+    direct = vit(pixel_values=pixels).last_hidden_state          # the last `cap` images are cache hits now
+    assert torch.equal(model.vision_cache(vit, pixels, ids)[-cap:], direct[-cap:])
+    for p in model.lmm.vision_model.parameters():                  # a trainable ViT: cache bypassed and emptied
+        p.requires_grad_(True)
+    model.visual_tokens(b, None)
+    assert not model.vision_cache.items
+
+
+def test_real_path_local_blip2_on_coco_karpathy(tmp_path):
+    """A local Blip2ForConditionalGeneration folder + COCO Karpathy files (official layout): Table 8 prefixes,
+    training on caption pairs, beam search, CIDEr; --eval_only reproduces the scores from the checkpoint."""
+    tok = pt.data.build_tokenizer(pt.data.synthetic_vocab())
+    torch.manual_seed(0)
+    pt.tiny_blip2(len(tok)).save_pretrained(tmp_path / "blip2")
+    tok.save_pretrained(tmp_path / "blip2")
+    write_coco_karpathy(tmp_path)
+    args = ["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path), "--max_steps",
+            "2", "--batch_size", "2", "--num_beams", "2", "--max_new_tokens", "5", "--device", "cpu",
+            "--out_dir", str(tmp_path / "out")]
+    rows = pt.main(args)
+    r = rows["prefix-tuned"][0]
+    assert r["steps"] == 2 and set(r["downstream"]) >= {"CIDEr", "BLEU-4"} and r["mix"] == {}
+    assert torch.load(tmp_path / "out" / "prefix.pt")["lm"].shape == (8, 64)      # P = 8 for captioning
+    again = pt.main(args + ["--eval_only"])["prefix-tuned"][0]
+    assert again["downstream"] == r["downstream"] and again["train_loss"] == r["train_loss"]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    base = SMALL + ["--epochs", "2"]                          # 8 records / batch 4: 4 steps
+    full = pt.main(base + ["--out_dir", str(tmp_path / "full")])["prefix-tuned"][0]
     pt.main(base + ["--out_dir", str(tmp_path / "part"), "--max_steps", "2"])
-    res = pt.main(base + ["--out_dir", str(tmp_path / "part"), "--resume"])
-    assert res["train"] == full["train"]
-    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=False)["params"]
-    c = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=False)["params"]
+    part = pt.main(base + ["--out_dir", str(tmp_path / "part"), "--resume"])["prefix-tuned"][0]
+    assert full["steps"] == part["steps"] == 4 and full["train_loss"] == part["train_loss"]
+    a, c = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False)["trainable"] for d in ("full", "part"))
     assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_cli_kv(tmp_path, cache):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "prefix_tuning.py"), *TINY, "--cache_dir", cache,
-                        "--max_steps", "2", "--prefix_mode", "kv", "--dataset", "shapes_vqa",
-                        "--out_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "trainable:" in r.stdout and "prefix_tuned" in r.stdout
-    assert json.load(open(tmp_path / "o" / "results.json"))["train"]["steps"] == 2
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_gloo_procs(tmp_path, cache):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), os.path.join(ROOT, "prefix_tuning.py"), *TINY, "--cache_dir", cache,
-                        "--max_steps", "2", "--out_dir", str(tmp_path / "d")],
-                       capture_output=True, text=True, timeout=180, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("trainable:") == 1
-    assert json.load(open(tmp_path / "d" / "results.json"))["train"]["steps"] == 2
+    assert full["downstream"] == part["downstream"]
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--dataset", "nope"], "unknown dataset"),
-    (["--prefix_mode", "deep"], "prefix_mode"),
+    (["--dataset", "nope"], "unknown --dataset"),
+    (["--lm_prefix", "deep"], "--lm_prefix"),
+    (["--seeds", "0,x"], "--seeds"),
     (["--dataset", "coco", "--data_root", "/nonexistent/x"], "/nonexistent/x"),
     (["--model", "/nonexistent/blip2"], "/nonexistent/blip2"),
+    (["--eval_only"], "no checkpoint"),
 ])
-def test_bad_inputs(tmp_path, cache, capsys, extra, msg):
+def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:
-        pt.main(TINY + ["--cache_dir", cache, "--out_dir", str(tmp_path / "b")] + extra)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and msg in err
+        pt.main(SMALL + ["--out_dir", str(tmp_path / "b")] + extra)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len([ln for ln in err if ln.startswith("error:")]) == 1
+    assert err[-1].startswith("error:") and msg in err[-1]
 
 
-def test_existing_results_need_overwrite(tmp_path, cache, capsys):
-    os.makedirs(tmp_path / "r")
-    (tmp_path / "r" / "results.json").write_text("{}")
-    with pytest.raises(SystemExit) as e:
-        pt.main(TINY + ["--cache_dir", cache, "--out_dir", str(tmp_path / "r")])
-    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+def test_compare_over_seeds_table(tmp_path, capsys):
+    """--compare --seeds: one row per prefix placement, `mean ± std` cells, at most 100 characters wide."""
+    rows = pt.main(SMALL + ["--max_steps", "1", "--compare", "--seeds", "0,1", "--eval_limit", "2",
+                            "--out_dir", str(tmp_path / "o")])
+    out = capsys.readouterr().out.splitlines()
+    table = out[[i for i, ln in enumerate(out) if ln.startswith("prefix-tuning a frozen tiny BLIP-2")][-1]:]
+    assert len(table) == 3 + 1 + len(pt.VARIANTS) and all(len(ln) <= 100 for ln in table)
+    assert all("±" in ln for ln in table[4:]) and len(rows) == 1 + len(pt.VARIANTS)
+    assert json.load(open(tmp_path / "o" / "lm_kv" / "seed1" / "results.json"))["steps"] == 1
 
 
-def test_local_blip2_checkpoint_on_coco_karpathy_files(tmp_path):
-    """The real path: a local Blip2ForConditionalGeneration folder (+ its tokenizer) and COCO Karpathy files in the
-    official layout (dataset_coco.json + val2014 JPEGs); input-mode prefix (the paper's), beam search, CIDEr."""
-    tok = pt.tokenizer_tiny()
-    pt.tiny_blip2(len(tok), 0).save_pretrained(tmp_path / "blip2")
-    tok.save_pretrained(tmp_path / "blip2")
-    write_coco_karpathy(tmp_path)
-    res = pt.main(["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path),
-                   "--max_steps", "2", "--batch_size", "2", "--num_prefix", "4", "--num_beams", "2",
-                   "--max_new_tokens", "5", "--device", "cpu", "--out_dir", str(tmp_path / "out")])
-    assert res["prefix_mode"] == "input"          # auto -> the paper's input prefixes for HF models
-    assert res["task"] == "caption" and res["train"]["steps"] == 2 and res["prefix_tuned"]["downstream"]["CIDEr"] >= 0
-    assert os.path.exists(tmp_path / "out" / "prefix.pt")
+def test_cli_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "prefix_tuning.py"), *SMALL, "--max_steps", "1",
+                        "--eval_limit", "2", "--out_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| prefix-tuned " in r.stdout and "trainable:" in r.stdout and "prefix-tuning:" in r.stderr
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(_free_port()), os.path.join(ROOT, "prefix_tuning.py"), *SMALL, "--max_steps", "2",
+                        "--eval_limit", "2", "--out_dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("trainable:") == 1 and r.stdout.count("| prefix-tuned") == 1
+    assert json.load(open(tmp_path / "d" / "results.json"))["rows"]["prefix-tuned"][0]["steps"] == 2
