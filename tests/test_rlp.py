@@ -1,4 +1,4 @@
-"""Tests for rlp.py (fast, offline; tiny CLIP with a few pre-training steps)."""
+"""Tests of rlp.py: the prompts against independent computations, the protocol, the command line (tiny CLIPs)."""
 import json
 import os
 import socket
@@ -9,98 +9,94 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
-import rlp
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--pretrain_steps", "2", "--pretrain_images", "48", "--tiny_width", "32", "--shots", "2",
-        "--num_seeds", "1", "--batch_size", "8", "--log_every", "1"]
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+import rlp  # noqa: E402
+
+FAST = ["--shots", "1", "--epochs", "2", "--batch_size", "8", "--device", "cpu"]
+RECIPE = dict(width=32, layers=1, heads=2, image_size=48, patch=16, scenes=48, steps=2, batch=8, lr=1e-3,
+              weight_decay=0.0, warmup=1)  # the tiny CLIP's recipe, 2 pre-training steps
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A pre-trained (2 steps) tiny CLIP in a module-wide cache, shared by every run below."""
-    d = str(tmp_path_factory.mktemp("cache"))
-    rlp.load_tiny_clip(rlp.parse_args(TINY + ["--cache_dir", d]), torch.device("cpu"), 0)
-    return d
+@pytest.fixture(autouse=True, scope="module")
+def tiny_recipe():
+    """One thread; the tiny CLIP pre-trained for 2 steps (cached in the session's $VLPEFT_CACHE)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rlp, "TINY_CLIP", RECIPE)
+        yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
     tok = rlp.tiny_tokenizer()
-    clip = rlp.CLIPModel(rlp.tiny_config(tok, 32, 64, 16)).eval().requires_grad_(False)
-    return clip, tok
+    return rlp.CLIPModel(rlp.tiny_config(tok, **RECIPE)).eval().requires_grad_(False), tok
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: one thread is as fast on an idle machine and far faster on a busy one (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tiny):
+    """The tiny CLIP and its tokenizer saved as a Hugging Face checkpoint (the real-model path, offline)."""
+    d = tmp_path_factory.mktemp("clip")
+    tiny[0].save_pretrained(d)
+    tiny[1].save_pretrained(d)
+    return str(d)
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+def main(tmp_path, *argv):
+    return rlp.main(FAST + ["--out_dir", str(tmp_path / "out"), *argv])
 
 
-def run_main(argv, tmp_path, cache):
-    return rlp.main(TINY + ["--cache_dir", cache, "--out_dir", str(tmp_path / "out")] + argv)
-
-
-# ------------------------------------------------------------------ math vs independent computation
-def test_text_forward_with_injected_context_matches_get_text_features(tiny):
+# ------------------------------------------------------------------ the method against independent computations
+def test_text_forward_with_context_equals_get_text_features(tiny):
     clip, tok = tiny
     names = ["red circle", "gray diamond"]
-    ref_ids, _ = rlp.tokenize(tok, [f"a photo of a {n}." for n in names], 48, rlp.eos_id_of(clip, tok))
-    ref = clip.get_text_features(input_ids=ref_ids)
-    ref = ref if torch.is_tensor(ref) else ref.pooler_output                       # (2, p), HF's own forward
-    args = rlp.parse_args([])
-    ctx = rlp.init_context(clip, tok, args)                                          # embeddings of "a photo of a"
-    assert ctx.shape == (4, 32)
-    prompts = rlp.ClassPrompts(clip, tok, names, "x x x x {}.", 4)
-    assert not torch.allclose(prompts.assemble(torch.zeros_like(ctx)), prompts.assemble(ctx))
-    out = rlp.encode_text(clip, prompts.assemble(ctx), prompts.eos)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    zs = rlp.ClassPrompts(clip, tok, names, "a photo of a {}.", 0)                   # zero-shot path, same sentence
+    ids, _ = rlp.tokenize(tok, [f"a photo of a {n}." for n in names], clip)
+    ref = clip.get_text_features(input_ids=ids)
+    ref = ref if torch.is_tensor(ref) else ref.pooler_output                       # HF's own forward, (2, p)
+    model, n_tunable = rlp.build_prompt_model("coop", clip, tok, rlp.Args())
+    ctx = model.context()                                                          # = embeddings of "a photo of a"
+    assert ctx.shape == (4, 32) and n_tunable == 4 * 32
+    prompts = rlp.ClassPrompts(clip, tok, names, "X X X X {}.", 4)
+    torch.testing.assert_close(rlp.encode_text(clip, prompts.assemble(ctx), prompts.eos), ref, rtol=1e-5, atol=1e-5)
+    zs = rlp.ClassPrompts(clip, tok, names, "a photo of a {}.", 0)                   # the zero-shot path
     torch.testing.assert_close(rlp.encode_text(clip, zs.assemble(None), zs.eos), ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(prompts.assemble(torch.zeros_like(ctx)), prompts.assemble(ctx))
 
 
 def test_eos_pooling_ignores_padding(tiny):
     clip, tok = tiny
-    ids, eos = rlp.tokenize(tok, ["a red circle.", "there is a red circle on the left."], 48, rlp.eos_id_of(clip, tok))
-    assert ids.shape[1] > eos[0] + 1 and ids[0, eos[0]] == len(tok)                 # padded, [EOS] = highest id
+    ids, eos = rlp.tokenize(tok, ["a red circle.", "there is a red circle on the left."], clip)
+    assert ids.shape[1] > eos[0] + 1 and ids[0, eos[0]] == tok.eos_token_id == len(tok) - 1 == max(tok.get_vocab().values())
     emb = clip.text_model.embeddings.token_embedding(ids)
     short = rlp.encode_text(clip, emb[:1, :eos[0] + 1], eos[:1])
     torch.testing.assert_close(rlp.encode_text(clip, emb, eos)[:1], short, rtol=1e-5, atol=1e-5)
 
 
-# ------------------------------------------------------------------ RLP parameterisation
 def test_tunable_counts():
     p0 = torch.randn(4, 512)
     assert sum(p.numel() for p in rlp.RLPContext(p0, 1, 0.1, 1.0).parameters()) == 4 * 1 + 1 * 512 == 516
     assert sum(p.numel() for p in rlp.RLPContext(p0, 3, 0.1, 1.0).parameters()) == 4 * 3 + 3 * 512
-    assert sum(p.numel() for p in rlp.CoOpContext(p0).parameters()) == 4 * 512
+    assert sum(p.numel() for p in rlp.CoOpContext(p0).parameters()) == 4 * 512 == 2048
 
 
 def test_prompt_models_trainable_sets_and_init(tiny):
     clip, tok = tiny
-    args = rlp.parse_args(["--rank", "2"])
-    coop = rlp.build_prompt_model("coop", clip, tok, args)
-    r = rlp.build_prompt_model("rlp", clip, tok, args)
-    n, d = 4, 32
+    a = rlp.Args(rank=2)
+    coop, n_coop = rlp.build_prompt_model("coop", clip, tok, a)
+    r, n_rlp = rlp.build_prompt_model("rlp", clip, tok, a)
     assert {k for k, p in coop.named_parameters() if p.requires_grad} == {"context.ctx"}
-    assert sum(p.numel() for p in coop.parameters() if p.requires_grad) == n * d
     assert {k for k, p in r.named_parameters() if p.requires_grad} == {"context.P_A", "context.P_B"}
-    assert sum(p.numel() for p in r.parameters() if p.requires_grad) == n * 2 + 2 * d
-    p_fr = rlp.init_context(clip, tok, args)
+    assert sum(p.numel() for p in r.parameters() if p.requires_grad) == n_rlp == 4 * 2 + 2 * 32
+    assert sum(p.numel() for p in coop.parameters() if p.requires_grad) == n_coop == 4 * 32
     r.train()
-    assert torch.equal(r.context(), p_fr) and torch.equal(coop.context(), p_fr)     # P == P_fr at init
+    assert torch.equal(r.context(), r.context.P_fr) and torch.equal(coop.context(), r.context.P_fr)  # P = P_fr
     assert r.context.P_A.abs().sum() > 0                                            # not a degenerate init
+    rand, n = rlp.build_prompt_model("coop", clip, tok, rlp.Args(n_ctx=16, ctx_init=""))
+    assert rand.context().shape == (16, 32) and n == 16 * 32 and 0.01 < rand.context().std() < 0.03
 
 
 def test_dropout_train_only_and_only_on_low_rank_branch():
@@ -116,71 +112,103 @@ def test_dropout_train_only_and_only_on_low_rank_branch():
     dropped = delta.abs() < 1e-6
     assert 0.2 < dropped.float().mean() < 0.8                                       # p = 0.5 drops about half
     torch.testing.assert_close(delta[~dropped], 2 * low[~dropped])                  # inverted-dropout scaling
-    out = torch.stack([ctx() for _ in range(50)])                                   # P_fr is never dropped:
-    assert (out - ctx.P_fr).abs().le(2 * low.abs() + 1e-5).all()                    # P - P_fr in {0, 2 * low}
 
 
 def test_gradients_reach_only_PA_PB(tiny):
     clip, tok = tiny
-    m = rlp.build_prompt_model("rlp", clip, tok, rlp.parse_args([]))
+    m, _ = rlp.build_prompt_model("rlp", clip, tok, rlp.Args())
     with torch.no_grad():
-        m.context.P_B.normal_(0, 0.1)                                               # so both get gradients
-    prompts = rlp.ClassPrompts(clip, tok, ["red circle", "blue star", "gray cross"], "x x x x {}.", 4)
-    m.train()
-    loss = F.cross_entropy(m(prompts, torch.randn(5, 32)), torch.tensor([0, 1, 2, 0, 1]))
-    loss.backward()
-    got = {k for k, p in m.named_parameters() if p.grad is not None}
-    assert got == {"context.P_A", "context.P_B"}
+        m.context.P_B.normal_(0, 0.1)                                               # so that both get gradients
+    prompts = rlp.ClassPrompts(clip, tok, ["red circle", "blue star", "gray cross"], "X X X X {}.", 4)
+    F.cross_entropy(m.train()(prompts, torch.randn(5, 32)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert {k for k, p in m.named_parameters() if p.grad is not None} == {"context.P_A", "context.P_B"}
     assert m.context.P_A.grad.abs().sum() > 0 and m.context.P_B.grad.abs().sum() > 0
-    assert not m.context.P_fr.requires_grad
 
 
-def test_pretraining_never_sees_benchmark_images():
-    pre = rlp.pretrain_records(100, 96)
+def test_pretraining_world_is_not_the_benchmark(tiny):
+    assert rlp.PRETRAIN_WORLD != 0
+    kw = dict(world_seed=rlp.PRETRAIN_WORLD, split_sizes={"train": 200, "val": 1, "test": 1})
+    pre = data.load_records("shapes_cls", "train", **kw) + data.load_records("shapes_caption", "train", **kw)
     bench = data.load_records("shapes_cls", "test") + data.load_records("shapes_cls", "train", num_shots=2, seed=1)
-    assert not {r["image_id"] for r in pre} & {r["image_id"] for r in bench}
-    pix = lambda r: data.load_image(r, 96).tobytes()
-    assert not {pix(r) for r in pre} & {pix(r) for r in bench}                        # not even identical pixels
+    pix = lambda r: data.load_image(r, 48).tobytes()                                # noqa: E731
+    assert not {pix(r) for r in pre} & {pix(r) for r in bench}
+    caps = rlp.scene_captions({"objects": [{"color": "orange", "shape": "star", "size": "small", "pos": "left"},
+                                           {"color": "red", "shape": "cross", "size": "large", "pos": "top"}]})
+    assert caps == ["a photo of an orange star and a red cross.", "a small orange star and a large red cross.",
+                    "there is an orange star on the left and a red cross at the top."]
 
 
-# ------------------------------------------------------------------ protocol, smoke runs
-def test_base_new_split_and_harmonic_mean(tmp_path, cache):
-    base_tr = data.load_records("shapes_cls", "train", num_shots=2, seed=1, subset="base")
-    new_te = data.load_records("shapes_cls", "test", subset="new")
-    assert len(data.classnames_of(base_tr)) == 24 and not set(data.classnames_of(base_tr)) & set(data.classnames_of(new_te))
-    res = run_main(["--prompt", "coop", "--max_steps", "2"], tmp_path, cache)
-    s = res["methods"]["coop"]
-    b, n = s["base_mean"], s["new_mean"]
-    assert s["hm"] == pytest.approx(2 * b * n / (b + n))
-    assert res["methods"]["coop"]["per_seed"][0]["steps"] == 2
+# ------------------------------------------------------------------ protocol
+@pytest.mark.parametrize("split", ["shape", "checker"])
+def test_base_new_splits(split):
+    a = rlp.Args(shapes_split=split)
+    (base, bn), (new, nn) = (rlp.load_split(a, "test", s, 0, None) for s in ("base", "new"))
+    assert len(bn) == len(nn) == 24 and not set(bn) & set(nn) and len(base) == len(new) == 960
+    assert all(bn[r["label"]] == r["classname"] for r in base) and all(nn[r["label"]] == r["classname"] for r in new)
+    shapes = lambda names: {n.split()[1] for n in names}                            # noqa: E731
+    if split == "shape":                                                           # new classes: unseen words
+        assert shapes(bn) == {"circle", "square", "triangle"} and shapes(nn) == {"star", "cross", "diamond"}
+    else:                                                                          # data.py's checkerboard
+        assert bn == data.classnames_of(data.load_records("shapes_cls", "test", subset="base"))
+        assert shapes(bn) == shapes(nn)
+    train, tn = rlp.load_split(a, "train", "base", 1, 16)
+    assert tn == bn and len(train) == 24 * 16
 
 
-@pytest.mark.parametrize("kind", ["zeroshot", "coop", "rlp"])
-def test_smoke_main(kind, tmp_path, cache):
-    res = run_main(["--prompt", kind, "--max_steps", "3"], tmp_path, cache)
-    s = res["methods"][kind]
-    assert 0 <= s["base_mean"] <= 100 and 0 <= s["new_mean"] <= 100
-    assert s["tunable"] == {"zeroshot": 0, "coop": 4 * 32, "rlp": 4 + 32}[kind]
-    out = tmp_path / "out"
-    assert (out / "results.json").exists() and (out / "metrics.jsonl").exists()
+def test_sweep_is_one_factor_at_a_time():
+    a, _ = rlp.resolve(rlp.Args(sweep=True))
+    rows = rlp.settings(a)
+    assert [k for _, k, _ in rows[:4]] == ["zeroshot", "coop", "coop", "rlp"] and len(rows) == 18
+    default = rlp.setting_of(a)
+    for label, kind, s in rows:
+        changed = {k for k, v in rlp.setting_of(s).items() if v != default[k]}
+        assert changed <= {"rank"} or changed <= {"rlp_dropout"} or changed <= {"n_ctx", "ctx_init", "epochs"} \
+            or changed <= {"n_ctx", "ctx_init", "shots"}, (label, changed)
+    assert {s.rank for _, _, s in rows} == {1, 2, 4} and {s.rlp_dropout for _, _, s in rows} == {0, .1, .3, .5}
+    assert {s.epochs for _, _, s in rows} == {200, 800} and {s.shots for _, _, s in rows} == {1, 4, 16}
 
 
-def test_untrained_prompts_equal_zero_shot(tmp_path, cache):
-    """P = P_fr = emb("a photo of a") at step 0 and the shapes template is "a photo of a {}.": identical accuracy."""
-    res = run_main(["--compare", "--max_steps", "0"], tmp_path, cache)
-    m = res["methods"]
-    for k in ("coop", "rlp"):
-        assert (m[k]["base_mean"], m[k]["new_mean"]) == (m["zeroshot"]["base_mean"], m["zeroshot"]["new_mean"])
+def test_compare_table_and_untrained_prompts_equal_zero_shot(tmp_path, capsys):
+    """P = P_fr = emb("a photo of a") at step 0 and the template is "a photo of a {}.": identical accuracy."""
+    res = main(tmp_path, "--max_steps", "0", "--seeds", "1,2")
+    out = capsys.readouterr().out.splitlines()
+    rs = res["results"]
+    assert list(rs) == ["zero-shot", "CoOp n=4 init", "RLP r=1 p=0.1"] and len(rs["RLP r=1 p=0.1"]) == 2
+    for k in ("base", "new"):
+        assert rs["CoOp n=4 init"][0][k] == rs["RLP r=1 p=0.1"][1][k] == rs["zero-shot"][0][k]
+    title = next(i for i, ln in enumerate(out) if ln.startswith("shapes_cls (tiny), base-to-new (shape split)"))
+    table = out[title + 1:title + 6]
+    assert [c.strip() for c in table[0].split("|")] == ["method", "base", "new", "HM", "train", "tunable"]
+    assert all(len(ln) <= 100 for ln in table)
+    b, n = rs["zero-shot"][0]["base"], rs["zero-shot"][0]["new"]
+    assert f"{b:.2f} ± 0.00" in table[2] and f"{2 * b * n / (b + n):.2f}" in table[2]
+    assert table[4].endswith("| 36") and "trainable: 36 ||" in "\n".join(out)         # n r + r d = 4 + 32
 
 
-def test_real_data_path_with_local_hf_clip(tmp_path):
-    """CoOp-layout dataset (DTD, folder layout) + a local HF CLIP checkpoint: data.extract_features(pooled=True)
-    with the HF tower, the checkpoint's tokenizer, the dataset's template; base-to-new runs end to end."""
+def test_resume_equals_uninterrupted(tmp_path):
+    run = ["--prompt", "rlp", "--rlp_dropout", "0.3", "--lr", "0.05", "--shots", "2", "--epochs", "3"]
+    main(tmp_path / "a", *run)                                                     # 6 steps an epoch, 18 in all
+    main(tmp_path / "b", *run, "--max_steps", "8")                                 # stops inside epoch 2
+    assert torch.load(tmp_path / "b/out/seed1/rlp/ckpt.pt", weights_only=False)["step"] == 8
+    main(tmp_path / "b", *run, "--resume")
+    ca, cb = (torch.load(tmp_path / d / "out/seed1/rlp/ckpt.pt", weights_only=False) for d in "ab")
+    assert ca["step"] == cb["step"] == 18 and ca["trainable"]["context.P_B"].abs().sum() > 0
+    for k in ca["trainable"]:
+        assert torch.equal(ca["trainable"][k], cb["trainable"][k]), k
+
+
+def test_eval_only_reproduces_the_trained_numbers(tmp_path):
+    run = ["--prompt", "coop", "--lr", "0.05", "--max_steps", "3"]
+    trained = main(tmp_path, *run)["results"]["CoOp n=4 init"][0]
+    again = main(tmp_path, *run, "--eval_only")["results"]["CoOp n=4 init"][0]
+    assert again == trained and trained["steps"] == again["steps"] == 3
+
+
+def test_real_model_path_coop_folder_layout_and_local_hf_clip(tmp_path, hf_dir):
+    """DTD in the CoOp folder layout + a local HF CLIP checkpoint: its tokenizer, data.extract_features with
+    the HF tower (cached), the dataset's template; base-to-new end to end."""
     import numpy as np
     from PIL import Image
-    tok = rlp.tiny_tokenizer()
-    rlp.CLIPModel(rlp.tiny_config(tok, 32, 64, 32)).save_pretrained(tmp_path / "clip")
-    tok.save_pretrained(tmp_path / "clip")
     rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for c in ("red", "green", "blue", "gray"):
@@ -188,105 +216,80 @@ def test_real_data_path_with_local_hf_clip(tmp_path):
             d.mkdir(parents=True)
             for i in range(2):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-    res = rlp.main(["--dataset", "DTD", "--data_root", str(tmp_path / "data"), "--model", str(tmp_path / "clip"),
-                    "--compare", "--shots", "2", "--max_steps", "2", "--num_seeds", "1", "--out_dir",
-                    str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
-    assert res["dataset"] == "dtd" and res["methods"]["rlp"]["tunable"] == 4 + 32
-    assert list((tmp_path / "cache" / "features").glob("dtd-test-base-*.npy"))             # features cached on disk
+    res = main(tmp_path, "--dataset", "DTD", "--data_root", str(tmp_path / "data"), "--model", hf_dir,
+               "--shots", "2", "--max_steps", "2", "--cache_dir", str(tmp_path / "cache"))
+    assert res["args"]["dataset"] == "dtd" and res["results"]["RLP r=1 p=0.1"][0]["tunable"] == 4 + 32
+    assert list((tmp_path / "cache" / "features").glob("dtd-test-base-*.npy"))
 
 
-def test_cli_subprocess(tmp_path, cache):
-    out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "rlp.py", "--max_steps", "2", "--prompt", "rlp", "--out_dir", str(out),
-                        "--cache_dir", cache] + TINY, cwd=ROOT, capture_output=True, text=True, timeout=300,
+# ------------------------------------------------------------------ command line, DDP
+def test_cli_subprocess(tmp_path, hf_dir):
+    r = subprocess.run([sys.executable, "rlp.py", *FAST, "--model", hf_dir, "--max_steps", "2", "--prompt", "rlp",
+                        "--out_dir", str(tmp_path / "cli")], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "trainable: 36 || all:" in r.stdout and "HM" in r.stdout
-    assert json.loads((out / "results.json").read_text())["methods"]["rlp"]["per_seed"][0]["steps"] == 2
+    assert "trainable: 36 || all:" in r.stdout and "| HM " in r.stdout
+    assert json.loads((tmp_path / "cli" / "results.json").read_text())["results"]["RLP r=1 p=0.1"][0]["steps"] == 2
 
 
-def test_resume_equals_uninterrupted(tmp_path, cache):
-    common = ["--prompt", "rlp", "--rlp_dropout", "0.3", "--warmup_epochs", "0", "--lr", "0.05", "--save_every", "1000"]
-    a = rlp.main(TINY + common + ["--cache_dir", cache, "--out_dir", str(tmp_path / "a"), "--max_steps", "9"])
-    rlp.main(TINY + common + ["--cache_dir", cache, "--out_dir", str(tmp_path / "b"), "--max_steps", "4"])
-    b = rlp.main(TINY + common + ["--cache_dir", cache, "--out_dir", str(tmp_path / "b"), "--max_steps", "9", "--resume"])
-    ca, cb = (torch.load(tmp_path / d / "rlp-seed1" / "ckpt.pt", weights_only=False) for d in "ab")
-    assert ca["step"] == cb["step"] == 9
-    assert ca["trainable"]["context.P_B"].abs().sum() > 0
-    for k in ca["trainable"]:
-        assert torch.equal(ca["trainable"][k], cb["trainable"][k]), k
-    loss = lambda d: [json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl") if '"step": 9' in l]
-    assert loss("a") == loss("b")
-    assert a["methods"]["rlp"]["base_mean"] == b["methods"]["rlp"]["base_mean"]
-
-
-def test_ddp_two_gloo_processes(tmp_path, cache):
+def test_ddp_two_gloo_processes(tmp_path, hf_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), "rlp.py", "--prompt", "rlp", "--max_steps", "3", "--device", "cpu",
-                        "--out_dir", str(out), "--cache_dir", cache] + TINY,
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+                        str(port), "rlp.py", *FAST, "--model", hf_dir, "--prompt", "coop", "--max_steps", "2",
+                        "--out_dir", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
-    assert res["methods"]["rlp"]["per_seed"][0]["steps"] == 3
-    assert r.stdout.count("trainable: 36 ||") == 1                                   # only rank 0 prints
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["results"]["CoOp n=4 init"][0]["steps"] == 2
+    assert r.stdout.count("trainable: 128 ||") == 1 and r.stdout.count("| HM ") == 1   # only rank 0 prints
 
 
-# ------------------------------------------------------------------ bad inputs -> exit 2, one line
-def expect_exit(code, argv, tmp_path, cache, capsys, *words):
+# ------------------------------------------------------------------ bad inputs -> exit 2, one error line
+def expect_exit(code, tmp_path, capsys, argv, *words):
     with pytest.raises(SystemExit) as e:
-        run_main(argv, tmp_path, cache)
-    err = capsys.readouterr().err
-    assert e.value.code == code, err
-    assert err.strip().splitlines()[-1].startswith("error:") and "Traceback" not in err
-    for w in words:
-        assert w in err, err
-    return err
+        main(tmp_path, *argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and err[-1].startswith("error:") and not any("Traceback" in ln for ln in err)
+    assert all(w in err[-1] for w in words), err[-1]
 
 
-def test_unknown_dataset(tmp_path, cache, capsys):
-    expect_exit(2, ["--dataset", "nope"], tmp_path, cache, capsys, "unknown dataset 'nope'")
+@pytest.mark.parametrize("argv, words", [
+    (["--dataset", "nope"], ["--dataset nope"]),
+    (["--seeds", "1,x"], ["--seeds 1,x"]),
+    (["--seeds", "1,1"], ["--seeds 1,1"]),
+    (["--rlp_dropout", "1.5"], ["--rlp_dropout"]),
+    (["--prompt", "lora"], ["--prompt lora"]),
+    (["--dataset", "dtd", "--model", "tiny"], ["--model tiny"]),
+    (["--eval_only", "--prompt", "coop"], ["no checkpoint at"]),
+])
+def test_bad_flags_exit_2(tmp_path, capsys, argv, words):
+    expect_exit(2, tmp_path, capsys, argv, *words)
 
 
-def test_results_exist_needs_overwrite(tmp_path, cache, capsys):
-    run_main(["--prompt", "zeroshot"], tmp_path, cache)
-    expect_exit(2, ["--prompt", "zeroshot"], tmp_path, cache, capsys, "--overwrite")
-    run_main(["--prompt", "zeroshot", "--overwrite"], tmp_path, cache)
+def test_finished_run_needs_overwrite_and_checkpoint_needs_its_flags(tmp_path, capsys):
+    main(tmp_path, "--prompt", "rlp", "--max_steps", "1")
+    expect_exit(2, tmp_path, capsys, ["--prompt", "rlp", "--max_steps", "1"], "--overwrite")
+    expect_exit(2, tmp_path, capsys, ["--prompt", "rlp", "--rank", "2", "--eval_only"], "other flags", "'rank': 1")
+    main(tmp_path, "--prompt", "rlp", "--max_steps", "1", "--overwrite")
 
 
-def test_class_name_mismatch(tmp_path, cache, capsys, monkeypatch):
-    real = data.load_records
-
-    def renamed(dataset, split, *a, **k):
-        recs = real(dataset, split, *a, **k)
-        if split == "test":
-            recs = [dict(r, classname="blue blob") if r["label"] == 0 else r for r in recs]
-        return recs
-    monkeypatch.setattr(data, "load_records", renamed)
-    expect_exit(2, ["--prompt", "zeroshot"], tmp_path, cache, capsys, "class name mismatch")
-
-
-def test_missing_split_file(tmp_path, cache, capsys):
+def test_missing_split_file(tmp_path, capsys, hf_dir):
     (tmp_path / "data" / "oxford_pets" / "images").mkdir(parents=True)
-    expect_exit(2, ["--dataset", "OxfordPets", "--data_root", str(tmp_path / "data")], tmp_path, cache, capsys,
-                "split_zhou_OxfordPets.json")
+    expect_exit(2, tmp_path, capsys, ["--dataset", "OxfordPets", "--data_root", str(tmp_path / "data"),
+                                      "--model", hf_dir], "split_zhou_OxfordPets.json")
 
 
-def test_class_name_mismatch_between_train_and_test(tmp_path, cache, capsys):
+def test_class_mismatch_between_train_and_test(tmp_path, capsys, hf_dir):
     """DTD in folder layout (no split file): the test split has a class the train split lacks."""
     for split, names in (("train", ["banded", "bubbly"]), ("test", ["banded", "cracked"])):
         for n in names:
             d = tmp_path / "data" / "dtd" / "images" / split / n
             d.mkdir(parents=True)
             (d / "0.jpg").write_bytes(b"")
-    expect_exit(2, ["--dataset", "DTD", "--data_root", str(tmp_path / "data"), "--protocol", "all"],
-                tmp_path, cache, capsys, "class name mismatch", "bubbly", "cracked")
+    expect_exit(2, tmp_path, capsys, ["--dataset", "DTD", "--data_root", str(tmp_path / "data"), "--model", hf_dir],
+                "class name mismatch", "bubbly", "cracked")
 
 
-def test_non_finite_loss_exits_1(tmp_path, cache, capsys):
-    expect_exit(1, ["--prompt", "coop", "--lr", "1e38", "--warmup_epochs", "0", "--max_steps", "6"],
-                tmp_path, cache, capsys, "non-finite loss at step")
+def test_non_finite_loss_exits_1(tmp_path, capsys):
+    expect_exit(1, tmp_path, capsys, ["--prompt", "coop", "--lr", "1e38", "--max_steps", "6"], "non-finite loss at step")
