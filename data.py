@@ -50,6 +50,7 @@ renders them deterministically, so no file is ever written.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -68,9 +69,10 @@ from PIL import Image
 
 DATASETS = ("shapes_vqa", "shapes_caption", "shapes_cls",
             "vqav2", "gqa", "coco", "flickr30k",
-            "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
+            "scienceqa", "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
             "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 DATA_VERSION = 1  # bump when synthetic rendering / feature layout changes (invalidates caches)
+PRETRAIN_WORLD = 1000  # world seed of every tiny stand-in's pre-training; benchmarks use world 0
 
 
 def cache_dir(*parts: str) -> str:
@@ -348,13 +350,33 @@ def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]
     return tpl.format(rel=rel, ref=f"the {a['color']} {a['shape']}"), b["shape"]
 
 
+_DESCRIBE = ("{objs}.", "there is {objs}.", "the image shows {objs}.", "{n}: {objs}.", "{sentences}.")
+
+
+def describe_scene(scene: dict, rng: Optional[np.random.Generator] = None) -> str:
+    """Text description of a scene graph naming every object's size, colour, shape and position, e.g.
+    "a large red circle on the left and a small blue square at the top." With rng (numpy Generator) the
+    object order and the wording vary ("the image shows ...", "the small blue square is at the top ...");
+    every word is in synthetic_vocab(). Tiny language models read it as context before a question."""
+    objs = list(scene["objects"])
+    form = 0
+    if rng is not None:
+        objs = [objs[i] for i in rng.permutation(len(objs))]
+        form = int(rng.integers(len(_DESCRIBE)))
+    n = len(objs)
+    return _DESCRIBE[form].format(
+        objs=_join([_a(f"{o['size']} {o['color']} {o['shape']} {_WHERE[o['pos']]}") for o in objs]),
+        n=f"{_NUMWORD[n]} object{'s' if n > 1 else ''}",
+        sentences=_join([f"the {o['size']} {o['color']} {o['shape']} is {_WHERE[o['pos']]}" for o in objs]))
+
+
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]+")  # = tokenizers' Whitespace pre-tokenizer
 
 
 def synthetic_vocab() -> list[str]:
     """Every word the synthetic world can produce (questions, answers, captions), sorted."""
     texts = [t for ts in _Q_TEMPLATES.values() for t in ts] + list(_WHERE.values()) + list(_RELATIONS)
-    texts += [_CAPTION_WORDS, " ".join(SHAPES + COLORS + SIZES + POSITIONS + _NUMWORD),
+    texts += [_CAPTION_WORDS, *_DESCRIBE, " ".join(SHAPES + COLORS + SIZES + POSITIONS + _NUMWORD),
               " ".join(_PLURAL.values()), "yes no 0 1 2 3 4 5 6 7 8 9"]
     words = {w for t in texts for w in _TOKEN_RE.findall(re.sub(r"\{\w+\}", " ", t).lower())}
     return sorted(words)
@@ -430,6 +452,13 @@ def _class_subset(recs: list[dict], subset: str) -> list[dict]:
     return out
 
 
+def caption_pairs(records: Sequence[dict]) -> list[dict]:
+    """Captioning training data: one record per (image, caption), the caption under "caption" (id
+    "<id>#<k>", same image_id, so the image features are shared). Evaluation uses the records
+    themselves: one per image, every reference in "captions"."""
+    return [dict(r, id=f"{r['id']}#{k}", caption=c) for r in records for k, c in enumerate(r["captions"])]
+
+
 def classnames_of(records: Sequence[dict]) -> list[str]:
     """Class names ordered by label (the full class list of the dataset / subset, even when
     `records` is a few-shot or limited selection)."""
@@ -460,9 +489,11 @@ _VQA_URL = ("https://visualqa.org/download.html (questions+annotations) and "
             "https://cocodataset.org/#download (2014 images)")
 _KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 _COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+_LETTERS = "ABCDE"  # ScienceQA options (2 to 5 choices)
 _REAL = {
     "vqav2": ("vqav2", None, None, _VQA_URL),
     "gqa": ("gqa", None, "images", "https://cs.stanford.edu/people/dorarad/gqa/download.html"),
+    "scienceqa": ("scienceqa", "problems.json", "images", "https://github.com/lupantech/ScienceQA (data/scienceqa)"),
     "coco": ("coco", "dataset_coco.json", None, f"{_KARPATHY_URL} and https://cocodataset.org/#download"),
     "flickr30k": ("flickr30k", "dataset_flickr30k.json", "flickr30k-images",
                   f"{_KARPATHY_URL} and https://shannon.cs.illinois.edu/DenotationGraph/"),
@@ -523,6 +554,8 @@ def _load_real(dataset: str, split: str, data_root: Optional[str]) -> list[dict]
         return _load_vqav2(root, split)
     if dataset == "gqa":
         return _load_gqa(root, split)
+    if dataset == "scienceqa":
+        return _load_scienceqa(root, split)
     if dataset in ("coco", "flickr30k"):
         return _load_karpathy(dataset, root, split)
     return _load_cls(dataset, root, split)
@@ -594,6 +627,40 @@ def _load_gqa(root: Path, split: str) -> list[dict]:
     return out
 
 
+def _load_scienceqa(root: Path, split: str) -> list[dict]:
+    """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image
+    ("image.png" or null), subject, grade, ...}}), pid_splits.json ({split: [pid, ...]}) and
+    images/<split>/<pid>/image.png; captions.json ({"captions": {pid: str}}), if present, gives the image
+    captions that MemVP's prompt adds to the context. Text-only questions have image_id None."""
+    path, splits_path = root / "problems.json", root / "pid_splits.json"
+    problems, pids = _read_json(path, "scienceqa"), _get(_read_json(splits_path, "scienceqa"), split, splits_path)
+    captions = _read_json(root / "captions.json", "scienceqa")["captions"] if (root / "captions.json").is_file() else {}
+    if any(_get(problems, pid, path).get("image") for pid in pids):
+        _need_dir(root / "images" / split, "scienceqa")
+    out = []
+    for pid in pids:
+        p = problems[pid]
+        choices, answer, hint = _get(p, "choices", path, f"{pid}."), _get(p, "answer", path, f"{pid}."), p.get("hint") or ""
+        image = str(root / "images" / split / pid / p["image"]) if p.get("image") else None
+        meta = {k: p.get(k) for k in ("subject", "topic", "category", "skill", "lecture", "solution")}
+        meta.update(grade=_get(p, "grade", path, f"{pid}."), has_context=bool(hint), has_image=bool(image),
+                    caption=captions.get(pid, ""))
+        out.append({"id": pid, "image_id": pid if image else None, "image_path": image, "task": "mcq",
+                    "question": _get(p, "question", path, f"{pid}."), "context": hint, "choices": choices,
+                    "answer": _LETTERS[answer], "answer_index": answer, "meta": meta})
+    return out
+
+
+def scienceqa_prompt(record: dict, use_caption: bool = True) -> tuple[str, str]:
+    """(prompt, target) in MemVP's ScienceQA format (the official code's "QCM-A"): "Question: ...\n
+    Context: <hint> [<caption>] or N/A\nOptions: (A) ... (B) ...\nResponse:" and "The answer is A."
+    At test time the model continues prompt + " The answer is" and the first capital letter is read."""
+    context = " ".join([record["context"], record["meta"]["caption"] if use_caption else ""]).strip() or "N/A"
+    options = " ".join(f"({_LETTERS[i]}) {c}" for i, c in enumerate(record["choices"]))
+    prompt = f"Question: {record['question']}\nContext: {context}\nOptions: {options}\nResponse:"
+    return prompt.replace("  ", " "), f"The answer is {record['answer']}."
+
+
 def _load_karpathy(dataset: str, root: Path, split: str) -> list[dict]:
     """Karpathy caption splits: images[].split/filename/(filepath)/sentences[].raw; COCO
     train = train + restval."""
@@ -607,7 +674,7 @@ def _load_karpathy(dataset: str, root: Path, split: str) -> list[dict]:
         fname = _get(im, "filename", path, "images[].")
         folder = _get(im, "filepath", path, "images[].") if dataset == "coco" else _REAL[dataset][2]
         iid = str(im["cocoid"]) if "cocoid" in im else Path(fname).stem
-        caps = [_get(s, "raw", path, "images[].sentences[].") for s in _get(im, "sentences", path, "images[].")]
+        caps = [_get(s, "raw", path, "images[].sentences[].").strip() for s in _get(im, "sentences", path, "images[].")]
         out.append({"id": iid, "image_id": iid, "image_path": str(root / folder / fname), "task": "caption",
                     "captions": caps, "meta": {}})
     for d in sorted({str(Path(r["image_path"]).parent) for r in out}):
@@ -730,7 +797,9 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
     settings and a hash of the image ids; written to a temp file then renamed, so a partial
     cache is never read. Under torch.distributed rank 0 extracts, the others wait, all load.
     """
-    image_size = image_size or 224
+    if encoder == "tiny-cnn" and image_size not in (None, TINY_CNN_IMAGE_SIZE):
+        raise DataError(f"tiny-cnn reads images at {TINY_CNN_IMAGE_SIZE} px; leave image_size unset")
+    image_size = image_size or (TINY_CNN_IMAGE_SIZE if encoder == "tiny-cnn" else 224)
     if encoder == "patches" and image_size % patch_size:
         raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     uniq, rows = _image_table(records)
@@ -738,7 +807,8 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
     key = {"version": DATA_VERSION, "dataset": dataset, "split": split, "encoder": encoder,
            "image_size": image_size, "pooled": pooled, "n_images": len(uniq),
            "ids": hashlib.sha1(ids.encode()).hexdigest()[:16]}
-    key.update({"patch_size": patch_size} if encoder == "patches" else {"layer": layer, "keep_cls": keep_cls})
+    key.update({"patch_size": patch_size} if encoder == "patches" else {"recipe": _TINY_CNN_RECIPE} if encoder == "tiny-cnn"
+               else {"layer": layer, "keep_cls": keep_cls})
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder)[-48:]
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache_dir or _cache_folder("features"))
@@ -836,6 +906,8 @@ def _encoder(encoder: str, model, image_processor, *, layer, image_size, patch_s
     """A function list[PIL image] -> (B, n, d) float array."""
     if encoder == "patches":
         return lambda images: np.stack([_patches(im, image_size, patch_size) for im in images])
+    if encoder == "tiny-cnn":
+        return _tiny_cnn_encoder(pooled)
     return _hf_encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
                        keep_cls=keep_cls, pooled=pooled, device=device)
 
@@ -893,6 +965,139 @@ def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls,
         if not keep_cls:
             hs = hs[:, hs.shape[1] - grid:]  # drop CLS / register tokens in front of the grid
         return hs.float().cpu().numpy()
+
+    return encode
+
+
+# The frozen vision encoder of the synthetic world ("tiny-cnn"). The papers start from a vision encoder
+# pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what is in an image.
+# Its offline stand-in is pre-trained, supervised, on the world PRETRAIN_WORLD, which no benchmark uses, to
+# name the colour, shape and size of the object in each cell of a 3x3 grid (grid tokens) and the colours,
+# shapes, positions and pairs of them in the whole image (pooled vector); then frozen and cached.
+TINY_CNN_WIDTH = 96       # C: width of its grid tokens and pooled vector
+TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48 (one 3x3 grid cell = 16 x 16 pixels)
+_TINY_CNN_RECIPE = {"arch": 1, "width": TINY_CNN_WIDTH, "image_size": TINY_CNN_IMAGE_SIZE, "images": 4000,
+                    "steps": 600, "batch": 32, "lr": 1e-2, "world": PRETRAIN_WORLD, "data": DATA_VERSION}
+_CELL = {"top": 1, "left": 3, "center": 4, "right": 5, "bottom": 7}  # grid cell (row-major) of each position
+
+
+class TinyCNN(torch.nn.Module):
+    """pixels (B, 3, 48, 48) in [0, 1] -> grid tokens (B, 9, C), pooled vector (B, C); both divided by
+    their RMS on the pre-training images, so they have unit scale."""
+
+    def __init__(self, width: int = TINY_CNN_WIDTH):
+        super().__init__()
+        nn = torch.nn
+        self.conv = nn.Sequential(  # 4x4 patches -> 12 x 12 map -> max over 4 x 4 blocks -> 3 x 3 grid
+            nn.Conv2d(3, 32, 4, stride=4), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, width, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(3))
+        self.pool = nn.Linear(9 * width, width)
+        self.register_buffer("scale", torch.ones(2))
+
+    def forward(self, px):
+        grid = self.conv(px).flatten(2).transpose(1, 2)                       # (B, 9, C)
+        return grid / self.scale[0], self.pool(grid.flatten(1)) / self.scale[1]
+
+
+def _scene_names(objects: list[dict]) -> list[str]:
+    """What the pooled vector learns to name: colours, shapes, positions and pairs of them."""
+    return [n for o in objects for n in (o["color"], o["shape"], o["pos"], f"{o['size']} {o['shape']}",
+                                         f"{o['color']} {o['shape']}", f"{o['shape']} {o['pos']}",
+                                         f"{o['color']} {o['pos']}")]
+
+
+def _tiny_cnn_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (cells (N, 9, 3): colour / shape / size index of the object in each cell, 0 = none;
+    names (N, K) multi-hot over every name _scene_names can give)."""
+    vocab = sorted({n for c in COLORS for s in SHAPES for z in SIZES for p in POSITIONS
+                    for n in _scene_names([{"color": c, "shape": s, "size": z, "pos": p}])})
+    index = {n: i for i, n in enumerate(vocab)}
+    cells, names = torch.zeros(len(scenes), 9, 3, dtype=torch.long), torch.zeros(len(scenes), len(vocab))
+    for i, sc in enumerate(scenes):
+        for o in sc["objects"]:
+            cells[i, _CELL[o["pos"]]] = torch.tensor([1 + COLORS.index(o["color"]), 1 + SHAPES.index(o["shape"]),
+                                                      1 + SIZES.index(o["size"])])
+        names[i, [index[n] for n in _scene_names(sc["objects"])]] = 1
+    return cells, names
+
+
+def _to_pixels(images: list) -> torch.Tensor:
+    s = TINY_CNN_IMAGE_SIZE
+    return torch.stack([torch.from_numpy(np.asarray(im if im.size == (s, s) else im.resize((s, s), Image.BILINEAR),
+                                                    np.float32) / 255).permute(2, 0, 1) for im in images])
+
+
+def tiny_cnn() -> TinyCNN:
+    """The frozen, pre-trained "tiny-cnn" (built once, ~15 s CPU, cached in cache_dir("tiny_cnn") by recipe).
+    Deterministic: seeded, pre-trained on one thread (the caller's thread count and RNG are restored)."""
+    digest = hashlib.sha1(json.dumps(_TINY_CNN_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(_cache_folder("tiny_cnn")) / f"tiny-cnn-{digest}.pt"
+    if path.is_file():
+        model = TinyCNN()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model.eval().requires_grad_(False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = TinyCNN()
+            _pretrain_tiny_cnn(model, **_TINY_CNN_RECIPE)
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval().requires_grad_(False)
+
+
+def _pretrain_tiny_cnn(model: TinyCNN, *, images, steps, batch, lr, world, **_) -> None:
+    """Supervised pre-training on `images` scenes of world `world`: cross-entropy naming the colour / shape /
+    size (or nothing) in each grid cell from its token, binary cross-entropy naming the scene from the
+    pooled vector (both through linear heads, so the names are linearly readable from the frozen features)."""
+    import torch.nn.functional as F
+    w = ShapesWorld(seed=world, split_sizes={"train": images})
+    scenes = [w.scene("train", i) for i in range(images)]
+    px = _to_pixels([w.render(sc, TINY_CNN_IMAGE_SIZE) for sc in scenes])    # (N, 3, S, S)
+    cells, names = _tiny_cnn_targets(scenes)
+    cell_head = torch.nn.Linear(model.pool.out_features, 1 + len(COLORS) + 1 + len(SHAPES) + 1 + len(SIZES))
+    name_head = torch.nn.Linear(model.pool.out_features, names.shape[1])
+    params = [*model.parameters(), *cell_head.parameters(), *name_head.parameters()]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    splits = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES)]
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(px), (batch,), generator=gen)
+        grid, pooled = model(px[idx])
+        logits = cell_head(grid).split(splits, -1)                            # colour, shape, size
+        loss = sum(F.cross_entropy(lg.flatten(0, 1), cells[idx, :, k].flatten()) for k, lg in enumerate(logits)) / 3
+        loss = loss + F.binary_cross_entropy_with_logits(name_head(pooled), names[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    with torch.no_grad():
+        grid, pooled = model(px[:1000])
+        model.scale.copy_(torch.stack([grid.pow(2).mean().sqrt(), pooled.pow(2).mean().sqrt()]))
+
+
+def _tiny_cnn_encoder(pooled: bool) -> Callable:
+    model = tiny_cnn()
+
+    @torch.no_grad()
+    def encode(images):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same features whatever the caller's thread count
+        try:
+            grid, vec = model(_to_pixels(images))
+        finally:
+            torch.set_num_threads(threads)
+        return (vec[:, None] if pooled else grid).numpy()                    # (B, 1, C) or (B, 9, C)
 
     return encode
 
@@ -1100,6 +1305,25 @@ def caption_metrics(preds: dict, refs: dict) -> dict:
     return out
 
 
+def scienceqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
+    """Accuracy (percent, 2 decimals) of predicted letters on ScienceQA, in the columns of MemVP's Table 2
+    (as the official evaluation): average; subjects NAT / SOC / LAN; context TXT (has a hint), IMG (has an
+    image), NO (neither); grades G1-6 / G7-12. A column without questions is left out."""
+    if len(preds) != len(records):
+        raise ValueError(f"scienceqa_accuracy: {len(preds)} predictions for {len(records)} records")
+    groups = {"NAT": lambda m: m["subject"] == "natural science", "SOC": lambda m: m["subject"] == "social science",
+              "LAN": lambda m: m["subject"] == "language science", "TXT": lambda m: m["has_context"],
+              "IMG": lambda m: m["has_image"], "NO": lambda m: not (m["has_context"] or m["has_image"]),
+              "G1-6": lambda m: int(m["grade"][5:]) <= 6, "G7-12": lambda m: int(m["grade"][5:]) > 6}
+    right = [str(p).strip() == r["answer"] for p, r in zip(preds, records)]
+    out = {"average": round(100 * sum(right) / max(len(right), 1), 2)}
+    for name, member in groups.items():
+        hits = [ok for ok, r in zip(right, records) if member(r["meta"])]
+        if hits:
+            out[name] = round(100 * sum(hits) / len(hits), 2)
+    return out
+
+
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:
     """percent"""
     preds, labels = list(map(int, preds)), list(map(int, labels))
@@ -1113,23 +1337,43 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
+def _clean(answer: str) -> str:
+    """What the official evaluation does to every answer before comparing."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
-    """Answers (normalised) occurring >= min_freq times as the most-common answer in
-    train records (3129 answers for VQAv2 train+val with min_freq 9, the usual setup);
-    min_freq=1 for tiny data. Ordered by frequency, then alphabetically."""
+    """Classes of a VQA classifier head: the answers whose normalised form is the most common answer
+    of >= min_freq training questions (3129 for VQAv2 train+val with min_freq 9, the usual setup;
+    min_freq=1 for tiny data), by frequency, then alphabetically. Each class is written as its most
+    frequent RAW form among the training annotators' answers ("t-shirt", not the normalised "t shirt"):
+    unanimous answers are compared exactly by the official metric, so that is what the classifier says."""
     counts = Counter(normalize_answer(r["answer"]) for r in records)
-    return sorted((a for a, c in counts.items() if c >= min_freq), key=lambda a: (-counts[a], a))
+    keep = sorted((a for a, c in counts.items() if c >= min_freq), key=lambda a: (-counts[a], a))
+    raw: dict[str, Counter] = {a: Counter() for a in keep}
+    for r in records:
+        for a in r["answers"]:
+            a = _clean(a)
+            raw.get(normalize_answer(a), Counter())[a] += 1
+    return [min(raw[a].items(), key=lambda kv: (-kv[1], kv[0]))[0] if raw[a] else a for a in keep]
 
 
-def vqa_soft_targets(record: dict, vocab_index: dict) -> torch.Tensor:
-    """(len(vocab),) soft score per answer for BCE classifiers: the official leave-one-out
-    score of that answer among the record's answers (1,2,3,>=4 of 10 -> 0.3,0.6,0.9,1)."""
-    target = torch.zeros(len(vocab_index))
+def vqa_soft_targets(record: dict, vocab: Sequence[str]) -> torch.Tensor:
+    """(len(vocab),) soft score per class for BCE classifier heads: the official leave-one-out score of
+    that answer among the record's answers (1, 2, 3, >=4 of 10 -> 0.3, 0.6, 0.9, 1), answers matched
+    to the classes of answer_vocab by their normalised form."""
+    index = _class_index(tuple(vocab))
+    target = torch.zeros(len(index))
     answers = [normalize_answer(a) for a in record["answers"]]
     for a, k in Counter(answers).items():
-        if a in vocab_index:
-            target[vocab_index[a]] = _loo(k, len(answers))
+        if a in index:
+            target[index[a]] = _loo(k, len(answers))
     return target
+
+
+@functools.lru_cache(maxsize=8)
+def _class_index(vocab: tuple) -> dict:
+    return {normalize_answer(a): i for i, a in enumerate(vocab)}
 
 
 # ----------------------------------------------------------------------------------
