@@ -1355,7 +1355,7 @@ def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
         for a in r["answers"]:
             a = _clean(a)
             raw.get(normalize_answer(a), Counter())[a] += 1
-    return [min(raw[a].items(), key=lambda kv: (-kv[1], kv[0]))[0] if raw[a] else a for a in keep]
+    return [min(raw[a].items(), key=lambda kv: (-kv[1], kv[0] != a, kv[0]))[0] if raw[a] else a for a in keep]
 
 
 def vqa_soft_targets(record: dict, vocab: Sequence[str]) -> torch.Tensor:

@@ -16,3 +16,39 @@ def write_coco_karpathy(data_root, splits=("train", "restval", "train", "train",
                        "sentences": [{"raw": c} for c in captions]})
     (coco / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
     return coco
+
+
+def write_scienceqa(data_root, problems=None):
+    """<data_root>/scienceqa/ as released: problems.json, pid_splits.json, captions.json and
+    images/<split>/<pid>/image.png for the problems that have an image. Default: four test problems covering
+    every column of the official evaluation (subjects, context modality, grades) and two train problems."""
+    import os
+    root = data_root / "scienceqa"
+    problems = problems or {
+        "1": dict(question="Is it a mammal?", choices=["yes", "no"], answer=0, hint="", image="image.png",
+                  subject="natural science", grade="grade2", split="test"),
+        "2": dict(question="Which is a state?", choices=["Ohio", "Paris", "Texas"], answer=2,
+                  hint="Read the text.", image=None, subject="social science", grade="grade8", split="test"),
+        "3": dict(question="Which word rhymes?", choices=["cat", "hat"], answer=1, hint="", image=None,
+                  subject="language science", grade="grade5", split="test"),
+        "4": dict(question="What is shown?", choices=["a", "b", "c", "d"], answer=3, hint="Look.",
+                  image="image.png", subject="natural science", grade="grade10", split="test"),
+        "5": dict(question="Is it hot?", choices=["yes", "no"], answer=1, hint="", image="image.png",
+                  subject="natural science", grade="grade3", split="train"),
+        "6": dict(question="Pick one.", choices=["x", "y", "z", "w", "v"], answer=4, hint="It is v.",
+                  image=None, subject="social science", grade="grade12", split="train"),
+    }
+    splits = {"train": [], "val": [], "test": [], "minival": []}
+    for pid, p in problems.items():
+        p = {"task": "closed choice", "topic": "biology", "category": "Classify", "skill": "s",
+             "lecture": "A lecture.", "solution": "A solution.", **p}
+        problems[pid] = p
+        splits[p["split"]].append(pid)
+        if p["image"]:
+            os.makedirs(root / "images" / p["split"] / pid, exist_ok=True)
+            Image.new("RGB", (40, 30), (30 * int(pid), 120, 60)).save(root / "images" / p["split"] / pid / p["image"])
+    os.makedirs(root, exist_ok=True)
+    (root / "problems.json").write_text(json.dumps(problems))
+    (root / "pid_splits.json").write_text(json.dumps(splits))
+    (root / "captions.json").write_text(json.dumps({"captions": {"1": "A photo of a dog.", "5": "A sun."}}))
+    return root

@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 from data import DataError  # noqa: E402
+from formats import write_scienceqa  # noqa: E402
 
 SMALL = {"train": 60, "val": 20, "test": 30}
 
@@ -99,6 +102,25 @@ def test_tokenizer_and_vocab_cover_world():
     assert data.build_tokenizer(["b a", "c"]).get_vocab() == data.build_tokenizer({"c", "a b"}).get_vocab()
 
 
+def test_describe_scene_names_every_object():
+    scene = {"objects": [{"shape": "circle", "color": "red", "size": "large", "pos": "left"},
+                         {"shape": "square", "color": "blue", "size": "small", "pos": "top"}]}
+    assert data.describe_scene(scene) == "a large red circle on the left and a small blue square at the top."
+    w = data.ShapesWorld(split_sizes=SMALL)
+    rng = np.random.default_rng(0)
+    texts, vocab = set(), set(data.synthetic_vocab())
+    for i in range(40):
+        sc = w.scene("train", i)
+        text = data.describe_scene(sc, rng)
+        texts.add(text.split()[0])
+        assert set(data._TOKEN_RE.findall(text)) <= vocab
+        for o in sc["objects"]:  # every attribute of every object, in one phrase
+            assert f"{o['size']} {o['color']} {o['shape']} " in text and data._WHERE[o["pos"]] in text
+        assert data.describe_scene(sc) == data.describe_scene(sc)
+    assert len(texts) >= 4  # varied wording
+    assert data.PRETRAIN_WORLD != 0
+
+
 # ----------------------------------------------------------------------------------- VQA metric
 def loo_bruteforce(k, n=10):
     matches = [True] * k + [False] * (n - k)
@@ -148,13 +170,53 @@ def test_vqa_accuracy_types_and_rounding():
         data.vqa_accuracy(["yes"], recs)
 
 
-def test_answer_vocab_and_soft_targets():
+def test_answer_vocab_groups_by_normalised_form_and_outputs_raw_strings():
     recs = [{"answer": a, "answers": [a] * 10} for a in ["Yes", "yes", "no", "two", "2", "red"]]
-    assert data.answer_vocab(recs, min_freq=2) == ["2", "yes"]
+    assert data.answer_vocab(recs, min_freq=2) == ["2", "yes"]  # ties: the normalised form itself wins
     assert data.answer_vocab(recs, min_freq=1) == ["2", "yes", "no", "red"]
-    idx = {"yes": 0, "no": 1, "2": 2}
-    t = data.vqa_soft_targets({"answers": ["yes"] * 6 + ["no"] * 3 + ["Two"]}, idx)
+    recs += [{"answer": "t-shirt", "answers": ["t-shirt"] * 6 + ["t shirt"] * 3 + ["T-Shirt"]}]
+    assert data.answer_vocab(recs, min_freq=1)[-1] == "t-shirt"  # the most frequent raw form
+    vocab = ["yes", "no", "2"]
+    t = data.vqa_soft_targets({"answers": ["yes"] * 6 + ["no"] * 3 + ["Two"]}, vocab)
     assert torch.allclose(t, torch.tensor([1.0, 0.9, 0.3]))
+    t = data.vqa_soft_targets({"answers": ["t shirt"] * 2 + ["T-shirt"] + ["x"] * 7}, ["t-shirt", "x"])
+    assert torch.allclose(t, torch.tensor([0.9, 1.0]))  # matched by normalised form
+
+
+# answers of every shape: punctuation, articles, number words, contractions, hyphens, case
+RAW_ANSWERS = ["yes", "2", "two", "none", "t-shirt", "x-ray", "a lot", "the beach", "no one", "st. louis",
+               "can't", "dont", "black/white", "red, white", "Nike", "10:30", "3.5", "1,000", "mr. smith"]
+
+
+def perfect_classifier(vocab, records):
+    """Outputs, per question, the class with the highest soft target (what a perfect classifier learns)."""
+    return [vocab[int(data.vqa_soft_targets(r, vocab).argmax())] for r in records]
+
+
+def test_perfect_classifier_scores_100_on_unanimous_answers():
+    assert len({data.normalize_answer(a) for a in RAW_ANSWERS}) == len(RAW_ANSWERS) - 1  # "two" == "2"
+    answers = [a for a in RAW_ANSWERS if a != "two"]
+    train = [{"answer": a, "answers": [a] * 7 + [data.normalize_answer(a)] * 2 + ["other"]}
+             for a in answers for _ in range(2)]
+    vocab = data.answer_vocab(train, min_freq=2)
+    assert sorted(vocab) == sorted(answers)  # raw strings, not the normalised ones
+    unanimous = [{"answers": [a] * 10, "answer_type": "other"} for a in answers]
+    assert data.vqa_accuracy(perfect_classifier(vocab, unanimous), unanimous)["overall"] == 100.0
+    normalised = [data.normalize_answer(a) for a in answers]  # what a normalised label set would output
+    assert data.vqa_accuracy(normalised, unanimous)["overall"] < 60
+    noisy = [{"answers": [data.normalize_answer(a)] * 4 + [a.upper()] * 3 + ["other"] * 3} for a in answers]
+    assert data.vqa_accuracy(perfect_classifier(vocab, noisy), noisy)["overall"] == 100.0
+
+
+def test_perfect_classifier_with_two_unanimous_spellings():
+    """One class per normalised answer outputs one string: when both spellings are each unanimous on a
+    question, the other spelling scores 0 -- a perfect classifier gets 50.0 on this fixture."""
+    pairs = [("t-shirt", "t shirt"), ("two", "2"), ("the beach", "beach"), ("dont", "don't")]
+    train = [{"answer": s, "answers": [s] * 10} for p in pairs for s in p]
+    vocab = data.answer_vocab(train, min_freq=1)
+    assert len(vocab) == len(pairs)
+    evals = [{"answers": [s] * 10} for p in pairs for s in p]
+    assert data.vqa_accuracy(perfect_classifier(vocab, evals), evals)["overall"] == 50.0
 
 
 # ----------------------------------------------------------------------------------- caption metrics
@@ -346,6 +408,54 @@ def test_hf_clip_tower_features(tmp_path):
         data.extract_features(recs, str(tmp_path / "nope"), **kw)
 
 
+def ridge_probe(train_x, train_y, test_x, test_y, classes, lam=1.0):
+    """Closed-form linear probe (ridge regression on one-hot targets) -> test accuracy in percent."""
+    mu, s = train_x.mean(0), train_x.pow(2).mean().sqrt()
+    x, xt = (train_x - mu) / s, (test_x - mu) / s
+    x, xt = torch.cat([x, torch.ones(len(x), 1)], 1), torch.cat([xt, torch.ones(len(xt), 1)], 1)
+    w = torch.linalg.solve(x.T @ x + lam * torch.eye(x.shape[1]), x.T @ F.one_hot(train_y, classes).float())
+    return 100 * (xt @ w).argmax(1).eq(test_y).float().mean().item()
+
+
+def cell_shapes(records):
+    """(N * 5,): 0 = empty, else 1 + shape index, in the grid cells top, left, center, right, bottom."""
+    cells = ["top", "left", "center", "right", "bottom"]
+    out = torch.zeros(len(records), 5, dtype=torch.long)
+    for i, r in enumerate(records):
+        for o in r["meta"]["scene"]["objects"]:
+            out[i, cells.index(o["pos"])] = 1 + data.SHAPES.index(o["shape"])
+    return out.flatten()
+
+
+def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    model = data.tiny_cnn()  # pre-trained once per test session (cached in $VLPEFT_CACHE)
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    sizes = {"train": 300, "val": 1, "test": 200}
+    recs = {s: data.load_records("shapes_caption", s, split_sizes=sizes) for s in ("train", "test")}
+    kw = dict(cache_dir=str(tmp_path), dataset="shapes_caption", progress=False)
+    grid = {s: data.extract_features(r, "tiny-cnn", split=s, **kw)[0] for s, r in recs.items()}
+    pooled, rows, missing = data.extract_features(recs["test"], "tiny-cnn", split="test", pooled=True, **kw)
+    C = data.TINY_CNN_WIDTH
+    assert grid["test"].shape == (200, 9, C) and pooled.shape == (200, 1, C) and not missing.any()
+    with torch.no_grad():  # the cached features are the model's outputs on the 48 x 48 images
+        g, p = model(data._to_pixels([data.load_image(r, data.TINY_CNN_IMAGE_SIZE) for r in recs["test"][:8]]))
+    assert torch.allclose(grid["test"][:8].float(), g, atol=1e-2) and torch.allclose(pooled[:8, 0].float(), p, atol=1e-2)
+    # linear probe, shared over the 5 object cells: which shape (or none) is in a cell, from its token
+    cells = [1, 3, 4, 5, 7]
+    y = {s: cell_shapes(r) for s, r in recs.items()}
+    x = {s: f[:, cells].float().reshape(-1, C) for s, f in grid.items()}
+    acc = ridge_probe(x["train"], y["train"], x["test"], y["test"], 7)
+    raw = {s: data.extract_features(r, "patches", split=s, image_size=48, patch_size=16, **kw)[0]
+           for s, r in recs.items()}  # raw pixels of the same 3 x 3 grid cells
+    x = {s: f[:, cells].float().reshape(-1, f.shape[-1]) for s, f in raw.items()}
+    raw_acc = ridge_probe(x["train"], y["train"], x["test"], y["test"], 7)
+    assert acc > 95 and acc > raw_acc + 15, (acc, raw_acc)  # measured: 98.7 vs 73.1
+    with pytest.raises(DataError, match="tiny-cnn reads images at 48 px"):
+        data.extract_features(recs["test"], "tiny-cnn", split="test", image_size=64, **kw)
+
+
 # ----------------------------------------------------------------------------------- official formats
 def jpeg(path, color=(200, 30, 30), size=(40, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -408,11 +518,18 @@ def test_karpathy_caption_loaders(tmp_path):
     jpeg(coco / "val2014" / "COCO_val2014_000000000042.jpg")
     write_json(coco / "dataset_coco.json", {"dataset": "coco", "images": [
         {"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "cocoid": 42, "split": "test",
-         "sentences": [{"raw": "A dog.", "tokens": ["a", "dog"]}, {"raw": "A brown dog."}]},
+         "sentences": [{"raw": "A dog. ", "tokens": ["a", "dog"]}, {"raw": "A brown dog.\n"}]},
         {"filepath": "val2014", "filename": "COCO_val2014_000000000043.jpg", "cocoid": 43, "split": "restval",
          "sentences": [{"raw": "A cat."}]}]})
     test = data.load_records("coco", "test", str(coco))
-    assert test[0]["captions"] == ["A dog.", "A brown dog."] and test[0]["id"] == "42"
+    assert test[0]["captions"] == ["A dog.", "A brown dog."] and test[0]["id"] == "42"  # stripped
+    pairs = data.caption_pairs(test)
+    assert [(p["id"], p["image_id"], p["caption"]) for p in pairs] == [("42#0", "42", "A dog."),
+                                                                         ("42#1", "42", "A brown dog.")]
+    assert all(p["captions"] == test[0]["captions"] for p in pairs) and "caption" not in test[0]
+    syn = data.load_records("shapes_caption", "val", split_sizes=SMALL)
+    assert len(data.caption_pairs(syn)) == 5 * len(syn)
+    assert all(c == c.strip() for r in syn for c in r["captions"])
     assert data.load_records("coco", "train", str(coco))[0]["id"] == "43"  # restval is train
     fl = tmp_path / "flickr30k"
     jpeg(fl / "flickr30k-images" / "1000.jpg")
@@ -421,6 +538,41 @@ def test_karpathy_caption_loaders(tmp_path):
     rec = data.load_records("flickr30k", "val", str(tmp_path))[0]
     assert rec["id"] == "1000" and rec["image_path"].endswith("flickr30k-images/1000.jpg")
     assert data.load_image(rec).size == (40, 30)
+
+
+def test_scienceqa_loader_prompt_and_metric(tmp_path):
+    write_scienceqa(tmp_path)
+    test = data.load_records("scienceqa", "test", str(tmp_path))
+    assert [r["id"] for r in test] == ["1", "2", "3", "4"] and len(data.load_records("scienceqa", "train", str(tmp_path))) == 2
+    r1, r2, r3, r4 = test
+    assert r1["image_path"] == str(tmp_path / "scienceqa" / "images" / "test" / "1" / "image.png")
+    assert r1["image_id"] == "1" and r2["image_id"] is None and r2["image_path"] is None
+    assert (r2["task"], r2["choices"], r2["answer"], r2["answer_index"]) == ("mcq", ["Ohio", "Paris", "Texas"], "C", 2)
+    assert r2["context"] == "Read the text." and r2["meta"]["subject"] == "social science"
+    assert (r4["meta"]["has_context"], r4["meta"]["has_image"], r3["meta"]["grade"]) == (True, True, "grade5")
+    assert data.load_image(r1).size == (40, 30)
+    # MemVP's prompt (the official code's QCM-A format, captions in the context)
+    assert data.scienceqa_prompt(r2) == ("Question: Which is a state?\nContext: Read the text.\n"
+                                         "Options: (A) Ohio (B) Paris (C) Texas\nResponse:", "The answer is C.")
+    assert data.scienceqa_prompt(r1)[0].split("\n")[1] == "Context: A photo of a dog."
+    assert data.scienceqa_prompt(r1, use_caption=False)[0].split("\n")[1] == "Context: N/A"
+    # Table 2 columns; hand-worked: right on 1, 2, 4 (3 is B)
+    out = data.scienceqa_accuracy(["A", "C", "A", " D"], test)
+    assert out == {"average": 75.0, "NAT": 100.0, "SOC": 100.0, "LAN": 0.0, "TXT": 100.0, "IMG": 100.0,
+                   "NO": 0.0, "G1-6": 50.0, "G7-12": 100.0}
+    out = data.scienceqa_accuracy(["B", "FAILED", "B", "D"], test)
+    assert out == {"average": 50.0, "NAT": 50.0, "SOC": 0.0, "LAN": 100.0, "TXT": 50.0, "IMG": 50.0,
+                   "NO": 100.0, "G1-6": 50.0, "G7-12": 50.0}
+    # text-only questions: zero features, not missing; a missing image file is missing
+    (tmp_path / "scienceqa" / "images" / "test" / "4" / "image.png").unlink()
+    kw = dict(cache_dir=str(tmp_path / "c"), dataset="scienceqa", split="test", image_size=8, patch_size=4,
+              progress=False, max_bad_fraction=0.5)
+    feats, rows, missing = data.extract_features(test, "patches", **kw)
+    assert missing.tolist() == [False, False, False, True] and rows[1] == rows[2] and feats[rows[1]].abs().sum() == 0
+    assert feats[rows[0]].abs().sum() > 0
+    with pytest.raises(DataError, match="missing file .*pid_splits.json"):
+        (tmp_path / "scienceqa" / "pid_splits.json").unlink()
+        data.load_records("scienceqa", "test", str(tmp_path))
 
 
 def make_coop(tmp_path, n_per_class=4):
