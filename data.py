@@ -1,55 +1,45 @@
-"""data.py -- the one shared module of the VL-PEFT reimplementations.
+"""data.py -- the one shared module of the VL-PEFT reimplementations: data, frozen features, metrics.
 
-Everything a method file needs besides its own method:
+  ShapesWorld, describe_scene    the synthetic world: scenes, images, VQA / captions / classes, text
+  load_records, load_image       every dataset, synthetic or real (official file layouts, nothing downloaded)
+  caption_pairs, classnames_of   captioning training pairs; class names in label order
+  extract_features, drop_missing frozen vision features, cached (fp16, memory-mapped); "tiny-cnn" is the
+                                 pre-trained frozen encoder of the synthetic world (TinyCNN, tiny_cnn)
+  build_tokenizer                word-level tokenizer of the tiny models
+  vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean   the official metrics
+  answer_vocab, vqa_soft_targets VQA classifier classes (raw answer strings) and soft targets
+  make_loader, set_epoch         seeded DataLoader (DistributedSampler under torchrun)
+  DataError                      every bad input: a message naming the file / key and where to get the data
 
-  ShapesWorld           deterministic synthetic images + VQA / captions / classes (no files)
-  load_records          one function for every dataset (synthetic or real, official formats)
-  classnames_of         class names of classification records, in label order
-  load_image            a record -> PIL.Image (renders synthetic scenes on the fly)
-  extract_features      frozen vision-encoder features, cached on disk (fp16, memory-mapped)
-  drop_missing          training records whose image is unreadable removed (evaluation keeps them)
-  build_tokenizer       word-level PreTrainedTokenizerFast for tiny models (synthetic_vocab)
-  vqa_score / vqa_accuracy / caption_metrics / accuracy / harmonic_mean   official metrics
-  answer_vocab / vqa_soft_targets   VQA answer vocabulary + soft scores for classifier heads
-  make_loader / set_epoch   seeded DataLoader (DistributedSampler under torchrun)
-  DataError             every bad-input problem raises this with a readable message
-  UnreadableImage       raised by load_image for a missing / corrupt image file
+Typical use (offline):
 
-Typical use (offline, synthetic):
+  recs = load_records("shapes_vqa", "train")              # list of dicts, schema below
+  feats, rows, missing = extract_features(recs, "tiny-cnn", dataset="shapes_vqa", split="train",
+                                          train=True)      # (n_img, 9, TINY_CNN_WIDTH) fp16
+  recs, rows = drop_missing(recs, rows, missing)           # training only; evaluation keeps every record
+  tok = build_tokenizer()                                  # pad id 0
+  vqa_accuracy(preds, recs)                                # {"overall": 71.3, "yes/no": ...}
 
-  recs = load_records("shapes_vqa", "train")            # list of dicts, schema below
-  feats, rows, missing = extract_features(recs, "patches", dataset="shapes_vqa", split="train",
-                                          train=True, image_size=64, patch_size=8)  # (n_img, 64, 192)
-  recs, rows = drop_missing(recs, rows, missing)         # training only; evaluation keeps all
-  tok = build_tokenizer()                                # pad id 0
-  vqa_accuracy(preds, recs)                              # {"overall": 71.3, "yes/no": ...}
-
-Datasets (DATASETS): shapes_vqa, shapes_caption, shapes_cls (synthetic); vqav2, gqa (VQA);
-coco, flickr30k (Karpathy caption splits); imagenet + the 10 CoOp datasets (classification,
-few-shot with num_shots, base-to-new with subset). Real data is read from --data_root in the
-official file formats (README 'Data'); nothing is downloaded.
+Datasets (DATASETS): shapes_vqa, shapes_caption, shapes_cls (synthetic, world 0); vqav2, gqa; scienceqa;
+coco, flickr30k (Karpathy splits); imagenet + the 10 CoOp datasets (few-shot with num_shots, base-to-new
+with subset). Real data is read from data_root in the official layouts (README 'Data').
 
 Sample schema -- every dataset yields a list of plain dicts ("records"):
 
-  id           str    unique id of the sample (question id / image id / file name)
-  image_id     str    key of the image; features are cached per image_id
-  image_path   str|None  absolute path of the image file; None for the synthetic world
-  task         str    "vqa" | "caption" | "cls"
-  question     str    (vqa) the question
-  answers      list[str]  (vqa) the 10 annotator answers (raw, un-normalised)
-  answer       str    (vqa) the most common answer -- training target
-  answer_type  str    (vqa) "yes/no" | "number" | "other"
-  question_type str   (vqa) e.g. "what color is the" / family name for synthetic
-  captions     list[str]  (caption) reference captions (5 for COCO / synthetic)
-  label        int    (cls) class index into the dataset's class list
-  classname    str    (cls) human-readable class name
-  meta         dict   anything else (synthetic: scene graph, family; cls: classnames)
-
-Synthetic records carry meta["seed"], meta["split"], meta["index"], meta["scene"]; load_image
-renders them deterministically, so no file is ever written.
+  id, image_id   str; features are cached per image_id (None: no image, e.g. ScienceQA text-only questions)
+  image_path     str, or None (synthetic images are rendered from meta["scene"]; no file is written)
+  task           "vqa" | "caption" | "cls" | "mcq"
+  question       (vqa, mcq) the question
+  answers        (vqa) the 10 annotator answers, raw; answer: the most common one (the training target)
+  answer_type    (vqa) "yes/no" | "number" | "other"; question_type: e.g. "what color is the"
+  captions       (caption) the reference captions, stripped (5 for COCO and the synthetic world)
+  label, classname  (cls) class index and name
+  context, choices  (mcq) the hint ("" if none) and the options; answer "A".."E"; answer_index int
+  meta           anything else (synthetic: scene graph; cls: classnames; mcq: subject, grade, ...)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -109,6 +99,16 @@ _RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "ye
 _XY = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
        "center": (0.5, 0.5)}
 _RADIUS = {"small": 0.09, "large": 0.14}
+_MASKS = {  # pixels of a shape, in units of its radius around its centre
+    "circle": lambda dx, dy: dx * dx + dy * dy <= 1,
+    "square": lambda dx, dy: np.maximum(np.abs(dx), np.abs(dy)) <= 0.8,
+    "diamond": lambda dx, dy: np.abs(dx) + np.abs(dy) <= 1,
+    "cross": lambda dx, dy: (((np.abs(dx) <= 0.33) & (np.abs(dy) <= 1))
+                             | ((np.abs(dy) <= 0.33) & (np.abs(dx) <= 1))),
+    "triangle": lambda dx, dy: (dy <= 0.8) & (np.abs(dx) <= (dy + 1) / 1.8 * 0.95),
+    "star": lambda dx, dy: np.hypot(dx, dy) <= 0.42 + 0.58 * (  # five points, one pointing up
+        (1 + np.cos(5 * (np.arctan2(dy, dx) + np.pi / 2))) / 2) ** 1.5,
+}
 _PLURAL = {s: s + ("es" if s.endswith(("s", "x", "ss")) else "s") for s in SHAPES}
 _WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
           "bottom": "at the bottom", "center": "in the center"}
@@ -145,17 +145,11 @@ def _unique(objs, obj, keys) -> bool:
 
 @dataclass
 class ShapesWorld:
-    """Deterministic synthetic world: scene = f(seed, split, index).
-
-    split_sizes: number of images per split. VQA/caption images have 1-3 objects (shape,
-    colour, size, position, no two objects at one position). Classification images hold
-    exactly one object; class = (colour, shape), class name "red circle" (48 classes,
-    image `index` has label index % 48, so splits are class-balanced).
-    Base/new split (CoOp/CoCoOp protocol: labels 0..K/2-1 are base, the rest new): a class
-    is base when (colour_idx + shape_idx) is even -- a checkerboard, so base and new share
-    every colour and every shape (compositional). Labels: base classes sorted by name
-    first, then new classes sorted by name; `classnames` lists them in label order.
-    """
+    """Deterministic synthetic world: scene = f(seed, split, index); split_sizes = images per split.
+    VQA / caption images hold 1-3 objects (shape, colour, size; no two at one position). Classification
+    images hold one object, class "red circle" (48 classes; image `index` has label index % 48).
+    Base-to-new (CoCoOp: labels 0..K/2-1 are base): a class is base when colour_idx + shape_idx is even,
+    a checkerboard, so both halves share every colour and shape; labels = base sorted, then new sorted."""
     seed: int = 0
     image_size: int = 64
     split_sizes: dict = field(default_factory=lambda: {"train": 2000, "val": 200, "test": 500})
@@ -206,22 +200,7 @@ class ShapesWorld:
             j0, j1 = max(0, int((o["x"] - r) * s) - 1), min(s, int((o["x"] + r) * s) + 2)
             yy, xx = np.mgrid[i0:i1, j0:j1].astype(np.float32)
             dy, dx = ((yy + 0.5) / s - o["y"]) / r, ((xx + 0.5) / s - o["x"]) / r
-            ax, ay = np.abs(dx), np.abs(dy)
-            sh = o["shape"]
-            if sh == "circle":
-                m = dx * dx + dy * dy <= 1
-            elif sh == "square":
-                m = np.maximum(ax, ay) <= 0.8
-            elif sh == "diamond":
-                m = ax + ay <= 1
-            elif sh == "cross":
-                m = ((ax <= 0.33) & (ay <= 1)) | ((ay <= 0.33) & (ax <= 1))
-            elif sh == "triangle":
-                m = (dy <= 0.8) & (ax <= (dy + 1) / 1.8 * 0.95)
-            else:  # star: radius modulated with 5 points, one pointing up
-                th = np.arctan2(dy, dx)
-                m = np.hypot(dx, dy) <= 0.42 + 0.58 * ((1 + np.cos(5 * (th + np.pi / 2))) / 2) ** 1.5
-            img[i0:i1, j0:j1][m] = _RGB[o["color"]]
+            img[i0:i1, j0:j1][_MASKS[o["shape"]](dx, dy)] = _RGB[o["color"]]
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
     def _base(self, split, index, scene, kind, image_size=None):
@@ -267,7 +246,8 @@ class ShapesWorld:
             n = len(objs)
             caps = [
                 _join([_a(f"{o['size']} {o['color']} {o['shape']}") for o in objs]) + ".",
-                "there is " + _join([_a(f"{o['color']} {o['shape']} {_WHERE[o['pos']]}") for o in objs]) + ".",
+                "there is " + _join([_a(f"{o['color']} {o['shape']} {_WHERE[o['pos']]}") for o in objs])
+                + ".",
                 "an image with " + _join([_a(f"{o['color']} {o['shape']}") for o in objs]) + ".",
                 f"{_NUMWORD[n]} object{'s' if n > 1 else ''}: " + _join([_a(o["shape"]) for o in objs]) + ".",
                 _join([f"the {o['color']} {o['shape']} is {_WHERE[o['pos']]}" for o in objs]) + ".",
@@ -421,7 +401,7 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
     if limit is not None:
         recs = recs[:limit]
     if not recs:
-        why = "".join([f", subset={subset}" if subset else "", f", limit={limit}" if limit is not None else ""])
+        why = (f", subset={subset}" if subset else "") + (f", limit={limit}" if limit is not None else "")
         raise DataError(f"{dataset}/{split}: no records (empty split{why})")
     return recs
 
@@ -493,7 +473,7 @@ _LETTERS = "ABCDE"  # ScienceQA options (2 to 5 choices)
 _REAL = {
     "vqav2": ("vqav2", None, None, _VQA_URL),
     "gqa": ("gqa", None, "images", "https://cs.stanford.edu/people/dorarad/gqa/download.html"),
-    "scienceqa": ("scienceqa", "problems.json", "images", "https://github.com/lupantech/ScienceQA (data/scienceqa)"),
+    "scienceqa": ("scienceqa", "problems.json", "images", "https://github.com/lupantech/ScienceQA (data/)"),
     "coco": ("coco", "dataset_coco.json", None, f"{_KARPATHY_URL} and https://cocodataset.org/#download"),
     "flickr30k": ("flickr30k", "dataset_flickr30k.json", "flickr30k-images",
                   f"{_KARPATHY_URL} and https://shannon.cs.illinois.edu/DenotationGraph/"),
@@ -514,7 +494,7 @@ _REAL = {
 def _dataset_root(dataset: str, data_root: Optional[str]) -> Path:
     url = _REAL[dataset][3]
     if not data_root:
-        raise DataError(f"{dataset} needs --data_root (the folder holding its files); get the data from {url}")
+        raise DataError(f"{dataset} needs --data_root (the folder holding its files); get it from {url}")
     root = Path(data_root).expanduser()
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist; get {dataset} from {url}")
@@ -589,7 +569,8 @@ def _load_vqav2(root: Path, split: str) -> list[dict]:
         by_qid = {_get(a, "question_id", ap, "annotations[]."): a for a in anns}
         img_dir = _need_dir(root / cs, "vqav2")
         for q in questions:
-            qid, iid = _get(q, "question_id", qp, "questions[]."), int(_get(q, "image_id", qp, "questions[]."))
+            qid = _get(q, "question_id", qp, "questions[].")
+            iid = int(_get(q, "image_id", qp, "questions[]."))
             if keep is not None and iid not in keep:
                 continue
             a = by_qid.get(qid)
@@ -632,21 +613,23 @@ def _load_scienceqa(root: Path, split: str) -> list[dict]:
     ("image.png" or null), subject, grade, ...}}), pid_splits.json ({split: [pid, ...]}) and
     images/<split>/<pid>/image.png; captions.json ({"captions": {pid: str}}), if present, gives the image
     captions that MemVP's prompt adds to the context. Text-only questions have image_id None."""
-    path, splits_path = root / "problems.json", root / "pid_splits.json"
-    problems, pids = _read_json(path, "scienceqa"), _get(_read_json(splits_path, "scienceqa"), split, splits_path)
-    captions = _read_json(root / "captions.json", "scienceqa")["captions"] if (root / "captions.json").is_file() else {}
+    path, splits_path, captions = root / "problems.json", root / "pid_splits.json", root / "captions.json"
+    problems = _read_json(path, "scienceqa")
+    pids = _get(_read_json(splits_path, "scienceqa"), split, splits_path)
+    captions = _get(_read_json(captions, "scienceqa"), "captions", captions) if captions.is_file() else {}
     if any(_get(problems, pid, path).get("image") for pid in pids):
         _need_dir(root / "images" / split, "scienceqa")
     out = []
     for pid in pids:
         p = problems[pid]
-        choices, answer, hint = _get(p, "choices", path, f"{pid}."), _get(p, "answer", path, f"{pid}."), p.get("hint") or ""
+        answer, hint = _get(p, "answer", path, f"{pid}."), p.get("hint") or ""
         image = str(root / "images" / split / pid / p["image"]) if p.get("image") else None
         meta = {k: p.get(k) for k in ("subject", "topic", "category", "skill", "lecture", "solution")}
         meta.update(grade=_get(p, "grade", path, f"{pid}."), has_context=bool(hint), has_image=bool(image),
                     caption=captions.get(pid, ""))
         out.append({"id": pid, "image_id": pid if image else None, "image_path": image, "task": "mcq",
-                    "question": _get(p, "question", path, f"{pid}."), "context": hint, "choices": choices,
+                    "question": _get(p, "question", path, f"{pid}."), "context": hint,
+                    "choices": _get(p, "choices", path, f"{pid}."),
                     "answer": _LETTERS[answer], "answer_index": answer, "meta": meta})
     return out
 
@@ -674,7 +657,8 @@ def _load_karpathy(dataset: str, root: Path, split: str) -> list[dict]:
         fname = _get(im, "filename", path, "images[].")
         folder = _get(im, "filepath", path, "images[].") if dataset == "coco" else _REAL[dataset][2]
         iid = str(im["cocoid"]) if "cocoid" in im else Path(fname).stem
-        caps = [_get(s, "raw", path, "images[].sentences[].").strip() for s in _get(im, "sentences", path, "images[].")]
+        caps = [_get(s, "raw", path, "images[].sentences[].").strip()
+                for s in _get(im, "sentences", path, "images[].")]
         out.append({"id": iid, "image_id": iid, "image_path": str(root / folder / fname), "task": "caption",
                     "captions": caps, "meta": {}})
     for d in sorted({str(Path(r["image_path"]).parent) for r in out}):
@@ -702,9 +686,9 @@ def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
                     raise DataError(f"malformed {path.name}: label {lab} is '{names[lab][0]}' in "
                                     f"{names[lab][1]} but '{name}' in {s}[{i}] (file {path})")
         items = [(img_dir / p, int(lab)) for p, lab, _ in data[split]]
-        classnames = [names[i][0] for i in range(len(names))] if sorted(names) == list(range(len(names))) else None
-        if classnames is None:
+        if sorted(names) != list(range(len(names))):
             raise DataError(f"malformed {path.name}: labels are not 0..K-1 (file {path})")
+        classnames = [names[i][0] for i in range(len(names))]
     elif dataset == "fgvc_aircraft" and (root / "variants.txt").is_file():
         classnames = [ln.strip() for ln in (root / "variants.txt").read_text().splitlines() if ln.strip()]
         index = {c: i for i, c in enumerate(classnames)}
@@ -736,7 +720,8 @@ def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
                     mapping[parts[0]] = parts[1]
         classnames = [mapping.get(f, f.replace("_", " ")) for f in folders]
         img_dir = sdir
-        items = [(p, lab) for lab, f in enumerate(folders) for p in sorted((sdir / f).iterdir()) if p.is_file()]
+        items = [(p, lab) for lab, f in enumerate(folders) for p in sorted((sdir / f).iterdir())
+                 if p.is_file()]
     _need_dir(img_dir, dataset)
     return [{"id": str(p.relative_to(root)), "image_id": str(p.relative_to(root)), "image_path": str(p),
              "task": "cls", "label": lab, "classname": classnames[lab], "meta": {"classnames": classnames}}
@@ -744,75 +729,47 @@ def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------
-# 3. Frozen visual features, cached
+# 3. Frozen visual features, cached (raw pixels, the synthetic world's tiny CNN, CLIP / ViT)
 # ----------------------------------------------------------------------------------
-def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
-    """Fuyu-style raw-pixel patch tokens (n, 3*p*p) in [-1, 1], row-major patch order."""
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BILINEAR)
-    a = np.asarray(img, np.float32) / 127.5 - 1.0
-    g, p = image_size // patch_size, patch_size
-    return a.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
-
-
-def _dist_rank() -> tuple[int, bool]:
-    import torch.distributed as dist
-    on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    return (dist.get_rank() if on else 0), on
-
-
-def _image_table(records: Sequence[dict]) -> tuple[list, torch.Tensor]:
-    """One row per distinct image_id, in order of first appearance; records without an image
-    (image_id None) share one extra row, which stays all zeros. -> (first record per row or None, rows)."""
-    first: dict = {}
-    rows = torch.tensor([first.setdefault(r.get("image_id"), len(first)) for r in records], dtype=torch.long)
-    uniq = [None] * len(first)
-    for r, i in zip(records, rows.tolist()):
-        if uniq[i] is None and r.get("image_id") is not None:
-            uniq[i] = r
-    return uniq, rows
-
-
 def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                      dataset: str = "", split: str = "", train: Optional[bool] = None,
                      cache_dir: Optional[str] = None, layer: int = -2, image_size: Optional[int] = None,
                      patch_size: int = 8, keep_cls: bool = False, pooled: bool = False,
                      device: str = "cpu", batch_size: int = 64, max_bad_fraction: float = 0.01,
                      model=None, image_processor=None, progress: bool = True):
-    """-> (feats, rows, missing): feats a (num_images, n, d) float16 tensor memory-mapped from the
-    cache, rows a LongTensor (len(records),) giving each record's row of feats, missing a
-    BoolTensor (len(records),): True where the record's image file is unreadable.
+    """-> (feats, rows, missing): feats (num_images, n, d) float16, memory-mapped from the cache; rows
+    (len(records),) each record's row of feats; missing (len(records),) bool, True where its image is
+    unreadable (its features are zeros).
 
-    encoder "patches": raw-pixel patch tokens (Fuyu-style), n = (image_size/patch_size)^2,
-    d = 3*patch_size^2, values in [-1, 1] (image_size default 224). Any other value: a Hugging
-    Face CLIP/ViT vision tower id or path (or pass `model`, a built tower, and use `encoder` as
-    its cache name): tokens of hidden_states[layer] (CLS dropped unless keep_cls); pooled=True
-    gives (num_images, 1, d), the pooled projected embedding (CLIP image_embeds).
-    Unreadable images get zero features; a split with more than max_bad_fraction of them is a
-    DataError naming the first files. train (default: split == "train") only words the report:
-    training drops those records (drop_missing), evaluation keeps every question so that scores
-    stay comparable with the official evaluation. Records without an image (image_id None,
-    e.g. ScienceQA text-only questions) share one all-zero row and are not missing.
-    Cached in cache_dir (default cache_dir("features")) keyed by dataset, split, encoder,
-    settings and a hash of the image ids; written to a temp file then renamed, so a partial
-    cache is never read. Under torch.distributed rank 0 extracts, the others wait, all load.
+    encoder "tiny-cnn": the synthetic world's frozen pre-trained CNN (tiny_cnn), 3 x 3 grid tokens
+    (n = 9, d = TINY_CNN_WIDTH) or with pooled=True its pooled vector (n = 1), images read at
+    TINY_CNN_IMAGE_SIZE. "patches": raw-pixel patch tokens, n = (image_size / patch_size)^2,
+    d = 3 * patch_size^2, in [-1, 1]. Else a Hugging Face CLIP / ViT id or folder (or `model`, a built
+    tower or full CLIP, cached under the name `encoder`): hidden_states[layer] grid tokens (CLS dropped
+    unless keep_cls), or pooled=True: (num_images, 1, d) projected embedding. image_size default 224.
+    Unreadable images: more than max_bad_fraction of a split is a DataError naming the first files;
+    else they are reported, and `train` (default split == "train") words the policy: training drops
+    their records (drop_missing), evaluation keeps every question, scored as the official evaluation
+    does. Records without an image (image_id None) share one zero row and are not missing.
+    Cached in cache_dir (default cache_dir("features")) by dataset, split, encoder, settings and image
+    ids; written to a temp file then renamed. Under torch.distributed rank 0 extracts, all ranks load.
     """
     if encoder == "tiny-cnn" and image_size not in (None, TINY_CNN_IMAGE_SIZE):
         raise DataError(f"tiny-cnn reads images at {TINY_CNN_IMAGE_SIZE} px; leave image_size unset")
     image_size = image_size or (TINY_CNN_IMAGE_SIZE if encoder == "tiny-cnn" else 224)
     if encoder == "patches" and image_size % patch_size:
         raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-    uniq, rows = _image_table(records)
-    ids = "\n".join("" if r is None else str(r["image_id"]) for r in uniq)
-    key = {"version": DATA_VERSION, "dataset": dataset, "split": split, "encoder": encoder,
-           "image_size": image_size, "pooled": pooled, "n_images": len(uniq),
-           "ids": hashlib.sha1(ids.encode()).hexdigest()[:16]}
-    key.update({"patch_size": patch_size} if encoder == "patches" else {"recipe": _TINY_CNN_RECIPE} if encoder == "tiny-cnn"
-               else {"layer": layer, "keep_cls": keep_cls})
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", encoder)[-48:]
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(cache_dir or _cache_folder("features"))
-    path = folder / f"{dataset or 'data'}-{split or 'all'}-{slug}-{digest}.npy"
+    first: dict = {}  # image_id -> row; None (no image) gets a row too, which stays zero
+    rows = torch.tensor([first.setdefault(r.get("image_id"), len(first)) for r in records], dtype=torch.long)
+    uniq = [None] * len(first)
+    for r, i in zip(records, rows.tolist()):
+        uniq[i] = uniq[i] or (r if r.get("image_id") is not None else None)
+    settings = {"patches": patch_size, "tiny-cnn": _TINY_CNN_RECIPE}.get(encoder, [layer, keep_cls])
+    ids = _digest([r and r["image_id"] for r in uniq])
+    key = {"version": DATA_VERSION, "dataset": dataset, "split": split, "encoder": encoder, "pooled": pooled,
+           "image_size": image_size, "settings": settings, "ids": ids}
+    name = f"{dataset or 'data'}-{split or 'all'}-{re.sub(r'[^A-Za-z0-9._-]+', '_', encoder)[-48:]}"
+    path = Path(cache_dir or _cache_folder("features")) / f"{name}-{_digest(key)[:12]}.npy"
     rank, distributed = _dist_rank()
     error = None
     if rank == 0 and _cached(path, key) is None:
@@ -823,41 +780,48 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
         except Exception as e:
             error = e  # raised after the barrier, so the other ranks do not wait forever
     if distributed:
-        import torch.distributed as dist
-        dist.barrier()
+        torch.distributed.barrier()
     if error is not None:
         raise error
     bad = _cached(path, key)
     if bad is None:
         raise DataError(f"feature cache {path} is missing after rank 0's extraction (see rank 0's error; "
                         "cache_dir must be on a file system shared by all ranks)")
-    missing = torch.zeros(len(uniq), dtype=torch.bool)
-    missing[list(bad)] = True
-    missing = missing[rows]
+    missing = torch.isin(rows, torch.tensor(sorted(bad), dtype=torch.long))
     if bad and rank == 0:
-        _report_missing(bad, uniq, missing, f"{dataset}/{split}", split == "train" if train is None else train)
-    return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write map, never written back
+        _report_missing(bad, missing, f"{dataset}/{split}", sum(r is not None for r in uniq),
+                        split == "train" if train is None else train)
+    return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write: never written back
 
 
-def _report_missing(bad: dict, uniq: list, missing: torch.Tensor, name: str, train: bool) -> None:
-    n_img = sum(r is not None for r in uniq)
-    keep = ("" if train else f"; their {int(missing.sum())} questions are kept with zero image features, "
-            "as the official evaluation counts them")
-    print(f"warning: {name}: {len(bad)} of {n_img} images unreadable (first: "
-          f"{', '.join(list(bad.values())[:3])}){keep}", file=sys.stderr)
+def _report_missing(bad: dict, missing: torch.Tensor, name: str, n_img: int, train: bool) -> None:
+    keep = "" if train else (f"; their {int(missing.sum())} questions are kept with zero image features, "
+                             "as the official evaluation counts them")
+    first = ", ".join(list(bad.values())[:3])
+    print(f"warning: {name}: {len(bad)} of {n_img} images unreadable (first: {first}){keep}", file=sys.stderr)
 
 
 def drop_missing(records: Sequence[dict], rows: torch.Tensor, missing: torch.Tensor):
-    """Training records whose image is unreadable removed (count printed): -> (records, rows)."""
+    """Training records whose image is unreadable, removed (the count is printed) -> (records, rows)."""
     keep = (~missing).nonzero().flatten()
     if len(keep) < len(records):
-        print(f"dropped {len(records) - len(keep)} of {len(records)} training records "
-              "whose image is unreadable", file=sys.stderr)
+        print(f"dropped {len(records) - len(keep)} of {len(records)} training records whose image is "
+              "unreadable", file=sys.stderr)
     return [records[i] for i in keep.tolist()], rows[keep]
 
 
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dist_rank() -> tuple[int, bool]:
+    on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    on = on and torch.distributed.get_world_size() > 1
+    return (torch.distributed.get_rank() if on else 0), on
+
+
 def _cached(path: Path, key: dict) -> Optional[dict]:
-    """{row: reason} of the unreadable images of a COMPLETE cache file with this key, else None."""
+    """{row: why} of the unreadable images of a COMPLETE cache file with this key, else None."""
     try:
         meta = json.loads(path.with_suffix(".json").read_text())
         np.load(path, mmap_mode="r")  # the header must parse
@@ -872,33 +836,31 @@ def _extract_to(path: Path, key: dict, uniq: list, encode: Callable, image_size:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     bad, n_img = [], sum(r is not None for r in uniq)
-    shape = encode([Image.new("RGB", (image_size, image_size))]).shape[1:]  # (n, d)
+    shape = encode([Image.new("RGB", (image_size, image_size))]).shape[1:]                # (n, d)
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(uniq), *shape))  # zeros
     try:
         for start in tqdm(range(0, len(uniq), batch_size), disable=not progress,
                           desc=f"features {key['dataset']}/{key['split']} ({key['encoder']})"):
-            imgs = {}
+            images = {}
             for i, r in enumerate(uniq[start:start + batch_size], start):
                 try:
-                    imgs[i] = None if r is None else load_image(r, image_size)
+                    images[i] = load_image(r, image_size) if r is not None else None
                 except UnreadableImage as e:
                     bad.append((i, str(e)))
-            ok = [i for i, im in imgs.items() if im is not None]
+            ok = [i for i, im in images.items() if im is not None]
             if ok:
-                out[ok] = encode([imgs[i] for i in ok]).astype(np.float16)  # (B, n, d)
+                out[ok] = encode([images[i] for i in ok]).astype(np.float16)             # (B, n, d)
         if len(bad) > max_bad_fraction * n_img:
-            raise DataError(f"{key['dataset']}/{key['split']}: {len(bad)} of {n_img} images are unreadable, more "
-                            f"than {max_bad_fraction:.0%} (first: {', '.join(b for _, b in bad[:3])}); check the "
-                            "image folder (re-download or re-extract)")
+            raise DataError(f"{key['dataset']}/{key['split']}: {len(bad)} of {n_img} images are unreadable, "
+                            f"more than {max_bad_fraction:.0%} (first: {', '.join(b for _, b in bad[:3])}); "
+                            "check the image folder (re-download or re-extract)")
         out.flush()
         del out
-        jtmp = tmp.with_name(tmp.name + ".json")
-        jtmp.write_text(json.dumps({"key": key, "unreadable": bad}))
-        os.replace(jtmp, path.with_suffix(".json"))
+        tmp.with_name(tmp.name + ".json").write_text(json.dumps({"key": key, "unreadable": bad}))
+        os.replace(tmp.with_name(tmp.name + ".json"), path.with_suffix(".json"))
         os.replace(tmp, path)  # the .npy appears last and complete
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def _encoder(encoder: str, model, image_processor, *, layer, image_size, patch_size, keep_cls, pooled,
@@ -907,88 +869,40 @@ def _encoder(encoder: str, model, image_processor, *, layer, image_size, patch_s
     if encoder == "patches":
         return lambda images: np.stack([_patches(im, image_size, patch_size) for im in images])
     if encoder == "tiny-cnn":
-        return _tiny_cnn_encoder(pooled)
+        return functools.partial(_tiny_cnn_encode, tiny_cnn(), pooled)
     return _hf_encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
                        keep_cls=keep_cls, pooled=pooled, device=device)
 
 
-_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
+    """Raw-pixel patch tokens (Fuyu-style) (n, 3 * p * p) in [-1, 1], patches in row-major order."""
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    a = np.asarray(img, np.float32) / 127.5 - 1.0
+    g, p = image_size // patch_size, patch_size
+    return a.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
 
 
-def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls, pooled, device):
-    """A function list[PIL] -> (B, n, d) float array from a Hugging Face vision tower."""
-    import transformers as tf
-    if model is None:
-        try:
-            cfg = tf.AutoConfig.from_pretrained(encoder)
-        except Exception as e:
-            raise DataError(f"cannot load vision encoder {encoder!r} (a Hugging Face id or a local folder "
-                            f"with config.json): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-        if cfg.model_type in ("clip", "clip_vision_model"):
-            cls = tf.CLIPVisionModelWithProjection if pooled else tf.CLIPVisionModel
-        else:
-            cls = tf.AutoModel
-        model = cls.from_pretrained(encoder)
-        if image_processor is None:
-            try:
-                image_processor = tf.AutoImageProcessor.from_pretrained(encoder)
-            except Exception:
-                image_processor = None  # fall back to resize + CLIP normalisation
-    full = hasattr(model, "get_image_features")  # a full CLIP / SigLIP model: use its image side
-    dev = torch.device(device)
-    model = model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval()
-    dtype = next(model.parameters()).dtype
-    vcfg = getattr(model.config, "vision_config", model.config)
-    mean = getattr(image_processor, "image_mean", None) or _CLIP_MEAN
-    std = getattr(image_processor, "image_std", None) or _CLIP_STD
-
-    @torch.no_grad()
-    def encode(images):
-        if image_processor is not None:
-            px = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        else:
-            px = torch.stack([torch.from_numpy(np.asarray(im.resize((image_size, image_size), Image.BICUBIC),
-                                                          np.float32) / 255.0).permute(2, 0, 1) for im in images])
-            px = (px - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-        px = px.to(dev, dtype)
-        if full:
-            out = model.get_image_features(pixel_values=px, output_hidden_states=not pooled)
-            emb = out if torch.is_tensor(out) else out.pooler_output  # projected in transformers >= 5
-        else:
-            out = model(pixel_values=px, output_hidden_states=not pooled)
-            emb = out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output
-        if pooled:
-            return emb[:, None].float().cpu().numpy()  # (B, 1, d)
-        hs = out.hidden_states[layer]  # (B, extra + grid, d)
-        ps = getattr(vcfg, "patch_size", None)
-        grid = (px.shape[-2] // ps) * (px.shape[-1] // ps) if ps else hs.shape[1]
-        if not keep_cls:
-            hs = hs[:, hs.shape[1] - grid:]  # drop CLS / register tokens in front of the grid
-        return hs.float().cpu().numpy()
-
-    return encode
-
-
-# The frozen vision encoder of the synthetic world ("tiny-cnn"). The papers start from a vision encoder
-# pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what is in an image.
-# Its offline stand-in is pre-trained, supervised, on the world PRETRAIN_WORLD, which no benchmark uses, to
-# name the colour, shape and size of the object in each cell of a 3x3 grid (grid tokens) and the colours,
-# shapes, positions and pairs of them in the whole image (pooled vector); then frozen and cached.
-TINY_CNN_WIDTH = 96       # C: width of its grid tokens and pooled vector
-TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48 (one 3x3 grid cell = 16 x 16 pixels)
+# The synthetic world's frozen vision encoder ("tiny-cnn"). The papers start from a vision encoder
+# pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what an image holds.
+# Its offline stand-in is pre-trained, supervised, on world PRETRAIN_WORLD (no benchmark uses it) to name
+# the colour, shape and size of the object in each cell of a 3 x 3 grid from that cell's token, and the
+# colours, shapes, positions and pairs of them in the image from the pooled vector; then it is frozen.
+TINY_CNN_WIDTH = 96       # C: width of the grid tokens and of the pooled vector
+TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48: one grid cell = 16 x 16 pixels
 _TINY_CNN_RECIPE = {"arch": 1, "width": TINY_CNN_WIDTH, "image_size": TINY_CNN_IMAGE_SIZE, "images": 4000,
                     "steps": 600, "batch": 32, "lr": 1e-2, "world": PRETRAIN_WORLD, "data": DATA_VERSION}
-_CELL = {"top": 1, "left": 3, "center": 4, "right": 5, "bottom": 7}  # grid cell (row-major) of each position
+_CELL = {"top": 1, "left": 3, "center": 4, "right": 5, "bottom": 7}  # grid cell (row-major) of a position
 
 
 class TinyCNN(torch.nn.Module):
-    """pixels (B, 3, 48, 48) in [0, 1] -> grid tokens (B, 9, C), pooled vector (B, C); both divided by
-    their RMS on the pre-training images, so they have unit scale."""
+    """pixels (B, 3, 48, 48) in [0, 1] -> grid tokens (B, 9, C), pooled vector (B, C), each divided by its
+    RMS on the pre-training images (unit scale)."""
 
     def __init__(self, width: int = TINY_CNN_WIDTH):
         super().__init__()
         nn = torch.nn
-        self.conv = nn.Sequential(  # 4x4 patches -> 12 x 12 map -> max over 4 x 4 blocks -> 3 x 3 grid
+        self.conv = nn.Sequential(  # 4 x 4 patches -> 12 x 12 map -> max over 4 x 4 blocks -> 3 x 3 grid
             nn.Conv2d(3, 32, 4, stride=4), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
             nn.Conv2d(64, width, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(3))
@@ -996,56 +910,22 @@ class TinyCNN(torch.nn.Module):
         self.register_buffer("scale", torch.ones(2))
 
     def forward(self, px):
-        grid = self.conv(px).flatten(2).transpose(1, 2)                       # (B, 9, C)
-        return grid / self.scale[0], self.pool(grid.flatten(1)) / self.scale[1]
-
-
-def _scene_names(objects: list[dict]) -> list[str]:
-    """What the pooled vector learns to name: colours, shapes, positions and pairs of them."""
-    return [n for o in objects for n in (o["color"], o["shape"], o["pos"], f"{o['size']} {o['shape']}",
-                                         f"{o['color']} {o['shape']}", f"{o['shape']} {o['pos']}",
-                                         f"{o['color']} {o['pos']}")]
-
-
-def _tiny_cnn_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (cells (N, 9, 3): colour / shape / size index of the object in each cell, 0 = none;
-    names (N, K) multi-hot over every name _scene_names can give)."""
-    vocab = sorted({n for c in COLORS for s in SHAPES for z in SIZES for p in POSITIONS
-                    for n in _scene_names([{"color": c, "shape": s, "size": z, "pos": p}])})
-    index = {n: i for i, n in enumerate(vocab)}
-    cells, names = torch.zeros(len(scenes), 9, 3, dtype=torch.long), torch.zeros(len(scenes), len(vocab))
-    for i, sc in enumerate(scenes):
-        for o in sc["objects"]:
-            cells[i, _CELL[o["pos"]]] = torch.tensor([1 + COLORS.index(o["color"]), 1 + SHAPES.index(o["shape"]),
-                                                      1 + SIZES.index(o["size"])])
-        names[i, [index[n] for n in _scene_names(sc["objects"])]] = 1
-    return cells, names
-
-
-def _to_pixels(images: list) -> torch.Tensor:
-    s = TINY_CNN_IMAGE_SIZE
-    return torch.stack([torch.from_numpy(np.asarray(im if im.size == (s, s) else im.resize((s, s), Image.BILINEAR),
-                                                    np.float32) / 255).permute(2, 0, 1) for im in images])
+        grid = self.conv(px).flatten(2).transpose(1, 2)                          # (B, 9, C)
+        return grid / self.scale[0], self.pool(grid.flatten(1)) / self.scale[1]  # (B, 9, C), (B, C)
 
 
 def tiny_cnn() -> TinyCNN:
-    """The frozen, pre-trained "tiny-cnn" (built once, ~15 s CPU, cached in cache_dir("tiny_cnn") by recipe).
-    Deterministic: seeded, pre-trained on one thread (the caller's thread count and RNG are restored)."""
-    digest = hashlib.sha1(json.dumps(_TINY_CNN_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(_cache_folder("tiny_cnn")) / f"tiny-cnn-{digest}.pt"
+    """The frozen pre-trained "tiny-cnn", cached in cache_dir("tiny_cnn") by its recipe (the first call
+    pre-trains it, ~17 s CPU). Deterministic: seeded, one thread (the caller's threads and RNG are kept)."""
+    path = Path(_cache_folder("tiny_cnn")) / f"tiny-cnn-{_digest(_TINY_CNN_RECIPE)[:12]}.pt"
     if path.is_file():
         model = TinyCNN()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval().requires_grad_(False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = TinyCNN()
-            _pretrain_tiny_cnn(model, **_TINY_CNN_RECIPE)
-    finally:
-        torch.set_num_threads(threads)
+    with _one_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TinyCNN()
+        _pretrain_tiny_cnn(model, **_TINY_CNN_RECIPE)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     torch.save(model.state_dict(), tmp)
@@ -1054,27 +934,27 @@ def tiny_cnn() -> TinyCNN:
 
 
 def _pretrain_tiny_cnn(model: TinyCNN, *, images, steps, batch, lr, world, **_) -> None:
-    """Supervised pre-training on `images` scenes of world `world`: cross-entropy naming the colour / shape /
-    size (or nothing) in each grid cell from its token, binary cross-entropy naming the scene from the
-    pooled vector (both through linear heads, so the names are linearly readable from the frozen features)."""
+    """Supervised pre-training: cross-entropy naming the colour / shape / size (or nothing) in each grid
+    cell from its token, plus binary cross-entropy naming the scene's colours, shapes, positions and pairs
+    from the pooled vector, both through linear heads (so the names are linearly readable)."""
     import torch.nn.functional as F
     w = ShapesWorld(seed=world, split_sizes={"train": images})
     scenes = [w.scene("train", i) for i in range(images)]
-    px = _to_pixels([w.render(sc, TINY_CNN_IMAGE_SIZE) for sc in scenes])    # (N, 3, S, S)
-    cells, names = _tiny_cnn_targets(scenes)
-    cell_head = torch.nn.Linear(model.pool.out_features, 1 + len(COLORS) + 1 + len(SHAPES) + 1 + len(SIZES))
-    name_head = torch.nn.Linear(model.pool.out_features, names.shape[1])
-    params = [*model.parameters(), *cell_head.parameters(), *name_head.parameters()]
-    opt = torch.optim.Adam(params, lr=lr)
+    px = _tiny_cnn_pixels([w.render(sc, TINY_CNN_IMAGE_SIZE) for sc in scenes])     # (N, 3, S, S)
+    cells, names = _tiny_cnn_targets(scenes)                                          # (N, 9, 3), (N, K)
+    sizes = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES)]
+    cell_head = torch.nn.Linear(TINY_CNN_WIDTH, sum(sizes))
+    name_head = torch.nn.Linear(TINY_CNN_WIDTH, names.shape[1])
+    opt = torch.optim.Adam([*model.parameters(), *cell_head.parameters(), *name_head.parameters()], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    splits = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES)]
     gen = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(steps):
         idx = torch.randint(len(px), (batch,), generator=gen)
         grid, pooled = model(px[idx])
-        logits = cell_head(grid).split(splits, -1)                            # colour, shape, size
-        loss = sum(F.cross_entropy(lg.flatten(0, 1), cells[idx, :, k].flatten()) for k, lg in enumerate(logits)) / 3
+        logits = cell_head(grid).split(sizes, -1)                                      # colour, shape, size
+        loss = sum(F.cross_entropy(lg.flatten(0, 1), cells[idx, :, k].flatten())
+                   for k, lg in enumerate(logits)) / 3
         loss = loss + F.binary_cross_entropy_with_logits(name_head(pooled), names[idx])
         opt.zero_grad()
         loss.backward()
@@ -1086,18 +966,97 @@ def _pretrain_tiny_cnn(model: TinyCNN, *, images, steps, batch, lr, world, **_) 
         model.scale.copy_(torch.stack([grid.pow(2).mean().sqrt(), pooled.pow(2).mean().sqrt()]))
 
 
-def _tiny_cnn_encoder(pooled: bool) -> Callable:
-    model = tiny_cnn()
+def _tiny_cnn_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> cells (N, 9, 3): 1 + colour / shape / size index of the object in each grid cell, 0 = none;
+    names (N, K): multi-hot of the colours, shapes, positions and (size, shape), (colour, shape),
+    (shape, position), (colour, position) pairs in the scene."""
+    def names_of(o):
+        return [o["color"], o["shape"], o["pos"], f"{o['size']} {o['shape']}", f"{o['color']} {o['shape']}",
+                f"{o['shape']} {o['pos']}", f"{o['color']} {o['pos']}"]
+    every = [{"color": c, "shape": s, "size": z, "pos": p} for c in COLORS for s in SHAPES for z in SIZES
+             for p in POSITIONS]
+    index = {n: i for i, n in enumerate(sorted({n for o in every for n in names_of(o)}))}
+    cells, names = torch.zeros(len(scenes), 9, 3, dtype=torch.long), torch.zeros(len(scenes), len(index))
+    for i, sc in enumerate(scenes):
+        for o in sc["objects"]:
+            kinds = (COLORS.index(o["color"]), SHAPES.index(o["shape"]), SIZES.index(o["size"]))
+            cells[i, _CELL[o["pos"]]] = 1 + torch.tensor(kinds)
+            names[i, [index[n] for n in names_of(o)]] = 1
+    return cells, names
+
+
+def _tiny_cnn_pixels(images: list) -> torch.Tensor:
+    s = TINY_CNN_IMAGE_SIZE
+    images = [im if im.size == (s, s) else im.resize((s, s), Image.BILINEAR) for im in images]
+    return torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) for im in images])
+
+
+@torch.no_grad()
+def _tiny_cnn_encode(model: TinyCNN, pooled: bool, images: list) -> np.ndarray:
+    with _one_thread():  # the same features whatever the caller's thread count
+        grid, vec = model(_tiny_cnn_pixels(images))
+    return (vec[:, None] if pooled else grid).numpy()                                # (B, 1, C) or (B, 9, C)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls, pooled, device):
+    """A function list[PIL image] -> (B, n, d) float array from a Hugging Face vision tower."""
+    import transformers as tf
+    if model is None:
+        try:
+            cfg = tf.AutoConfig.from_pretrained(encoder)
+        except Exception as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            raise DataError(f"cannot load vision encoder {encoder!r} (a Hugging Face id or a local folder "
+                            f"with config.json): {why}") from None
+        clip = cfg.model_type in ("clip", "clip_vision_model")
+        model = (tf.CLIPVisionModelWithProjection if pooled else tf.CLIPVisionModel) if clip else tf.AutoModel
+        model = model.from_pretrained(encoder)
+        try:
+            image_processor = image_processor or tf.AutoImageProcessor.from_pretrained(encoder)
+        except Exception:
+            image_processor = None  # resize + CLIP normalisation
+    full = hasattr(model, "get_image_features")  # a full CLIP / SigLIP model: its image side
+    dev = torch.device(device)
+    model = model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval()
+    patch = getattr(getattr(model.config, "vision_config", model.config), "patch_size", None)
+    mean = torch.tensor(getattr(image_processor, "image_mean", None) or _CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(getattr(image_processor, "image_std", None) or _CLIP_STD).view(3, 1, 1)
 
     @torch.no_grad()
     def encode(images):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the same features whatever the caller's thread count
-        try:
-            grid, vec = model(_to_pixels(images))
-        finally:
-            torch.set_num_threads(threads)
-        return (vec[:, None] if pooled else grid).numpy()                    # (B, 1, C) or (B, 9, C)
+        if image_processor is not None:
+            px = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        else:
+            images = [im.resize((image_size, image_size), Image.BICUBIC) for im in images]
+            px = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255.0) for im in images])
+            px = px.permute(0, 3, 1, 2)
+            px = (px - mean) / std
+        px = px.to(dev, next(model.parameters()).dtype)
+        if full:
+            out = model.get_image_features(pixel_values=px, output_hidden_states=not pooled)
+            emb = out if torch.is_tensor(out) else out.pooler_output  # projected in transformers >= 5
+        else:
+            out = model(pixel_values=px, output_hidden_states=not pooled)
+            emb = out.image_embeds if getattr(out, "image_embeds", None) is not None else out.pooler_output
+        if pooled:
+            return emb[:, None].float().cpu().numpy()                                  # (B, 1, d)
+        hs = out.hidden_states[layer]                                                  # (B, extra + grid, d)
+        grid = (px.shape[-2] // patch) * (px.shape[-1] // patch) if patch else hs.shape[1]
+        hs = hs if keep_cls else hs[:, hs.shape[1] - grid:]                          # CLS / registers dropped
+        return hs.float().cpu().numpy()
 
     return encode
 
@@ -1130,10 +1089,12 @@ def build_tokenizer(words: Iterable[str] = None, *, lowercase: bool = True):
 # 5. Official metrics
 # ----------------------------------------------------------------------------------
 # Official VQA normalisation (GT-Vision-Lab/VQA vqaEval.py), re-implemented.
-_MANUAL_MAP = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS = "zero one two three four five six seven eight nine ten".split()
+_MANUAL_MAP = {w: str(i) for i, w in enumerate(_NUMBERS)}
 _MANUAL_MAP["none"] = "0"
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+          "!"]
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official look-behind typo, kept
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _CANONICAL = ("ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've "
@@ -1296,7 +1257,8 @@ def caption_metrics(preds: dict, refs: dict) -> dict:
     evaluation does on lower-cased, punctuation-stripped tokens."""
     missing = [k for k in preds if not refs.get(k)]
     if missing or not preds:
-        raise ValueError(f"caption_metrics: no references for ids {missing[:5]}" if missing else "no predictions")
+        raise ValueError(f"caption_metrics: no references for ids {missing[:5]}" if missing else
+                         "caption_metrics: no predictions")
     ids = list(preds)
     hyps = [_caption_tokens(preds[i]) for i in ids]
     rs = [[_caption_tokens(r) for r in refs[i]] for i in ids]
@@ -1311,9 +1273,11 @@ def scienceqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
     image), NO (neither); grades G1-6 / G7-12. A column without questions is left out."""
     if len(preds) != len(records):
         raise ValueError(f"scienceqa_accuracy: {len(preds)} predictions for {len(records)} records")
-    groups = {"NAT": lambda m: m["subject"] == "natural science", "SOC": lambda m: m["subject"] == "social science",
-              "LAN": lambda m: m["subject"] == "language science", "TXT": lambda m: m["has_context"],
-              "IMG": lambda m: m["has_image"], "NO": lambda m: not (m["has_context"] or m["has_image"]),
+    groups = {"NAT": lambda m: m["subject"] == "natural science",
+              "SOC": lambda m: m["subject"] == "social science",
+              "LAN": lambda m: m["subject"] == "language science",
+              "TXT": lambda m: m["has_context"], "IMG": lambda m: m["has_image"],
+              "NO": lambda m: not (m["has_context"] or m["has_image"]),
               "G1-6": lambda m: int(m["grade"][5:]) <= 6, "G7-12": lambda m: int(m["grade"][5:]) > 6}
     right = [str(p).strip() == r["answer"] for p, r in zip(preds, records)]
     out = {"average": round(100 * sum(right) / max(len(right), 1), 2)}
@@ -1386,13 +1350,6 @@ def _collate(batch):
     return torch.utils.data.default_collate(batch)
 
 
-def _seed_worker(worker_id: int) -> None:
-    import random
-    s = torch.initial_seed() % 2 ** 32
-    np.random.seed(s)
-    random.seed(s)
-
-
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                 collate_fn: Callable = None, num_workers: int = 0, drop_last: bool = False):
     """DataLoader whose order depends only on (seed, epoch): a DistributedSampler(seed=seed)
@@ -1407,7 +1364,7 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                                  rank=dist.get_rank() if on else 0, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn or _collate, drop_last=drop_last,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+                      generator=torch.Generator().manual_seed(seed),  # workers: seeded by torch
                       persistent_workers=False)
 
 

@@ -440,7 +440,7 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
     C = data.TINY_CNN_WIDTH
     assert grid["test"].shape == (200, 9, C) and pooled.shape == (200, 1, C) and not missing.any()
     with torch.no_grad():  # the cached features are the model's outputs on the 48 x 48 images
-        g, p = model(data._to_pixels([data.load_image(r, data.TINY_CNN_IMAGE_SIZE) for r in recs["test"][:8]]))
+        g, p = model(data._tiny_cnn_pixels([data.load_image(r, data.TINY_CNN_IMAGE_SIZE) for r in recs["test"][:8]]))
     assert torch.allclose(grid["test"][:8].float(), g, atol=1e-2) and torch.allclose(pooled[:8, 0].float(), p, atol=1e-2)
     # linear probe, shared over the 5 object cells: which shape (or none) is in a cell, from its token
     cells = [1, 3, 4, 5, 7]
