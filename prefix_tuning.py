@@ -19,10 +19,10 @@ as a plain tensor (App. B.1). Table 8 puts BLIP-2's prefixes in two places, P = 
   B.4     AdamW (0.9, 0.99), linear warm-up and decay, Table 14 values   train, PAPER
 
 Offline (--model tiny, the default): a tiny BLIP-2 (ViT, Q-Former, OPT; word-level tokenizer) pre-trained
-once on all weights (cached) on another synthetic world: four caption styles and four VQA question families,
-half of the samples with the scene described in words before the prompt. The downstream tasks are held out:
-shapes_caption = a fifth caption style ("the red circle is on the left ..."), shapes_vqa = position and
-relation questions. "mix" = the pre-training tasks on the benchmark world: what the model keeps.
+once on all weights (cached) on another synthetic world: four caption styles and four VQA question families.
+The downstream tasks are held out: shapes_caption = a fifth caption style ("the red circle is on the left
+..."), shapes_vqa = position and relation questions. "mix" = the pre-training tasks on the benchmark world
+((VQA accuracy + BLEU-4) / 2): what the prefixed model still does.
 
   python prefix_tuning.py                            # tiny BLIP-2, shapes_caption, Table 8 prefixes
   python prefix_tuning.py --compare --seeds 0,1,2    # Table 8 vs LM input / LM kv / Q-Former alone
@@ -259,43 +259,46 @@ def call_lm(lm: nn.Module, x, am, pos, cache=None, use_cache: bool = False, hidd
 PT_FAMILIES, DOWN_FAMILIES = ("color", "shape", "count", "exist"), ("position", "relation")
 PT_STYLES, DOWN_STYLE = (0, 1, 2, 3), 4                  # caption templates of data.ShapesWorld.captions
 WORLD = {"train": 1200, "val": 200, "test": 300}         # images per split of a synthetic world
-PRETRAIN_WORLD = 1000                                    # TODO(data.py): data.PRETRAIN_WORLD
-TINY_PRETRAIN = dict(batch_size=32, lr=2e-3, warmup=50, described=0.5)      # + Args.pretrain_steps
+TINY_PRETRAIN = dict(batch_size=32, lr=2e-3, warmup=50)       # steps: Args.pretrain_steps
 
 
-def tiny_blip2(vocab: int):
-    """ViT 2x48 (32 px images, 8 px patches), Q-Former 2x48 with 8 queries, OPT 2x64, weights N(0, 1/d).
-    DEVIATION (tiny only): HF's BLIP-2 initialisation expects a checkpoint on top (ViT 1e-10, query tokens
-    0, std 0.02 elsewhere). From it the tiny model's queries are all equal, so it barely sees the image, and
-    its OPT attends almost uniformly, so input prefixes cannot steer it (README)."""
+def tiny_blip2(vocab: int, init: str = "scaled"):
+    """ViT 2x48 (32 px images, 8 px patches), Q-Former 2x48 with 8 queries, OPT 2x64. init "hf": transformers'
+    BLIP-2 initialisation, made to be overwritten by a checkpoint (ViT std 1e-10, query tokens 0, std 0.02
+    elsewhere); "scaled": weights N(0, 1/d), query tokens N(0, 1).
+    DEVIATION (tiny only): "scaled" by default. From "hf" the queries are all equal (the model barely
+    sees the image) and the width-64 OPT ends pre-training attending almost uniformly: input prefixes do
+    not train (README)."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
+    vit_std, qformer_std, lm_std = (1e-10, 0.02, 0.02) if init == "hf" else (48 ** -.5, 48 ** -.5, 64 ** -.5)
     layers = dict(num_hidden_layers=2, num_attention_heads=4)
     vision = dict(hidden_size=48, intermediate_size=96, image_size=32, patch_size=8,
-                  initializer_range=48 ** -0.5)
+                  initializer_range=vit_std)
     qformer = dict(hidden_size=48, intermediate_size=96, encoder_hidden_size=48, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0, vocab_size=vocab, initializer_range=48 ** -0.5)
+                   attention_probs_dropout_prob=0.0, vocab_size=vocab, initializer_range=qformer_std)
     text = dict(model_type="opt", vocab_size=vocab, hidden_size=64, ffn_dim=128, max_position_embeddings=128,
                 word_embed_proj_dim=64, dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                init_std=64 ** -0.5)
+                init_std=lm_std)
     cfg = Blip2Config(vision_config=vision | layers, qformer_config=qformer | layers,
-                      text_config=text | layers, num_query_tokens=8, initializer_range=48 ** -0.5)
+                      text_config=text | layers, num_query_tokens=8, initializer_range=qformer_std)
     model = Blip2ForConditionalGeneration(cfg).float()
-    nn.init.normal_(model.query_tokens)                  # distinct queries (a LayerNorm follows: any scale)
+    if init == "scaled":
+        nn.init.normal_(model.query_tokens)              # distinct queries (a LayerNorm follows: any scale)
     return model
 
 
-def pretrain_tiny(tok, steps: int, cache_dir: str, device, log=print):
-    """ALL weights of the tiny BLIP-2 trained on the mix of PRETRAIN_WORLD, a `described` fraction with the
-    scene in words before the prompt (so the LM learns to read its context); cached, keyed by the recipe."""
+def pretrain_tiny(tok, steps: int, init: str, cache_dir: str, device, log=print):
+    """ALL weights of the tiny BLIP-2 trained on the mix of tasks of another world (data.PRETRAIN_WORLD);
+    cached, keyed by the recipe."""
     torch.manual_seed(0)
-    model, r = tiny_blip2(len(tok)), dict(TINY_PRETRAIN, steps=steps)
+    model, r = tiny_blip2(len(tok), init), dict(TINY_PRETRAIN, steps=steps)
     recipe = json.dumps([r, model.config.to_dict(), tok.get_vocab(), data.DATA_VERSION], sort_keys=True,
                         default=str)
     key = hashlib.sha1(recipe.encode()).hexdigest()[:12]
     path = os.path.join(cache_dir, "prefix_tuning", f"tiny_blip2_{key}.pt")
     ddp = dist.is_available() and dist.is_initialized()
     if not os.path.exists(path) and (not ddp or dist.get_rank() == 0):
-        recs = mix_records("train", PRETRAIN_WORLD, described=r["described"])
+        recs = mix_records("train", data.PRETRAIN_WORLD)
         col, g = Collate(tok, 32, PROMPTS["tiny"]), torch.Generator().manual_seed(0)
         net = PrefixBlip2(model.to(device).train(), 0, "none", False, 0)
         opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.99), weight_decay=0.01)
@@ -321,15 +324,6 @@ PROMPTS = {"tiny": {"caption": "caption :", "vqa": "question : {q} answer :"},
            "hf": {"caption": "a photo of", "vqa": "Question: {q} Short answer:"}}    # BLIP-2's prompts
 
 
-def describe_scene(scene: dict) -> str:                  # TODO(data.py): data.describe_scene
-    return data._join([f"{data._a(o['size'] + ' ' + o['color'])} {o['shape']} {data._WHERE[o['pos']]}"
-                       for o in scene["objects"]]) + "."
-
-
-def caption_pairs(records: list) -> list:                # TODO(data.py): data.caption_pairs
-    return [dict(r, id=f"{r['id']}-{i}", caption=c) for r in records for i, c in enumerate(r["captions"])]
-
-
 def shapes_records(task: str, split: str, world: int, keep: tuple) -> list:
     """One synthetic world's VQA records of the question families `keep`, or captions of the styles `keep`."""
     recs = data.load_records(f"shapes_{task}", split, image_size=32, split_sizes=WORLD, world_seed=world)
@@ -338,16 +332,12 @@ def shapes_records(task: str, split: str, world: int, keep: tuple) -> list:
     return [dict(r, captions=[r["captions"][s] for s in keep]) for r in recs]
 
 
-def mix_records(split: str, world: int, limit: Optional[int] = None, described: float = 0.0) -> list:
-    """The tiny pre-training mix, VQA and captions interleaved (caption pairs for training); a `described`
-    fraction (fixed draw) has the scene in words as context before the prompt."""
+def mix_records(split: str, world: int, limit: Optional[int] = None) -> list:
+    """The tiny pre-training mix: VQA and captions interleaved (caption pairs for training)."""
     vqa = shapes_records("vqa", split, world, PT_FAMILIES)
     caps = shapes_records("caption", split, world, PT_STYLES)
-    caps = caption_pairs(caps) if split == "train" else caps
-    out = [r for pair in zip(vqa, caps) for r in pair] + vqa[len(caps):] + caps[len(vqa):]
-    draw = np.random.default_rng(0).random(len(out))
-    return [dict(r, context=describe_scene(r["meta"]["scene"])) if u < described else r
-            for r, u in zip(out, draw)][:limit]
+    caps = data.caption_pairs(caps) if split == "train" else caps
+    return ([r for pair in zip(vqa, caps) for r in pair] + vqa[len(caps):] + caps[len(vqa):])[:limit]
 
 
 def task_records(dataset: str, split: str, data_root: Optional[str], limit: Optional[int]) -> list:
@@ -363,7 +353,7 @@ def task_records(dataset: str, split: str, data_root: Optional[str], limit: Opti
 
 
 class Collate:
-    """Records -> batch: pixels; [bos] (context) prompt (+ target + eos) left-padded, labels on target + eos;
+    """Records -> batch: pixels; [bos] prompt (+ target + eos) left-padded, labels on target + eos;
     the prompt alone for generation. Target: "caption" (a caption pair) or "answer" (VQA), if present.
     Keeps no per-image state, so its memory does not depend on the dataset."""
 
@@ -383,9 +373,7 @@ class Collate:
         ids = lambda s: self.tok(s, add_special_tokens=False)["input_ids"]             # noqa: E731
         prompts, targets = [], []
         for r in recs:
-            text = self.prompts[r["task"]].format(q=r.get("question"))
-            text = f"{r['context']} {text}" if r.get("context") else text                # scene in words
-            prompts.append([self.tok.bos_token_id] + ids(text))
+            prompts.append([self.tok.bos_token_id] + ids(self.prompts[r["task"]].format(q=r.get("question"))))
             target = r.get("caption" if r["task"] == "caption" else "answer")
             targets.append(ids(target) + [self.tok.eos_token_id] if target else [])
         B, T, Tp = len(recs), max(len(p) + len(t) for p, t in zip(prompts, targets)), max(map(len, prompts))
@@ -415,7 +403,7 @@ class Setup:
 
 SETUP_FIELDS = ("dataset", "data_root", "model", "num_prefix", "lm_prefix", "qformer_prefix", "prefix_hidden",
                 "num_beams", "max_new_tokens", "train_limit", "eval_limit", "cache_dir", "vision_cache_mb",
-                "pretrain_steps")
+                "pretrain_steps", "tiny_init")
 
 
 def setup(a, device) -> Setup:
@@ -426,7 +414,7 @@ def setup(a, device) -> Setup:
             "eval": task_records(a.dataset, "val" if real else "test", a.data_root, a.eval_limit), "mix": []}
     if a.model == "tiny":
         tok = data.build_tokenizer(data.synthetic_vocab() + ["question", "answer", "caption", ":"])
-        base = pretrain_tiny(tok, a.pretrain_steps, a.cache_dir or data.cache_dir(), device)
+        base = pretrain_tiny(tok, a.pretrain_steps, a.tiny_init, a.cache_dir or data.cache_dir(), device)
         col = Collate(tok, 32, PROMPTS["tiny"])
         recs["mix"] = mix_records("test", 0, a.eval_limit)
     elif os.path.isdir(a.model):
@@ -438,7 +426,7 @@ def setup(a, device) -> Setup:
     else:
         raise UsageError(f"--model {a.model!r}: neither 'tiny' nor a local Blip2 checkpoint folder")
     task = recs["eval"][0]["task"]
-    recs["train"] = caption_pairs(recs["train"]) if task == "caption" else recs["train"]
+    recs["train"] = data.caption_pairs(recs["train"]) if task == "caption" else recs["train"]
     return Setup(a, tok, base.eval().requires_grad_(False), recs, col, task)
 
 
@@ -619,7 +607,8 @@ class Args:
     train_limit: Optional[int] = field(default=None, metadata={"help": "first N training images/questions"})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "first N evaluation images/questions"})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "caches (default: data.cache_dir())"})
-    pretrain_steps: int = field(default=1000, metadata={"help": "--model tiny: pre-training steps (cached)"})
+    pretrain_steps: int = field(default=2000, metadata={"help": "--model tiny: pre-training steps (cached)"})
+    tiny_init: str = field(default="scaled", metadata={"help": "tiny: scaled N(0, 1/d) | hf"})
     vision_cache_mb: float = field(default=1024.0, metadata={"help": "frozen-ViT output cache bound (MB)"})
     log_every: int = field(default=50, metadata={"help": "log every N steps"})
     save_every: int = field(default=500, metadata={"help": "checkpoint every N steps"})
@@ -639,6 +628,8 @@ def resolve(a: Args) -> Args:
     vqa = a.dataset in ("shapes_vqa", "vqav2")
     table = TINY if a.model == "tiny" else dict(PAPER, warmup_steps=0 if vqa else 5000)
     a = dataclasses.replace(a, **{k: v for k, v in table.items() if getattr(a, k) is None})
+    if a.tiny_init not in ("scaled", "hf"):
+        raise UsageError(f"unknown --tiny_init {a.tiny_init!r}; choose from scaled, hf")
     if a.lm_prefix not in ("input", "kv", "none"):
         raise UsageError(f"unknown --lm_prefix {a.lm_prefix!r}; choose from input, kv, none")
     if a.lm_prefix == "none" and not a.qformer_prefix and not a.compare:
@@ -675,9 +666,10 @@ def print_table(a: Args, s: Setup, rows: dict) -> None:
     """One row per model; with --seeds every cell is `mean ± std`."""
     def cell(v):
         return "-" if None in v else mean_std(v) if a.seeds else f"{v[0]:.2f}"
+    model = "BLIP-2" if a.model != "tiny" else "tiny BLIP-2" + (" (HF init)" if a.tiny_init == "hf" else "")
+    decoding = f"captions by beam {a.num_beams}" if s.task == "caption" else "greedy answers"
     seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
-    print(f"\nprefix-tuning a frozen {'tiny ' * (a.model == 'tiny')}BLIP-2 on {a.dataset}, "
-          f"P = {s.args.num_prefix}, {seeds} (mix: the pre-training tasks)")
+    print(f"\nprefix-tuning a frozen {model} on {a.dataset}: P = {a.num_prefix}, {decoding}, {seeds}")
     metric = "CIDEr" if s.task == "caption" else "VQA acc"
     print(f"| {'model':<29} | {metric:>13} | {'mix':>13} | {'train CE':>13} | {'time':>6} |")
     print(f"|{'-' * 31}|{'-' * 15}|{'-' * 15}|{'-' * 15}|{'-' * 8}|")
@@ -707,7 +699,8 @@ def run(a: Args) -> dict:
         for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
             sub = os.path.join(a.out_dir, key, f"seed{seed}" if a.seeds else "")
             os.makedirs(sub, exist_ok=True)
-            rows[name].append(run_one(dataclasses.replace(a, seed=seed, out_dir=sub), s, device, rank, world, log))
+            one = dataclasses.replace(a, seed=seed, out_dir=sub)
+            rows[name].append(run_one(one, s, device, rank, world, log))
     if rank == 0:
         print_table(a, s, rows)
         write_json(os.path.join(a.out_dir, "results.json"), {"args": dataclasses.asdict(a), "rows": rows})
