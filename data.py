@@ -363,7 +363,7 @@ def synthetic_vocab() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------
-# 2. One loader for all datasets
+# 2. Official formats: one loader for every dataset
 # ----------------------------------------------------------------------------------
 def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
                  seed: int = 0, image_size: int = 64, num_shots: Optional[int] = None,
@@ -454,6 +454,8 @@ def load_image(record: dict, image_size: Optional[int] = None) -> Image.Image:
     """PIL RGB image of a record; raises `UnreadableImage` (not DataError) for missing or
     corrupt files (extract_features counts them and gives them zero features). Synthetic
     records are rendered (at `image_size` if given, else the record's size)."""
+    if record.get("image_id") is None:
+        raise DataError(f"record {record['id']} has no image (text-only question)")
     if record.get("image_path") is None:
         meta = record["meta"]
         return ShapesWorld(seed=meta["seed"]).render(meta["scene"], image_size or meta["image_size"])
@@ -885,9 +887,10 @@ def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
 
 # The synthetic world's frozen vision encoder ("tiny-cnn"). The papers start from a vision encoder
 # pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what an image holds.
-# Its offline stand-in is pre-trained, supervised, on world PRETRAIN_WORLD (no benchmark uses it) to name
-# the colour, shape and size of the object in each cell of a 3 x 3 grid from that cell's token, and the
-# colours, shapes, positions and pairs of them in the image from the pooled vector; then it is frozen.
+# DEVIATION (offline only): its stand-in is a small CNN pre-trained, supervised, on world PRETRAIN_WORLD (no
+# benchmark uses it) to name the colour, shape and size of the object in each cell of a 3 x 3 grid from
+# that cell's token, and the colours, shapes, positions and pairs of them in the image from the pooled
+# vector; then it is frozen.
 TINY_CNN_WIDTH = 96       # C: width of the grid tokens and of the pooled vector
 TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48: one grid cell = 16 x 16 pixels
 _TINY_CNN_RECIPE = {"arch": 1, "width": TINY_CNN_WIDTH, "image_size": TINY_CNN_IMAGE_SIZE, "images": 4000,
@@ -1133,11 +1136,15 @@ def _process_digit_article(text: str) -> str:
     return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
+def _clean(answer: str) -> str:
+    """What the official evaluation does to every answer before comparing."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(ans: str) -> str:
     """Official VQA answer normalisation (punctuation, number words, articles, contractions):
     "Two" -> "2", "yes." -> "yes", "the dog" -> "dog", "dont" -> "don't"."""
-    ans = ans.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(ans))
+    return _process_digit_article(_process_punctuation(_clean(ans)))
 
 
 def _loo(k: int, n: int = 10) -> float:
@@ -1151,8 +1158,7 @@ def vqa_score(pred: str, answers: Sequence[str]) -> float:
     vqaEval.py (master, 2021 fix): all answers are stripped; prediction and answers are
     normalised (normalize_answer) only when the annotators disagree -- when they agree
     the match is exact, so emit clean lower-case answers ("yes", "2")."""
-    clean = lambda a: a.replace("\n", " ").replace("\t", " ").strip()  # noqa: E731
-    pred, gts = clean(pred), [clean(a) for a in answers]
+    pred, gts = _clean(pred), [_clean(a) for a in answers]
     if len(set(gts)) > 1:
         pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
     return _loo(sum(a == pred for a in gts), len(gts))
@@ -1301,11 +1307,6 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def _clean(answer: str) -> str:
-    """What the official evaluation does to every answer before comparing."""
-    return answer.replace("\n", " ").replace("\t", " ").strip()
-
-
 def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
     """Classes of a VQA classifier head: the answers whose normalised form is the most common answer
     of >= min_freq training questions (3129 for VQAv2 train+val with min_freq 9, the usual setup;
@@ -1341,7 +1342,7 @@ def _class_index(vocab: tuple) -> dict:
 
 
 # ----------------------------------------------------------------------------------
-# 6. Loaders
+# 6. DataLoaders
 # ----------------------------------------------------------------------------------
 def _collate(batch):
     """Records stay a list of dicts; anything else goes through torch's default_collate."""

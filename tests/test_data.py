@@ -551,6 +551,8 @@ def test_scienceqa_loader_prompt_and_metric(tmp_path):
     assert r2["context"] == "Read the text." and r2["meta"]["subject"] == "social science"
     assert (r4["meta"]["has_context"], r4["meta"]["has_image"], r3["meta"]["grade"]) == (True, True, "grade5")
     assert data.load_image(r1).size == (40, 30)
+    with pytest.raises(DataError, match="record 2 has no image"):
+        data.load_image(r2)
     # MemVP's prompt (the official code's QCM-A format, captions in the context)
     assert data.scienceqa_prompt(r2) == ("Question: Which is a state?\nContext: Read the text.\n"
                                          "Options: (A) Ohio (B) Paris (C) Texas\nResponse:", "The answer is C.")
