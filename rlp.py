@@ -1,12 +1,10 @@
 """rlp.py -- Re-parameterized Low-rank Prompts (RLP) for CLIP, with CoOp and zero-shot CLIP as baselines.
 
-Paper: "Towards Efficient Vision-Language Tuning: More Information Density, More Generalizability"
-(arXiv 2312.10813). Baseline: CoOp, "Learning to Prompt for Vision-Language Models" (arXiv 2109.01134).
-CoOp replaces the words "a photo of a" in the prompt "[SOS] a photo of a <class>. [EOS]" of a frozen CLIP text
-encoder by a learned full-rank context P (n x d). RLP re-parameterises it as P = P_fr + Dropout(P_A P_B),
-P_fr the frozen CoOp initialisation, P_A (n x r), P_B (r x d): n*r + r*d tunable parameters (516 at n=4, r=1,
-d=512) instead of n*d (2048), and claims better generalisation from the base classes to new classes.
-
+"Towards Efficient Vision-Language Tuning: More Information Density, More Generalizability" (2312.10813).
+CoOp (2109.01134) learns the context P (n x d) that replaces "a photo of a" in "[SOS] a photo of a <class>.
+[EOS]", the prompt of a frozen CLIP text encoder. RLP re-parameterises it as P = P_fr + Dropout(P_A P_B), P_fr
+the frozen CoOp init, P_A (n x r), P_B (r x d): n*r + r*d tunable parameters (516 at n=4, r=1, d=512) instead
+of n*d (2048), and claims better generalisation from the base classes it is tuned on to new classes.
 Equation -> code
     P = P_fr + Dropout(P_A P_B)                       RLPContext.forward
     P (n x d), all of it tunable (CoOp)               CoOpContext
@@ -17,14 +15,12 @@ Unknown (the paper's text is not at hand): r and p, here flags (--rank 1: the pa
 --rlp_dropout 0.1), and whether prompts also enter the image tower (here: text side only, as CoOp).
 
 Offline default: a tiny CLIP pre-trained on captioned scenes of another synthetic world (cached) stands in
-for ViT-B/16 on shapes_cls (48 "colour shape" classes). Base classes are the circles, squares and triangles,
-new classes the stars, crosses and diamonds, so each new class name holds a word never seen in tuning, as with
-real datasets (--shapes_split checker: data.py's split, where new names recombine the words of base names).
-
-  python rlp.py                                # zero-shot vs CoOp vs RLP, base-to-new, seed 1
-  python rlp.py --seeds 1,2,3                  # the same, mean ± std over the paper's three seeds
-  python rlp.py --sweep --seeds 1,2,3          # r, p, epochs, shots, CoOp n=4 / n=16: one at a time
-  python rlp.py --dataset OxfordPets --data_root $DATA --seeds 1,2,3     # openai/clip-vit-base-patch16
+for ViT-B/16 on shapes_cls (48 "colour shape" classes). Base classes: circles, squares, triangles; new: stars,
+crosses, diamonds, so each new class name holds a word never seen in tuning, as with real datasets
+(--shapes_split checker: data.py's split, where new class names recombine the words of base class names).
+  python rlp.py [--seeds 1,2,3]            # zero-shot vs CoOp vs RLP, base-to-new (seed 1, or mean ± std)
+  python rlp.py --sweep --seeds 1,2,3      # r, p, epochs, shots, CoOp n=4 / n=16: one at a time
+  python rlp.py --dataset OxfordPets --data_root $DATA --seeds 1,2,3      # openai/clip-vit-base-patch16
   torchrun --nproc_per_node 2 rlp.py --prompt rlp --rank 2 --rlp_dropout 0.3
 """
 from __future__ import annotations
@@ -34,12 +30,12 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +74,6 @@ class RLPContext(nn.Module):
 
 class CoOpContext(nn.Module):
     """CoOp: a full-rank learnable context P (n, d), n*d tunable parameters."""
-
     def __init__(self, p_init: torch.Tensor):
         super().__init__()
         self.ctx = nn.Parameter(p_init.clone())                              # (n, d)
@@ -88,18 +83,16 @@ class CoOpContext(nn.Module):
 
 
 TEMPLATES = {  # zero-shot CLIP: CoOp's hand-crafted template per dataset (zsclip.CUSTOM_TEMPLATES)
-    "shapes_cls": "a photo of a {}.", "imagenet": "a photo of a {}.", "caltech101": "a photo of a {}.",
-    "oxford_pets": "a photo of a {}, a type of pet.", "stanford_cars": "a photo of a {}.",
-    "oxford_flowers": "a photo of a {}, a type of flower.", "food101": "a photo of {}, a type of food.",
-    "fgvc_aircraft": "a photo of a {}, a type of aircraft.", "sun397": "a photo of a {}.",
-    "dtd": "{} texture.", "eurosat": "a centered satellite photo of {}.",
-    "ucf101": "a photo of a person doing {}."}
+    "shapes_cls": "a photo of a {}.", "imagenet": "a photo of a {}.", "sun397": "a photo of a {}.",
+    "caltech101": "a photo of a {}.", "stanford_cars": "a photo of a {}.", "dtd": "{} texture.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.", "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.", "eurosat": "a centered satellite photo of {}.",
+    "food101": "a photo of {}, a type of food.", "ucf101": "a photo of a person doing {}."}
 
 
 class ClassPrompts(nn.Module):
     """Frozen token embeddings of "[SOS] X..X name. [EOS]" for C classes (CoOp class_token_position='end').
     assemble(ctx) puts a context (n, d) in the n placeholder slots -> (C, L, d); n_ctx=0: the template."""
-
     def __init__(self, clip: CLIPModel, tok, classnames, template: str, n_ctx: int):
         super().__init__()
         ids, eos = tokenize(tok, [template.format(c.replace("_", " ")) for c in classnames], clip)
@@ -126,15 +119,13 @@ def encode_text(clip: CLIPModel, token_embeds: torch.Tensor, eos: torch.Tensor) 
     h = token_embeds + tm.embeddings.position_embedding.weight[:L]            # (C, L, d)
     mask = torch.full((L, L), torch.finfo(h.dtype).min, dtype=h.dtype, device=h.device).triu(1)[None, None]
     for layer in tm.encoder.layers:                                           # causal self-attention
-        out = layer(h, mask)
-        h = out[0] if isinstance(out, tuple) else out                          # (C, L, d)
+        h = layer(h, mask)                                                    # (C, L, d)
     h = tm.final_layer_norm(h)
     return clip.text_projection(h[torch.arange(len(h), device=h.device), eos.to(h.device)])   # (C, p)
 
 
 class PromptCLIP(nn.Module):
     """Frozen CLIP + an optional learned context. forward(prompts, img) -> logits (B, C)."""
-
     def __init__(self, clip: CLIPModel, context: Optional[nn.Module]):
         super().__init__()
         self.clip, self.context = clip, context
@@ -143,39 +134,35 @@ class PromptCLIP(nn.Module):
         ctx = self.context() if self.context is not None else None           # (n, d)
         return F.normalize(encode_text(self.clip, prompts.assemble(ctx), prompts.eos), dim=-1)  # (C, p)
 
-    def forward(self, prompts: ClassPrompts, img: torch.Tensor, txt: Optional[torch.Tensor] = None):
-        txt = self.text_features(prompts) if txt is None else txt
-        return self.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ txt.t()   # tau cos(f(x), w_c), (B, C)
+    def forward(self, prompts: ClassPrompts, img: torch.Tensor) -> torch.Tensor:    # tau cos(f(x), w_c)
+        return self.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ self.text_features(prompts).t()
 
 
-def build_prompt_model(kind: str, clip: CLIPModel, tok, a: Args) -> tuple[PromptCLIP, int]:
-    """-> (model, the method's analytic number of tunable parameters). P's init is CoOp's: the embeddings
-    of --ctx_init's words (n = their count), or N(0, 0.02^2) with n = --n_ctx."""
+def build_prompt_model(kind: str, clip: CLIPModel, tok, a: Args) -> tuple[PromptCLIP, int, int]:
+    """-> (model, its analytic number of tunable parameters, n). P's init (CoOp's): ctx_init or N(0, .02^2)"""
     if kind == "zeroshot":
-        return PromptCLIP(clip, None), 0
+        return PromptCLIP(clip, None), 0, 0
     p_init = torch.randn(a.n_ctx, clip.config.text_config.hidden_size) * 0.02                 # (n, d)
     if a.ctx_init:
         ids, eos = tokenize(tok, [a.ctx_init], clip)
         p_init = clip.text_model.embeddings.token_embedding(ids[0, 1:eos[0]]).detach()   # no [SOS], [EOS]
     (n, d), r, p_init = p_init.shape, a.rank, p_init.to(clip.logit_scale.device)
     if kind == "coop":
-        return PromptCLIP(clip, CoOpContext(p_init)), n * d
-    return PromptCLIP(clip, RLPContext(p_init, r, a.rlp_dropout, a.rlp_init_std)), n * r + r * d
+        return PromptCLIP(clip, CoOpContext(p_init)), n * d, n
+    # P_A ~ N(0, 1/n): P_A P_A^T ~ 1 on its span, so an SGD step moves P about as far as CoOp's (chosen)
+    return PromptCLIP(clip, RLPContext(p_init, r, a.rlp_dropout, n ** -0.5)), n * r + r * d, n
 
 
 def tokenize(tok, texts, clip: CLIPModel):
-    """-> ids (C, L), eos (C,): "[SOS] words [EOS]" right-padded to the longest text (not to CLIP's 77: the
-    [EOS] features are the same, the text tower being causal); eos = the position of [EOS]."""
+    """-> ids (C, L), eos (C,): "[SOS] words [EOS]" right-padded to the longest text (not to 77: causal)."""
     enc = tok(list(texts), padding=True, truncation=True, return_tensors="pt",
               max_length=clip.config.text_config.max_position_embeddings)
     return enc["input_ids"], enc["attention_mask"].sum(1) - 1
 
 
-# ---------------------------------------------------------------------- offline stand-in: a tiny CLIP
 # DEVIATION: ViT-B/16 needs the hub. Offline, a 2+2-layer CLIP (width 64; 48x48 images, a 3x3 grid of 16-px
-# patches, one per object position) is pre-trained with CLIP's contrastive loss on captioned scenes of world
-# data.PRETRAIN_WORLD (the benchmark is world 0: no benchmark image is seen), half of them with one object,
-# half with 1-3; the captions include "a photo of ..." so that CoOp's init means something, as in CLIP.
+# patches) is pre-trained with CLIP's loss on scenes of world data.PRETRAIN_WORLD (the benchmark is world 0),
+# half with 1 object, half with 1-3, captioned "a photo of a red circle.", ... (so CoOp's init is meaningful).
 PRETRAIN_WORLD = getattr(data, "PRETRAIN_WORLD", 1000)  # TODO(data.py): data.PRETRAIN_WORLD once it lands
 TINY_CLIP = dict(width=64, layers=2, heads=4, image_size=48, patch=16, scenes=2000, steps=1000, batch=64,
                  lr=2e-3, weight_decay=0.05, warmup=50)
@@ -183,96 +170,84 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 SHAPES_TEST_IMAGES = 1920  # 40 per class (data.py's default 500 leaves ~10: one image would be 0.4 points)
 
 
-def tiny_tokenizer():
-    """data.py's word-level tokenizer + the prompt words it lacks, "<s> ... <eot>" around each text. data.py's
-    [EOS] is id 2, which HF's CLIPTextModel reads as legacy "pool at argmax(id)"; <eot> has the highest id."""
-    tok = data.build_tokenizer(list(data.synthetic_vocab()) + ["photo", "x"])
-    tok.add_special_tokens({"eos_token": "<eot>"})
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A <eot>", special_tokens=[("<s>", tok.bos_token_id), ("<eot>", tok.eos_token_id)])
-    return tok
-
-
-def tiny_config(tok, width: int, layers: int, heads: int, image_size: int, patch: int, **_) -> CLIPConfig:
-    tower = dict(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                 num_attention_heads=heads, projection_dim=width)
-    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    text = dict(vocab_size=len(tok), max_position_embeddings=48, **tower, **ids)
-    vision = dict(image_size=image_size, patch_size=patch, **tower)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=width)
-
-
 def scene_captions(scene: dict) -> list:
-    """-> ["a photo of a red circle and a blue star.", "a small red circle and a large blue star.", ...]"""
+    """-> ["a photo of a red circle and a blue star.", "an image with a red circle and a blue star.", ...]"""
     where = {"center": "in the center", "top": "at the top", "bottom": "at the bottom"}
     things = [[f"{o['color']} {o['shape']}", f"{o['size']} {o['color']} {o['shape']}",
                f"{o['color']} {o['shape']} " + where.get(o["pos"], "on the " + o["pos"])]
               for o in scene["objects"]]
     a = [[("an " if t[0] in "aeiou" else "a ") + t for t in ts] for ts in zip(*things)]        # per style
     join = [x[0] if len(x) == 1 else ", ".join(x[:-1]) + " and " + x[-1] for x in a]
-    return [f"a photo of {join[0]}.", f"{join[1]}.", f"there is {join[2]}."]
+    return [f"a photo of {join[0]}.", f"an image with {join[0]}.", f"{join[1]}.", f"there is {join[2]}."]
 
 
-def pretrain_tiny_clip(tok, cfg: CLIPConfig, device) -> CLIPModel:
+def pretrain(clip: CLIPModel, tok, seed: int) -> CLIPModel:
     """CLIP's symmetric InfoNCE on (image, one of its captions); scenes of the same objects are positives."""
-    rc, rng = TINY_CLIP, random.Random(0)
-    torch.manual_seed(0)
+    rc, rng = TINY_CLIP, random.Random(seed)
     kw = dict(world_seed=PRETRAIN_WORLD, image_size=rc["image_size"],
               split_sizes={"train": rc["scenes"] // 2, "val": 1, "test": 1})
     recs = data.load_records("shapes_cls", "train", **kw) + data.load_records("shapes_caption", "train", **kw)
-    captions = [scene_captions(r["meta"]["scene"]) + r.get("captions", []) for r in recs]
-    objects = [tuple(sorted((o["color"], o["shape"]) for o in r["meta"]["scene"]["objects"])) for r in recs]
-    key = torch.from_numpy(np.unique([str(o) for o in objects], return_inverse=True)[1])    # same: positives
+    captions = [scene_captions(r["meta"]["scene"]) for r in recs]
+    objects = [str(sorted((o["color"], o["shape"]) for o in r["meta"]["scene"]["objects"])) for r in recs]
+    key = torch.from_numpy(np.unique(objects, return_inverse=True)[1])               # same key: positives
     x = torch.from_numpy(np.stack([np.asarray(data.load_image(r, rc["image_size"])) for r in recs])) / 255
     images = ((x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).permute(0, 3, 1, 2)  # (N, 3, H, W)
-    clip = CLIPModel(cfg).to(device).train()
     opt = torch.optim.AdamW(clip.parameters(), lr=rc["lr"], weight_decay=rc["weight_decay"])
     sched = lr_schedule(opt, rc["warmup"], rc["steps"])
     for _ in tqdm(range(rc["steps"]), desc="pre-train the tiny CLIP", mininterval=10):
         idx = torch.randint(len(recs), (rc["batch"],))
-        ids = tokenize(tok, [rng.choice(captions[i]) for i in idx.tolist()], clip)[0].to(device)
-        logits = clip(input_ids=ids, pixel_values=images[idx].to(device)).logits_per_image     # (B, B)
-        same = (key[idx, None] == key[None, idx]).float().to(device)
+        ids = tokenize(tok, [rng.choice(captions[i]) for i in idx.tolist()], clip)[0]
+        logits = clip(input_ids=ids, pixel_values=images[idx]).logits_per_image                # (B, B)
+        same = (key[idx, None] == key[None, idx]).float()
         target = same / same.sum(1, keepdim=True)                                               # symmetric
         loss = -((target * logits.log_softmax(1)).sum(1) + (target * logits.log_softmax(0)).sum(0)).mean() / 2
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
         sched.step()
-    return clip.eval()
+    return clip
 
 
 def load_clip(a: Args, device, rank: int):
-    """-> (CLIP, tokenizer, name): a HF CLIP, or the tiny CLIP, pre-trained once and cached by its recipe."""
+    """-> (CLIP, tokenizer, name): a HF CLIP, or the tiny CLIP, pre-trained once (on CPU) and cached."""
     if a.model != "tiny":
         try:
             clip, tok = CLIPModel.from_pretrained(a.model), AutoTokenizer.from_pretrained(a.model)
-            return clip.to(device), tok, a.model
+            return clip.to(device).eval().requires_grad_(False), tok, a.model
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot load CLIP model '{a.model}' ({str(e).splitlines()[0]})")
-    tok = tiny_tokenizer()
-    cfg = tiny_config(tok, **TINY_CLIP)
-    key = json.dumps([TINY_CLIP, PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab().items())])
+    # the tiny CLIP's tokenizer puts "<s> ... <eot>" around each text: data.py's [EOS] is id 2, which HF's
+    # CLIPTextModel reads as legacy "pool at argmax(id)"; <eot> is the last id
+    tok = data.build_tokenizer(["a an the of and is there photo image with on at in x , .", *data.COLORS,
+                                *data.SHAPES, *data.SIZES, *data.POSITIONS])
+    tok.add_special_tokens({"eos_token": "<eot>"})
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A <eot>", special_tokens=[("<s>", tok.bos_token_id), ("<eot>", tok.eos_token_id)])
+    w, rc = TINY_CLIP["width"], TINY_CLIP
+    tower = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=rc["layers"],
+                 num_attention_heads=rc["heads"], projection_dim=w)
+    text = dict(vocab_size=len(tok), max_position_embeddings=48, eos_token_id=tok.eos_token_id, **tower)
+    vision = dict(image_size=rc["image_size"], patch_size=rc["patch"], **tower)
+    torch.manual_seed(a.clip_seed)                                   # the tiny CLIP's init and batches
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=w))
+    key = json.dumps([TINY_CLIP, a.clip_seed, PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab())])
     path = os.path.join(a.cache_dir, "rlp", f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     if rank == 0 and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_checkpoint(path, {"state_dict": pretrain_tiny_clip(tok, cfg, device).state_dict()})
+        save_checkpoint(path, {"state_dict": pretrain(clip, tok, a.clip_seed).state_dict()})
     if dist.is_initialized():
         dist.barrier()
-    clip = CLIPModel(cfg)
     clip.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
-    return clip.to(device), tok, "rlp-" + Path(path).stem
+    return clip.to(device).eval().requires_grad_(False), tok, "rlp-" + Path(path).stem
 
 
-# ---------------------------------------------------------------------- data -> frozen image features
 def load_split(a: Args, split: str, subset: str, seed: int, shots: Optional[int]):
     """-> (records, class names) of one split and class subset ("base" or "new")."""
     kw = dict(seed=seed, num_shots=shots)
     if a.dataset == "shapes_cls" and split == "test":
         kw["split_sizes"] = {"train": 2000, "val": 200, "test": SHAPES_TEST_IMAGES}
     if a.dataset == "shapes_cls" and a.shapes_split == "shape":
-        # TODO(data.py): a base/new split option. Base = circles, squares, triangles (labels: base names
-        # sorted, then new names sorted); k-shot sampling before the class subset, as data.py does.
+        # TODO(data.py): a base/new option. k-shot sampling before the class subset, as in data.py
         recs = data.load_records(a.dataset, split, **kw)
         order = sorted(data.classnames_of(recs), key=lambda n: (n.split()[1] not in data.SHAPES[:3], n))
         names = order[:24] if subset == "base" else order[24:]
@@ -283,24 +258,20 @@ def load_split(a: Args, split: str, subset: str, seed: int, shots: Optional[int]
     return recs, data.classnames_of(recs)
 
 
-@dataclass
-class Env:
-    """What every run of one command shares."""
+@dataclasses.dataclass
+class Env:  # what every run of one command shares
     clip: CLIPModel
     tok: object
     name: str                                    # the CLIP's name in the feature cache
     device: torch.device
     rank: int
-    world: int
-    test: dict = field(default_factory=dict)     # "base" / "new" -> (features (N, p), labels (N,), names)
+    test: dict = dataclasses.field(default_factory=dict)  # "base", "new" -> (features, labels, class names)
 
 
 @torch.no_grad()
 def image_features(a: Args, env: Env, records, split: str, train: bool):
-    """-> (records, frozen projected image features (N, p)) from data.extract_features (cached on disk);
-    training records whose image is unreadable are dropped."""
-    # DEVIATION: CoOp trains on random-resized-crop + flip views; the features are computed once from the
-    # plain image instead, so a training step is a text pass plus a matmul.
+    """-> frozen image features (N, p), cached, and labels (N,); unreadable training images are dropped."""
+    # DEVIATION: features of the plain image, computed once (CoOp trains on random-crop + flip views)
     tiny = {"model": copy.deepcopy(env.clip)} if a.model == "tiny" else {}   # data.py sets its device, dtype
     size, cache = env.clip.config.vision_config.image_size, os.path.join(a.cache_dir, "features")
     feats, rows, missing = data.extract_features(records, env.name, dataset=a.dataset, split=split,
@@ -308,25 +279,23 @@ def image_features(a: Args, env: Env, records, split: str, train: bool):
                                                  device=str(env.device), progress=False, **tiny)
     if train:
         records, rows = data.drop_missing(records, rows, missing)
-    return records, feats[rows, 0].float()                                                    # (N, p)
+    return feats[rows, 0].float(), torch.tensor([r["label"] for r in records])               # (N, p), (N,)
 
 
-# ---------------------------------------------------------------------- training and evaluation
 def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed: int, ckpt: str, env: Env):
     """SGD on the context with cross-entropy over the class logits (CoOp's recipe). -> the steps done."""
-    params = [p for p in model.parameters() if p.requires_grad]
     loader = data.make_loader(torch.utils.data.TensorDataset(feats, labels), a.batch_size, shuffle=True,
                               seed=seed, num_workers=a.num_workers)
-    spe = len(loader)
-    total = a.epochs * spe
+    spe, total = len(loader), a.epochs * len(loader)
     stop = total if a.max_steps is None else min(total, a.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)              # CoOp's (Dassl's)
     # CoOp: one epoch at a constant 1e-5, then cosine to 0  # DEVIATION: stepped per iteration, not per epoch
     sched = lr_schedule(opt, spe, total, "constant", "cosine", 1e-5 / a.lr)
     step = 0
     if a.resume and os.path.exists(ckpt):
-        state = load_checkpoint(ckpt)
-        step = restore(model, state, a)
+        state = load_context(model, ckpt, a)
+        step = state["step"]
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -337,16 +306,14 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
             trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
             save_checkpoint(ckpt, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step, "rng":
                                    rng_state(), "scheduler": sched.state_dict(), "setting": setting_of(a)})
-    net = model if env.world == 1 else nn.parallel.DistributedDataParallel(
+    net = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device] if env.device.type == "cuda" else None)
     model.train()
     try:
         while step < stop:
             epoch, skip = divmod(step, spe)
             data.set_epoch(loader, epoch)            # order = f(seed, epoch): a resumed run skips what it saw
-            for i, (x, y) in enumerate(loader):
-                if i < skip:
-                    continue
+            for x, y in itertools.islice(loader, skip, None):
                 with autocast(env.device):
                     logits = net(prompts, x.to(env.device))                                    # (B, C)
                 loss = F.cross_entropy(logits.float(), y.to(env.device))
@@ -375,46 +342,38 @@ def setting_of(a: Args) -> dict:
         "max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir")}
 
 
-def restore(model: PromptCLIP, state: dict, a: Args) -> int:
-    """Put a checkpoint's context into the model -> its step."""
+def load_context(model: PromptCLIP, ckpt: str, a: Args) -> dict:
+    """Load the context of a checkpoint trained with the same flags into the model -> the checkpoint."""
+    state = load_checkpoint(ckpt)
     if state["setting"] != setting_of(a):
-        diff = {k: v for k, v in state["setting"].items() if setting_of(a).get(k) != v}
-        raise UsageError(f"the checkpoint was trained with other flags ({diff}); pass the same flags")
-    with torch.no_grad():
-        for k, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(state["trainable"][k])
-    return state["step"]
-
-
-@torch.no_grad()
-def accuracy(model: PromptCLIP, prompts: ClassPrompts, feats: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    txt = model.text_features(prompts)                                                       # (C, p)
-    return data.accuracy(model(prompts, feats.to(txt.device), txt).argmax(1).tolist(), labels.tolist())
+        raise UsageError(f"{ckpt} was trained with other flags: {state['setting']}")
+    model.load_state_dict(state["trainable"], strict=False)
+    return state
 
 
 def run_one(kind: str, a: Args, seed: int, tag: str, env: Env, log) -> dict:
     """Train (unless zero-shot or --eval_only) and evaluate one prompt learner with one seed."""
     seed_everything(seed)
-    model, expected = build_prompt_model(kind, env.clip, env.tok, a)
+    model, expected, n_ctx = build_prompt_model(kind, env.clip, env.tok, a)
     count_trainable(model.to(env.device), expected, log)
-    recs, x = image_features(a, env, load_split(a, "train", "base", seed, a.shots)[0],
-                             f"train-base-{a.shots}shot-seed{seed}", train=True)
-    y = torch.tensor([r["label"] for r in recs])
-    n_ctx = 0 if model.context is None else len(model.context())
+    x, y = image_features(a, env, load_split(a, "train", "base", seed, a.shots)[0],
+                          f"train-base-{a.shots}shot-seed{seed}", train=True)
     template = "X " * n_ctx + "{}." if n_ctx else TEMPLATES[a.dataset]          # "X X X X {}.": P's slots
-    prompts = {s: ClassPrompts(env.clip, env.tok, env.test[s][2], template, n_ctx) for s in env.test}
     ckpt = os.path.join(a.out_dir, f"seed{seed}", tag, "ckpt.pt")
-    steps = 0
-    if kind != "zeroshot":
-        steps = restore(model, load_checkpoint(ckpt), a) if a.eval_only else train(
-            a, model, prompts["base"], x, y, seed, ckpt, env)
-    res = {s: accuracy(model, prompts[s], *env.test[s][:2]) for s in env.test}
-    return dict(res, train=accuracy(model, prompts["base"], x, y), tunable=expected, steps=steps, seed=seed)
+    res = dict(seed=seed, tunable=expected, steps=0)
+    if kind != "zeroshot" and a.eval_only:
+        res["steps"] = load_context(model, ckpt, a)["step"]
+    elif kind != "zeroshot":
+        prompts = ClassPrompts(env.clip, env.tok, env.test["base"][2], template, n_ctx)
+        res["steps"] = train(a, model, prompts, x, y, seed, ckpt, env)
+    with torch.no_grad():                                  # accuracy on the test classes and the train shots
+        for s, (feats, labels, names) in dict(env.test, train=(x, y, env.test["base"][2])).items():
+            prompts = ClassPrompts(env.clip, env.tok, names, template, n_ctx)
+            logits = model.eval()(prompts, feats.to(env.device))
+            res[s] = data.accuracy(logits.argmax(1).tolist(), labels.tolist())
+    return res
 
 
-# ---------------------------------------------------------------------- the comparison, the sweep, the table
 def settings(a: Args) -> list:
     """[(label, prompt kind, Args)]: the comparison, or the sweep: one factor at a time around the default
     (r, p, epochs x4, shots 1 and 4) and CoOp with n=4 "a photo of a" and n=16 random (CoOp's strongest)."""
@@ -442,18 +401,16 @@ def format_table(rows: list, head: str) -> str:
     return "\n".join([text[0], "-+-".join("-" * x for x in w)] + text[1:])
 
 
-# ---------------------------------------------------------------------- command line
 def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     dataset: str = arg("shapes_cls", "shapes_cls or a CoOp dataset: imagenet, oxford_pets, dtd, eurosat, ...")
     data_root: Optional[str] = arg(None, "root of the CoOp-layout datasets")
     model: str = arg("auto", "tiny | a HF CLIP id or path; auto: tiny for shapes_cls, else ViT-B/16")
     prompt: Optional[str] = arg(None, "zeroshot | coop | rlp; unset: all three in one table")
-    compare: bool = arg(False, "zero-shot, CoOp and RLP in one table (as leaving --prompt unset)")
     sweep: bool = arg(False, "r, p, epochs x4, shots 1 / 4 and CoOp n=16, one at a time")
     shapes_split: str = arg("shape", "shapes_cls base / new classes: shape (new = other shapes) | checker")
     shots: int = arg(16, "training images per base class (CoCoOp: 16)")
@@ -463,7 +420,6 @@ class Args:
     ctx_init: str = arg("a photo of a", "words that initialise P (n = their count); '': random")
     rank: int = arg(1, "RLP rank r (not in the summary; 1 gives the paper's 0.5K parameters)")
     rlp_dropout: float = arg(0.1, "RLP dropout ratio p on P_A P_B (not in the summary)")
-    rlp_init_std: float = arg(0.5, "std of P_A at init (P_B = 0); 0.5 = 1/sqrt(n): steps as large as CoOp's")
     epochs: Optional[int] = arg(None, "auto: CoOp's 50 for ImageNet, 200 otherwise")
     max_steps: Optional[int] = arg(None, "stop each run after N steps (the schedule still spans --epochs)")
     batch_size: int = arg(32, "batch size per process (CoOp: 32)")
@@ -475,22 +431,20 @@ class Args:
     eval_only: bool = arg(False, "evaluate the checkpoints in --out_dir without training")
     num_workers: int = arg(0, "DataLoader workers (the features are in memory: 0 is best)")
     cache_dir: Optional[str] = arg(None, "auto: data.cache_dir()")
+    clip_seed: int = arg(0, "--model tiny: seed of its pre-training (another seed, another stand-in)")
 
 
 def resolve(a: Args) -> tuple[Args, list]:
     """Check the flags, fill in the automatic values -> (args, seeds)."""
-    coop_names = {k.replace("_", ""): k for k in TEMPLATES} | {"flowers102": "oxford_flowers"}   # OxfordPets
-    a.dataset = coop_names.get(a.dataset.lower().replace("_", "").replace("-", ""), a.dataset)
+    a.dataset = {k.replace("_", ""): k for k in TEMPLATES}.get(a.dataset.lower().replace("_", ""), a.dataset)
     seeds = [int(s) for s in a.seeds.split(",") if s.strip().isdigit()] if a.seeds else [a.seed]
     valid = {"dataset": a.dataset in TEMPLATES, "prompt": a.prompt in (None, "zeroshot", "coop", "rlp"),
              "shapes_split": a.shapes_split in ("shape", "checker"), "rlp_dropout": 0 <= a.rlp_dropout < 1,
-             "seeds": len(set(seeds)) == len((a.seeds or "1").split(",")),
-             "max_steps": (a.max_steps or 0) >= 0}
+             "seeds": len(set(seeds)) == len((a.seeds or "1").split(","))}
     for k in ("shots", "epochs", "batch_size", "rank", "n_ctx"):
         valid[k] = getattr(a, k) is None or getattr(a, k) >= 1
-    for k, ok in valid.items():
-        if not ok:
-            raise UsageError(f"--{k} {getattr(a, k)}: not a valid value (see --help)")
+    for k in [k for k, ok in valid.items() if not ok][:1]:                    # the first bad flag
+        raise UsageError(f"--{k} {getattr(a, k)}: not a valid value (see --help)")
     if a.model == "auto":
         a.model = "tiny" if a.dataset == "shapes_cls" else "openai/clip-vit-base-patch16"
     if a.model == "tiny" and a.dataset != "shapes_cls":
@@ -505,32 +459,26 @@ def resolve(a: Args) -> tuple[Args, list]:
 
 def run(a: Args) -> dict:
     a, seeds = resolve(a)
-    device, rank, world = setup_device(a.device)
+    device, rank, _ = setup_device(a.device)
     pin_threads(a.model == "tiny", device)
     test = {s: load_split(a, "test", s, 0, None) for s in ("base", "new")}   # bad data fails before the model
     for s in ("base", "new"):
-        train_names, test_names = load_split(a, "train", s, seeds[0], a.shots)[1], test[s][1]
-        if train_names != test_names:
-            raise data.DataError(f"class name mismatch: train has {sorted(set(train_names) - set(test_names))} "
-                                 f"where test has {sorted(set(test_names) - set(train_names))}")
+        tr, te = load_split(a, "train", s, seeds[0], a.shots)[1], test[s][1]
+        if tr != te:
+            raise data.DataError(f"class name mismatch: train has {sorted(set(tr) - set(te))} where test has "
+                                 f"{sorted(set(te) - set(tr))}")
     if not a.eval_only:
         prepare_out_dir(a.out_dir, a.resume, a.overwrite, rank)
-    env = Env(*load_clip(a, device, rank), device, rank, world)
-    env.clip.eval().requires_grad_(False)
+    env = Env(*load_clip(a, device, rank), device, rank)
     for s, (recs, names) in test.items():
-        recs, x = image_features(a, env, recs, f"test-{s}", train=False)
-        env.test[s] = (x, torch.tensor([r["label"] for r in recs]), names)
+        env.test[s] = (*image_features(a, env, recs, f"test-{s}", train=False), names)
     rows = []
     for label, kind, s in settings(a):
-        tag, rs = label.lower().replace(" ", "").replace(",", "-") if a.sweep else kind, []
-        for seed in seeds:
-            log = (lambda msg, lab=label: print(f"{lab}: {msg}")) if rank == 0 and seed == seeds[0] else None
-            rs.append(run_one(kind, s, seed, tag, env, log or (lambda msg: None)))
-            if rank == 0:
-                print(f"{label}, seed {seed}: {json.dumps(rs[-1])}", file=sys.stderr)
-        rows.append((label, rs))
-    split = f" ({a.shapes_split} split)" if a.dataset == "shapes_cls" else ""
-    title = f"{a.dataset} ({a.model}), base-to-new{split}, {a.shots} shots, {a.epochs} epochs, seeds {seeds}"
+        tag = label.lower().replace(" ", "").replace(",", "-") if a.sweep else kind
+        log = (lambda msg, lab=label: print(f"{lab}: {msg}")) if rank == 0 else (lambda msg: None)
+        rows.append((label, [run_one(kind, s, seed, tag, env, log) for seed in seeds]))
+    model = f"tiny CLIP {a.clip_seed}, {a.shapes_split} split" if a.model == "tiny" else a.model
+    title = f"{a.dataset} ({model}), base-to-new, {a.shots} shots, {a.epochs} epochs, seeds {seeds}"
     table = format_table(rows, "setting" if a.sweep else "method")
     if rank == 0:
         print(f"\n{title}\n{table}")

@@ -32,9 +32,9 @@ def tiny_recipe():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    tok = rlp.tiny_tokenizer()
-    return rlp.CLIPModel(rlp.tiny_config(tok, **RECIPE)).eval().requires_grad_(False), tok
+    """The tiny CLIP of RECIPE (2 pre-training steps) and its tokenizer."""
+    clip, tok, _ = rlp.load_clip(rlp.resolve(rlp.Args(device="cpu"))[0], torch.device("cpu"), 0)
+    return clip, tok
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,9 @@ def test_text_forward_with_context_equals_get_text_features(tiny):
     ids, _ = rlp.tokenize(tok, [f"a photo of a {n}." for n in names], clip)
     ref = clip.get_text_features(input_ids=ids)
     ref = ref if torch.is_tensor(ref) else ref.pooler_output                       # HF's own forward, (2, p)
-    model, n_tunable = rlp.build_prompt_model("coop", clip, tok, rlp.Args())
+    model, n_tunable, n = rlp.build_prompt_model("coop", clip, tok, rlp.Args())
     ctx = model.context()                                                          # = embeddings of "a photo of a"
-    assert ctx.shape == (4, 32) and n_tunable == 4 * 32
+    assert ctx.shape == (4, 32) and n_tunable == 4 * 32 and n == 4
     prompts = rlp.ClassPrompts(clip, tok, names, "X X X X {}.", 4)
     torch.testing.assert_close(rlp.encode_text(clip, prompts.assemble(ctx), prompts.eos), ref, rtol=1e-5, atol=1e-5)
     zs = rlp.ClassPrompts(clip, tok, names, "a photo of a {}.", 0)                   # the zero-shot path
@@ -86,8 +86,8 @@ def test_tunable_counts():
 def test_prompt_models_trainable_sets_and_init(tiny):
     clip, tok = tiny
     a = rlp.Args(rank=2)
-    coop, n_coop = rlp.build_prompt_model("coop", clip, tok, a)
-    r, n_rlp = rlp.build_prompt_model("rlp", clip, tok, a)
+    coop, n_coop, _ = rlp.build_prompt_model("coop", clip, tok, a)
+    r, n_rlp, _ = rlp.build_prompt_model("rlp", clip, tok, a)
     assert {k for k, p in coop.named_parameters() if p.requires_grad} == {"context.ctx"}
     assert {k for k, p in r.named_parameters() if p.requires_grad} == {"context.P_A", "context.P_B"}
     assert sum(p.numel() for p in r.parameters() if p.requires_grad) == n_rlp == 4 * 2 + 2 * 32
@@ -95,8 +95,9 @@ def test_prompt_models_trainable_sets_and_init(tiny):
     r.train()
     assert torch.equal(r.context(), r.context.P_fr) and torch.equal(coop.context(), r.context.P_fr)  # P = P_fr
     assert r.context.P_A.abs().sum() > 0                                            # not a degenerate init
-    rand, n = rlp.build_prompt_model("coop", clip, tok, rlp.Args(n_ctx=16, ctx_init=""))
-    assert rand.context().shape == (16, 32) and n == 16 * 32 and 0.01 < rand.context().std() < 0.03
+    rand, n, n_ctx = rlp.build_prompt_model("coop", clip, tok, rlp.Args(n_ctx=16, ctx_init=""))
+    assert rand.context().shape == (16, 32) and n == 16 * 32 and n_ctx == 16 and 0.01 < rand.context().std() < 0.03
+    assert 0.4 < r.context.P_A.std() < 0.6                                          # 1/sqrt(n) = 0.5
 
 
 def test_dropout_train_only_and_only_on_low_rank_branch():
@@ -116,7 +117,7 @@ def test_dropout_train_only_and_only_on_low_rank_branch():
 
 def test_gradients_reach_only_PA_PB(tiny):
     clip, tok = tiny
-    m, _ = rlp.build_prompt_model("rlp", clip, tok, rlp.Args())
+    m, _, _ = rlp.build_prompt_model("rlp", clip, tok, rlp.Args())
     with torch.no_grad():
         m.context.P_B.normal_(0, 0.1)                                               # so that both get gradients
     prompts = rlp.ClassPrompts(clip, tok, ["red circle", "blue star", "gray cross"], "X X X X {}.", 4)
@@ -134,7 +135,8 @@ def test_pretraining_world_is_not_the_benchmark(tiny):
     assert not {pix(r) for r in pre} & {pix(r) for r in bench}
     caps = rlp.scene_captions({"objects": [{"color": "orange", "shape": "star", "size": "small", "pos": "left"},
                                            {"color": "red", "shape": "cross", "size": "large", "pos": "top"}]})
-    assert caps == ["a photo of an orange star and a red cross.", "a small orange star and a large red cross.",
+    assert caps == ["a photo of an orange star and a red cross.", "an image with an orange star and a red cross.",
+                    "a small orange star and a large red cross.",
                     "there is an orange star on the left and a red cross at the top."]
 
 
@@ -176,7 +178,7 @@ def test_compare_table_and_untrained_prompts_equal_zero_shot(tmp_path, capsys):
     assert list(rs) == ["zero-shot", "CoOp n=4 init", "RLP r=1 p=0.1"] and len(rs["RLP r=1 p=0.1"]) == 2
     for k in ("base", "new"):
         assert rs["CoOp n=4 init"][0][k] == rs["RLP r=1 p=0.1"][1][k] == rs["zero-shot"][0][k]
-    title = next(i for i, ln in enumerate(out) if ln.startswith("shapes_cls (tiny), base-to-new (shape split)"))
+    title = next(i for i, ln in enumerate(out) if ln.startswith("shapes_cls (tiny CLIP 0, shape split), base-to-new"))
     table = out[title + 1:title + 6]
     assert [c.strip() for c in table[0].split("|")] == ["method", "base", "new", "HM", "train", "tunable"]
     assert all(len(ln) <= 100 for ln in table)
