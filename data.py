@@ -203,10 +203,10 @@ class ShapesWorld:
             img[i0:i1, j0:j1][_MASKS[o["shape"]](dx, dy)] = _RGB[o["color"]]
         return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
-    def _base(self, split, index, scene, kind, image_size=None):
+    def _base(self, split, index, scene, kind):
         image_id = f"shapes{self.seed}-{split}-{kind}{index}"
         meta = {"seed": self.seed, "split": split, "index": index, "scene": scene,
-                "image_size": image_size or self.image_size}
+                "image_size": self.image_size}
         return {"id": image_id, "image_id": image_id, "image_path": None, "meta": meta}
 
     def vqa(self, split: str, families: Sequence[str] = VQA_FAMILIES) -> list[dict]:

@@ -6,7 +6,8 @@ from PIL import Image
 
 def write_coco_karpathy(data_root, splits=("train", "restval", "train", "train", "val", "val"),
                         captions=("a red circle is on the left .", "a blue square .")):
-    """<data_root>/coco/dataset_coco.json (Karpathy split file) + <data_root>/coco/val2014/COCO_val2014_*.jpg."""
+    """<data_root>/coco/dataset_coco.json (Karpathy split file) + <data_root>/coco/val2014/COCO_val2014_*.jpg
+    images."""
     coco, images = data_root / "coco", []
     (coco / "val2014").mkdir(parents=True, exist_ok=True)
     for i, split in enumerate(splits):
@@ -46,7 +47,8 @@ def write_scienceqa(data_root, problems=None):
         splits[p["split"]].append(pid)
         if p["image"]:
             os.makedirs(root / "images" / p["split"] / pid, exist_ok=True)
-            Image.new("RGB", (40, 30), (30 * int(pid), 120, 60)).save(root / "images" / p["split"] / pid / p["image"])
+            image = Image.new("RGB", (40, 30), (30 * int(pid), 120, 60))
+            image.save(root / "images" / p["split"] / pid / p["image"])
     os.makedirs(root, exist_ok=True)
     (root / "problems.json").write_text(json.dumps(problems))
     (root / "pid_splits.json").write_text(json.dumps(splits))
