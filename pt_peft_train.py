@@ -297,8 +297,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
                     sched.step()
                     step, gstep = step + 1, gstep + 1
                     if rank == 0 and step % len(loader) == 0:                    # one line per epoch
-                        print(json.dumps({"stage": si + 1, "step": step, "loss": round(loss.item(), 5)}),
-                              file=sys.stderr)
+                        print(f"stage {si + 1} step {step} loss {loss.item():.4f}", file=sys.stderr)
                     if gstep % a.save_every == 0 and step < total:
                         last_good = save(si, step, opt, sched)
         except KeyboardInterrupt:
@@ -322,7 +321,7 @@ def evaluate_model(model: nn.Module, setup, prefix_used: bool) -> dict:
         for key, split in (("downstream", "eval"), ("mix", "mix")):
             res[name + key] = pt.evaluate(model, recs[split], setup) if recs[split] else None
     model.prefix_state = "on" if prefix_used else "off"
-    pairs = pt.caption_pairs(recs["eval"]) if setup.task == "caption" else recs["eval"]   # every reference
+    pairs = data.caption_pairs(recs["eval"]) if setup.task == "caption" else recs["eval"]  # every reference
     for i in range(0, len(pairs), 32):
         batch = setup.collate(pairs[i:i + 32])
         t, im = rank_matrices(model.features(batch), batch)
@@ -357,7 +356,7 @@ class Args:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (App. B.5)"})
     adapter_dim: int = field(default=48, metadata={"help": "adapter bottleneck (~LoRA's count, Sec. 4.1)"})
     num_beams: Optional[int] = field(default=None, metadata={"help": "caption beam size (App. B.2: 5)"})
-    pretrain_steps: int = field(default=1000, metadata={"help": "tiny stand-in pre-training steps (cached)"})
+    pretrain_steps: Optional[int] = field(default=None, metadata={"help": "tiny stand-in pre-training steps"})
     train_limit: Optional[int] = field(default=None, metadata={"help": "first N training images (all)"})
     eval_limit: Optional[int] = field(default=None, metadata={"help": "first N eval images (tiny: 300)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -468,7 +467,8 @@ def run(a: Args) -> dict:
     device, rank, world = setup_device(a.device)
     pin_threads(a.model == "tiny", device)
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
-    t0, setup = time.time(), pt.setup(runs[0][1], device)       # the same frozen LMM and data for every run
+    shared = {k: v for k, v in dataclasses.asdict(runs[0][1]).items() if v is not None}   # None: pt's default
+    t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)   # one LMM + data for all runs
     rows = {name: [run_variant(dataclasses.replace(v, seed=s, out_dir=os.path.join(v.out_dir, f"seed{s}")
                                                    if a.seeds else v.out_dir), setup, device, rank, world)
                    for s in seeds] for name, v in runs}
