@@ -188,7 +188,8 @@ class PrefixBlip2(nn.Module):
         x, am, pos, cache = self.lm_inputs(batch, batch["input_ids"], batch["attention_mask"])
         h = call_lm(self.lmm.language_model, x, am, pos, cache, hidden=True)[0].hidden_states[-1]
         T, Q = batch["input_ids"].shape[1], self.lmm.config.num_query_tokens
-        return {"image": h[:, -T - Q:-T], "text": h[:, -T:], "text_mask": batch["attention_mask"]}
+        mask = batch["attention_mask"].to(h.device)
+        return {"image": h[:, -T - Q:-T], "text": h[:, -T:], "text_mask": mask}
 
 
 class VisionCache:
@@ -586,7 +587,7 @@ class Args:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     seed: int = field(default=0, metadata={"help": "random seed (prefix init, data order)"})
     seeds: Optional[str] = field(default=None, metadata={"help": "e.g. 0,1,2: one run per seed, mean ± std"})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "default runs/prefix_tuning/<dataset>"})
+    out_dir: Optional[str] = field(default=None, metadata={"help": "default runs/prefix_tuning/<dataset>..."})
     resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/ckpt.pt"})
     overwrite: bool = field(default=False, metadata={"help": "replace a finished run in out_dir"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate out_dir's checkpoint, no training"})
@@ -638,8 +639,9 @@ def resolve(a: Args) -> Args:
         raise UsageError("--num_prefix, --epochs, --batch_size and --num_beams must be >= 1")
     if a.seeds is not None and not all(x.strip().isdigit() for x in a.seeds.split(",")):
         raise UsageError(f"--seeds {a.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
+    name = a.dataset + "-compare" * a.compare + "-hf_init" * (a.tiny_init == "hf")
     return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if vqa else 8),
-                               out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", a.dataset))
+                               out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
 
 
 def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
@@ -665,19 +667,19 @@ def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
 def print_table(a: Args, s: Setup, rows: dict) -> None:
     """One row per model; with --seeds every cell is `mean ± std`."""
     def cell(v):
-        return "-" if None in v else mean_std(v) if a.seeds else f"{v[0]:.2f}"
+        return "-" if None in v else mean_std(v) if a.seeds and len(v) > 1 else f"{v[0]:.2f}"
     model = "BLIP-2" if a.model != "tiny" else "tiny BLIP-2" + (" (HF init)" if a.tiny_init == "hf" else "")
     decoding = f"captions by beam {a.num_beams}" if s.task == "caption" else "greedy answers"
     seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
     print(f"\nprefix-tuning a frozen {model} on {a.dataset}: P = {a.num_prefix}, {decoding}, {seeds}")
     metric = "CIDEr" if s.task == "caption" else "VQA acc"
-    print(f"| {'model':<29} | {metric:>13} | {'mix':>13} | {'train CE':>13} | {'time':>6} |")
-    print(f"|{'-' * 31}|{'-' * 15}|{'-' * 15}|{'-' * 15}|{'-' * 8}|")
+    print(f"| {'model':<29} | {metric:>14} | {'mix':>14} | {'train CE':>14} | {'time':>6} |")
+    print(f"|{'-' * 31}|{'-' * 16}|{'-' * 16}|{'-' * 16}|{'-' * 8}|")
     for name, rs in rows.items():
         t = [r["seconds"] for r in rs if "seconds" in r]
         cells = [cell([r["downstream"]["score"] for r in rs]), cell([r["mix"].get("score") for r in rs]),
                  cell([r.get("train_loss") for r in rs]), f"{sum(t) / len(t):.1f}s" if t else "-"]
-        print(f"| {name:<29} | {cells[0]:>13} | {cells[1]:>13} | {cells[2]:>13} | {cells[3]:>6} |")
+        print(f"| {name:<29} | {cells[0]:>14} | {cells[1]:>14} | {cells[2]:>14} | {cells[3]:>6} |")
 
 
 def run(a: Args) -> dict:
