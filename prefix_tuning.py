@@ -410,9 +410,9 @@ SETUP_FIELDS = ("dataset", "data_root", "model", "num_prefix", "lm_prefix", "qfo
 def setup(a, device) -> Setup:
     """`a`: this file's Args or pt_peft_train's; SETUP_FIELDS are read by name (Args defaults if absent)."""
     a = resolve(Args(**{k: getattr(a, k) for k in SETUP_FIELDS if hasattr(a, k)}))
-    real = a.dataset not in ("shapes_caption", "shapes_vqa")
+    split = "val" if a.dataset == "vqav2" else "test"                    # Karpathy test; VQAv2 val
     recs = {"train": task_records(a.dataset, "train", a.data_root, a.train_limit),
-            "eval": task_records(a.dataset, "val" if real else "test", a.data_root, a.eval_limit), "mix": []}
+            "eval": task_records(a.dataset, split, a.data_root, a.eval_limit), "mix": []}
     if a.model == "tiny":
         tok = data.build_tokenizer(data.synthetic_vocab() + ["question", "answer", "caption", ":"])
         base = pretrain_tiny(tok, a.pretrain_steps, a.tiny_init, a.cache_dir or data.cache_dir(), device)
@@ -696,8 +696,8 @@ def run(a: Args) -> dict:
         rows["pre-trained, no prefix"].append({"downstream": evaluate(base, s.records["eval"], s),
                                                 "mix": mix})
     variants = VARIANTS if a.compare else {"": ("prefix-tuned", a.lm_prefix, a.qformer_prefix)}
-    for key, (name, s.args.lm_prefix, s.args.qformer_prefix) in variants.items():
-        rows[name] = []
+    for key, (name, lm_prefix, qformer_prefix) in variants.items():
+        s.args.lm_prefix, s.args.qformer_prefix, rows[name] = lm_prefix, qformer_prefix, []
         for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
             sub = os.path.join(a.out_dir, key, f"seed{seed}" if a.seeds else "")
             os.makedirs(sub, exist_ok=True)

@@ -183,7 +183,7 @@ def test_caches_stay_within_their_bound(tmp_path):
     torch.manual_seed(0)
     pt.tiny_blip2(len(tok)).save_pretrained(tok_dir)
     tok.save_pretrained(tok_dir)
-    write_coco_karpathy(tmp_path, splits=("train",) * 300 + ("val",) * 4)
+    write_coco_karpathy(tmp_path, splits=("train",) * 300 + ("test",) * 4)
     s = pt.setup(pt.Args(model=str(tok_dir), dataset="coco", data_root=str(tmp_path), vision_cache_mb=0.04), "cpu")
     assert len(s.records["train"]) == 600                          # every (image, caption) pair
     model, state = pt.build(s), dict(vars(s.collate))
@@ -213,7 +213,7 @@ def test_real_path_local_blip2_on_coco_karpathy(tmp_path):
     torch.manual_seed(0)
     pt.tiny_blip2(len(tok)).save_pretrained(tmp_path / "blip2")
     tok.save_pretrained(tmp_path / "blip2")
-    write_coco_karpathy(tmp_path)
+    write_coco_karpathy(tmp_path, splits=("train", "restval", "train", "val", "test", "test"))
     args = ["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path), "--max_steps",
             "2", "--batch_size", "2", "--num_beams", "2", "--max_new_tokens", "5", "--device", "cpu",
             "--out_dir", str(tmp_path / "out")]
