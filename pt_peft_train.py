@@ -236,8 +236,7 @@ def attach_method(model: nn.Module, a: Args) -> tuple[dict, int]:
 
 
 def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, rank: int, world: int) -> dict:
-    """AdamW (0.9, 0.99); per stage a linear warm-up, then linear decay to 0 (B.4). Exact resume, also across
-    a stage boundary; --max_steps stops early, the schedules still span the epochs. --eval_only: load only."""
+    """AdamW (0.9, 0.99), per stage linear warm-up + decay (B.4); exact resume across stages; --eval_only."""
     path, names = os.path.join(a.out_dir, "ckpt.pt"), groups["prefix"] + groups["peft"]
     params, stop = dict(model.named_parameters()), math.inf if a.max_steps is None else a.max_steps
     ck = load_checkpoint(path) if a.eval_only or a.resume and os.path.exists(path) else None
@@ -310,11 +309,8 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
     return {"finished": True, "global_step": gstep}
 
 
-# === Evaluation: task score, the pre-training mix, Table 5's '-Prefix', Table 1's effective rank ===
-@torch.no_grad()
 def evaluate_model(model: nn.Module, setup, prefix_used: bool) -> dict:
-    """Scores (prefix_tuning.evaluate) on the task and the pre-training mix, with the prefix and (Table 5's
-    '-Prefix') without it; Table 1's effective rank on the eval records, the prefix in context."""
+    """Task and pre-training-mix scores with / without (Table 5) the prefix; Table 1, prefix in context."""
     recs, text, image, res = setup.records, [], {}, {}
     for name, state in [("", "on" if prefix_used else "off")] + [("no_prefix_", "off")] * prefix_used:
         model.prefix_state = state
@@ -393,6 +389,8 @@ def variants(a: Args) -> list[tuple[str, Args]]:
     a.pt_epochs, a.ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
     if a.pt_epochs + a.ft_epochs <= 0 or min(a.num_prefix or 1, a.lora_r, a.adapter_dim, a.batch_size) < 1:
         raise UsageError("epochs, --num_prefix, --lora_r, --adapter_dim and --batch_size must be > 0")
+    if a.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", a.seeds):
+        raise UsageError(f"--seeds {a.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
     if a.export_merged and a.peft.endswith("adapter"):
         raise UsageError("--export_merged: adapters have no merged form (LoRA and full FT have)")
     out = []
@@ -413,13 +411,12 @@ def run_variant(a: Args, setup, device, rank: int, world: int) -> dict:
     seed_everything(a.seed)
     model = pt.build(setup, with_prefix=a.order != "none").to(device)
     groups, expected = attach_method(model, a)
-    plan = stage_plan(a)
     for n, p in model.named_parameters():
         p.requires_grad_(n in groups["prefix"] + groups["peft"])
     count_trainable(model, expected, log=lambda s: print(s, file=sys.stderr) if rank == 0 else None)
-    out = train(a, model, groups, plan, setup, device, rank, world)
+    out = train(a, model, groups, stage_plan(a), setup, device, rank, world)
     if rank == 0:
-        out.update(evaluate_model(model, setup, any(s.use_prefix for s in plan)), trainable=expected)
+        out.update(evaluate_model(model, setup, any(s.use_prefix for s in stage_plan(a))), trainable=expected)
         write_json(os.path.join(a.out_dir, "results.json"), out)
         if a.export_merged:           # a plain BLIP-2 (LoRA folded into W) + the prefix as tensors (App. B.1)
             merged_lmm(model.lmm).save_pretrained(os.path.join(a.out_dir, "merged"))
@@ -432,12 +429,16 @@ def print_table(title: str, metric: str, rows: dict) -> None:
     columns = {metric: ("downstream", "score"), "-prefix": ("no_prefix_downstream", "score"),
                "mix -pf": ("no_prefix_mix", "score"), **{f"rank {k}": ("rank", k) for k in ("text", "image",
                                                                                            "pooled")}}
-    print(title + "\n" + f"{'method':<22}" + "".join(f"{c:>13}" for c in columns))
+    table = [["method", *columns]]
     for name, runs in rows.items():
         runs = [dict(r, no_prefix_mix=r.get("no_prefix_mix", r["mix"])) for r in runs]    # no prefix: mix
         vals = [[(r.get(k) or {}).get(key) for r in runs] for k, key in columns.values()]
-        cells = ["-" if v[0] is None else mean_std(v) if len(v) > 1 else f"{v[0]:.2f}" for v in vals]
-        print(f"{name:<22}" + "".join(f"{c:>13}" for c in cells))
+        table.append([name] + ["-" if v[0] is None else mean_std(v) if len(v) > 1 else f"{v[0]:.2f}"
+                               for v in vals])
+    width = [max(len(row[i]) for row in table) for i in range(len(columns) + 1)]
+    print(title)
+    for row in table:
+        print(f"{row[0]:<{width[0]}}" + "".join(f"{c:>{w + 1}}" for c, w in zip(row[1:], width[1:])))
 
 
 def write_fig4(out_dir: str, rows: dict) -> str:
@@ -476,11 +477,10 @@ def run(a: Args) -> dict:
         decoding = "greedy" if setup.args.num_beams == 1 else f"beam {setup.args.num_beams}"
         zero = evaluate_model(pt.build(setup, with_prefix=False).to(device), setup, prefix_used=False)
         rows = {f"zero-shot ({decoding})": [zero] * len(seeds), **rows}
-        fig = write_fig4(a.out_dir, rows)
         print_table(f"PT-PEFT on {a.dataset}, {a.model} BLIP-2, {decoding}, seeds {a.seeds or a.seed}; "
                     f"rank = Table 1 effective rank %; {time.time() - t0:.0f}s",
                     "CIDEr" if setup.task == "caption" else "VQA acc", rows)
-        print(f"Fig. 4: {fig}")
+        print(f"Fig. 4: {write_fig4(a.out_dir, rows)}")
         write_json(os.path.join(a.out_dir, "results.json"), {"args": dataclasses.asdict(a), "rows": rows})
     if world > 1:
         dist.barrier()

@@ -253,7 +253,7 @@ def test_resume_across_stage_boundary_equals_uninterrupted_and_eval_only(tmp_pat
 @pytest.mark.parametrize("bad,msg", [(["--order", "sideways"], "unknown --order"),
                                      (["--peft_target", "decoder"], "unknown --peft_target"),
                                      (["--dataset", "nope"], "unknown --dataset"),
-                                     (["--epochs", "0"], "must be > 0"),
+                                     (["--epochs", "0"], "must be > 0"), (["--seeds", "0,x"], "--seeds"),
                                      (["--eval_only"], "no checkpoint")])
 def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, bad, msg):
     with pytest.raises(SystemExit) as e:
