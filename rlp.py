@@ -224,8 +224,8 @@ def load_clip(a: Args, device, rank: int):
     tok.backend_tokenizer.post_processor = TemplateProcessing(
         single="<s> $A <eot>", special_tokens=[("<s>", tok.bos_token_id), ("<eot>", tok.eos_token_id)])
     w, rc = TINY_CLIP["width"], TINY_CLIP
-    tower = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=rc["layers"],
-                 num_attention_heads=rc["heads"], projection_dim=w)
+    tower = dict(hidden_size=w, intermediate_size=4 * w, num_attention_heads=rc["heads"], projection_dim=w,
+                 num_hidden_layers=rc["layers"], bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     text = dict(vocab_size=len(tok), max_position_embeddings=48, eos_token_id=tok.eos_token_id, **tower)
     vision = dict(image_size=rc["image_size"], patch_size=rc["patch"], **tower)
     torch.manual_seed(a.clip_seed)                                   # the tiny CLIP's init and batches
@@ -386,7 +386,7 @@ def settings(a: Args) -> list:
     out += [(f"RLP r={k}", "rlp", r(a, rank=k)) for k in (1, 2, 4) if k != a.rank]
     out += [(f"RLP p={p}", "rlp", r(a, rlp_dropout=p)) for p in (0.0, 0.1, 0.3, 0.5) if p != a.rlp_dropout]
     out += [(f"{lab}, epochs x4", k, r(s, epochs=4 * a.epochs)) for lab, k, s in trained]
-    return out + [(f"{lab}, {n} shots", k, r(s, shots=n)) for n in (1, 4) for lab, k, s in trained]
+    return out + [(f"{lab}, shots={n}", k, r(s, shots=n)) for n in (1, 4) for lab, k, s in trained]
 
 
 def format_table(rows: list, head: str) -> str:
