@@ -1,4 +1,6 @@
 """The infrastructure block at the end of every method file is the same text, and it behaves as documented."""
+from __future__ import annotations  # parse_cli reads field types as strings, as in the method files
+
 import importlib
 import json
 import os
