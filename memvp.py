@@ -225,7 +225,7 @@ class VLModel(nn.Module):
         self.lm, self.mode, self.enc_dec = lm, mode, bool(lm.config.is_encoder_decoder)
         self.lead = int(not self.enc_dec and bos_first)  # decoder-only: the text starts with bos
         d, hidden = lm.get_input_embeddings().embedding_dim, 0 if self.enc_dec else proj_hidden
-        lora = mode == "input" and lora_rank
+        lora = mode == "input" and lora_rank  # DEVIATION: alpha = r by default (the paper gives only r)
         self.lora_params = add_lora(lm, lora_rank, lora_alpha or lora_rank) if lora else 0
         if mode == "memvp":
             self.bank = MemoryBank()
@@ -297,9 +297,9 @@ CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # Tab
 
 def tiny_lm(arch: str, vocab: int, d: int, layers: int, ffn: int, heads: int, kv_heads: int = 0,
             t5_ffn: str = "relu", max_pos: int = 1024):
-    """Config-built LM, random weights (pad 0, bos 1, eos 2, as data.build_tokenizer). Init std d^-0.5 (T5's
-    own) for BART and LLaMA too, not HF's 0.02: with 0.02 a width-64 LM barely moves its first layers in
-    pre-training and never learns to read its context."""
+    """Config-built LM, random weights (pad 0, bos 1, eos 2, as data.build_tokenizer). DEVIATION (tiny LMs):
+    init std d^-0.5 (T5's own) for BART and LLaMA too, not HF's 0.02: with 0.02 a width-64 LM barely moves its
+    first layers in pre-training and never learns to read its context."""
     ids, std = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), d ** -0.5
     if arch == "bart":
         return transformers.BartForConditionalGeneration(transformers.BartConfig(
@@ -385,9 +385,10 @@ TASKS = {"shapes_vqa": "vqa", "vqav2": "vqa", "gqa": "vqa", "shapes_caption": "c
 
 
 def texts(rec: dict, task: str, train: bool) -> tuple:
-    """(source, target) as Table 6. ScienceQA: the official code's QCM-A prompt (data.scienceqa_prompt, with
-    the image captions when captions.json is there); its evaluation appends 'The answer is' to the prompt and
-    reads the letter of the next token."""
+    """(source, target) as Table 6. ScienceQA: the official code's QCM-A prompt (data.scienceqa_prompt); its
+    evaluation appends 'The answer is' and reads the letter of the next token. DEVIATION: the image captions
+    (captions.json, if present) are in the context for training and evaluation; the official script trains
+    without them and evaluates with them."""
     if task == "vqa":
         return rec["question"], rec["answer"] if train else ""
     if task == "caption":
@@ -410,7 +411,7 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
     task = TASKS[args.dataset]
     recs = data.caption_pairs(recs) if train and task == "caption" else recs  # evaluation: one item per image
     # LLaMA: the penultimate layer's patch tokens (as LLaVA) through CLIP's ln_post (official code); BART/T5:
-    # the last layer's grid
+    # the last layer's grid. DEVIATION: no ViT adapters (App. A.2): the tower is frozen, its features cached
     kw = {} if args.vision == "tiny-cnn" else dict(image_size=args.image_size, layer=-2 if llama else -1,
                                                    device=str(device))
     kw.update(dataset=args.dataset, split=split, train=train,
@@ -419,8 +420,12 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
     if train:
         recs, rows = data.drop_missing(recs, rows, missing)
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
-    items = [(i, enc(s)[-args.max_text_len:], enc(t)[:args.max_text_len])
-             for i, (s, t) in enumerate(texts(r, task, train) for r in recs)]
+    sep = "" if task == "mcq" else " "  # Table 6: "[Question] [Answer]"; official ScienceQA: "Response:The"
+    items = []
+    for i, (s, t) in enumerate(texts(r, task, train) for r in recs):
+        src = enc(s)  # decoder-only: the target's tokens as in the whole text (as the official code)
+        tgt = enc(s + sep + t)[len(src):] if t and llama else enc(t)
+        items.append((i, src[-args.max_text_len:], tgt[:args.max_text_len]))
     post = None
     if llama and args.vision != "tiny-cnn":
         tower = transformers.CLIPVisionModel.from_pretrained(args.vision)
@@ -480,7 +485,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     total = args.epochs * len(loader)  # the schedule spans --epochs; --max_steps only stops early
     target = total if args.max_steps < 0 else min(args.max_steps, total)
     sched = lr_schedule(opt, int(args.warmup_ratio * total), total)  # official: linear warm-up, cosine to 0
-    step, spent, saved = 0, 0.0, args.resume and os.path.exists(ckpt)
+    step, spent, recent, saved = 0, 0.0, [], args.resume and os.path.exists(ckpt)
     if saved:
         state = load_checkpoint(ckpt)
         if set(state["trainable"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
@@ -488,7 +493,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
         model.load_state_dict(state["trainable"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        step, spent = state["step"], state["train_time_s"]
+        step, spent, recent = state["step"], state["train_time_s"], state["recent_losses"]
         set_rng_state(state["rng"])
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     t0, losses = time.perf_counter(), []
@@ -498,7 +503,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
             save_checkpoint(ckpt, {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
                                                  if p.requires_grad}, "step": step, "rng": rng_state(),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "train_time_s": spent + time.perf_counter() - t0})
+                                   "train_time_s": spent + time.perf_counter() - t0, "recent_losses": recent})
     bar = tqdm(total=target, initial=step, desc=f"train {model.mode}", disable=rank != 0, file=sys.stderr)
     model.train()
     try:
@@ -518,6 +523,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step, losses = step + 1, losses + [loss.item()]
+                recent = (recent + losses[-1:])[-len(loader):]  # the last epoch's losses
                 bar.update(1)
                 if rank == 0 and (step % args.log_every == 0 or step == target):
                     rec = {"step": step, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
@@ -533,7 +539,8 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
         save()
         raise
     bar.close()
-    return {"steps": step, "train_time_s": spent + time.perf_counter() - t0}
+    return {"steps": step, "train_time_s": spent + time.perf_counter() - t0,
+            "train_loss": float(np.mean(recent))}
 
 
 @torch.no_grad()
@@ -588,19 +595,23 @@ def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int 
     """Forward FLOPs of the whole LM per sample (2 per multiply-add): Eq. 13-15 with the real layer shapes
     (GQA, gated FFN); MemVP's n_mem entries (n_pos, padding included); the input side's LoRA r on every q/v
     projection (decoder self- and cross-attention too); the LM head on `head` positions (-1: every text /
-    target position, as in training; 1: prefill). Attention scores count as a full T x T square (Eq. 13)."""
+    target position, as in training; 1: prefill). Eq. 13 counts attention as a full T x T square; causal
+    self-attention (decoder-only LMs, BART/T5 decoders) counts the T(T+1)/2 pairs a causal kernel computes."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     dq = h * (getattr(cfg, "head_dim", None) or d // h)
     dkv = dq // h * (getattr(cfg, "num_key_value_heads", None) or h)
     D = next(getattr(cfg, a) for a in ("intermediate_size", "d_ff", "encoder_ffn_dim") if hasattr(cfg, a))
     ffn = 2 * d * D * (3 if getattr(cfg, "is_gated_act", not cfg.is_encoder_decoder) else 2)  # per token
+    attn = lambda q, k, causal: 4 * dq * (q * (q + 1) // 2 if causal else q * k)  # noqa: E731  QK^T and AV
     r, T = (r, L + n) if mode == "input" else (0, L)  # T: tokens through the encoder / decoder-only layers
-    layer = T * (4 * d * dq + 4 * d * dkv + ffn + 2 * r * (2 * d + dq + dkv)) + 4 * T * T * dq
+    layer = T * (4 * d * dq + 4 * d * dkv + ffn + 2 * r * (2 * d + dq + dkv))
+    layer += attn(T, T, not cfg.is_encoder_decoder)
     total = cfg.num_hidden_layers * (layer + (4 * n_mem * d * L if mode == "memvp" else 0))  # + Eq. 15
     if cfg.is_encoder_decoder:  # decoder: self-attention, cross-attention over the T encoder states, FFN
         t = tgt
+        dec = t * (12 * d * dq + ffn) + 4 * T * d * dq + attn(t, t, True) + attn(t, T, False)
         total += getattr(cfg, "decoder_layers", getattr(cfg, "num_decoder_layers", 0)) * (
-            t * (12 * d * dq + ffn) + 4 * T * d * dq + 4 * t * (t + T) * dq + 4 * r * d * (3 * t + T))
+            dec + 4 * r * d * (3 * t + T))  # LoRA on self-attention q, v and cross-attention q (t), v (T)
     return total + 2 * ((tgt if cfg.is_encoder_decoder else L) if head < 0 else head) * d * cfg.vocab_size
 
 
@@ -756,7 +767,7 @@ class Args:
     bench_n: int = arg(256, "visual tokens n (CLIP ViT-L/14: 256)")
     bench_L: int = arg(64, "text tokens L")
     bench_batch: int = arg(4, "benchmark batch (Table 3: 4 per GPU)")
-    bench_iters: int = arg(3, "timed repetitions (median)")
+    bench_iters: int = arg(5, "timed repetitions (median)")
 
 
 # The paper's values per LM family: (BART/T5: Sec. 5.1, Table 5; LLaMA: Sec. 5.2, Table 7, the official code)
@@ -771,7 +782,7 @@ FAMILY = {
     # DEVIATION: CLIP ViT-B/32 grid tokens stand in for the CLIP RN101 grid of Sec. 5.1 (no RN101 tower in HF)
     "vision": ("openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14"),
 }
-TINY = {  # the offline stand-in's overrides, each with its reason
+TINY = {  # DEVIATION: the offline stand-in's overrides, each with its reason
     "vision": "tiny-cnn",  # data.py's frozen CNN pre-trained on another synthetic world: 3x3 grid tokens
     "epochs": 3,  # the CPU budget: a few minutes for both sides
     "batch_size": 32,  # Table 7's total batch
@@ -829,8 +840,11 @@ def run(args: Args) -> dict:
         return res
     seed_everything(args.seed)
     task = TASKS[args.dataset]
-    recs = {s: data.load_records(args.dataset, s, args.data_root, limit=n)
-            for s, n in (("train", args.train_limit), (args.eval_split, args.eval_limit))}
+    recs = {}
+    for split, n in (("train", args.train_limit), (args.eval_split, args.eval_limit)):
+        # synthetic world: build only the first n images (each has >= 1 question), not the whole split
+        sizes = {split: n} if n and args.dataset.startswith("shapes_") else None
+        recs[split] = data.load_records(args.dataset, split, args.data_root, limit=n, split_sizes=sizes)
     if args.model == "tiny":  # a word-level tokenizer of the synthetic world (+ the ScienceQA texts)
         words = data.synthetic_vocab() + [CAPTION_PROMPT, "question context options response answer is n / a"]
         if task == "mcq":
@@ -848,8 +862,8 @@ def run(args: Args) -> dict:
     name = f"tiny {args.arch} ({args.tiny_layers}x{args.tiny_d})" if args.model == "tiny" else args.model
     res = {"task": task, "enc_dec": not llama, "modes": {}, "args": dataclasses.asdict(args),
            "answer_prior": answer_prior(task, trainset.records, evalset.records),
-           "setting": f"{args.dataset} {args.eval_split}, frozen {name}, {args.vision}: {args.epochs} epochs, "
-                      f"batch {args.batch_size * world}, lr {args.lr:.2g}"}
+           "setting": f"{args.dataset} {args.eval_split}, frozen {name}, {args.vision}: {args.epochs} "
+                      f"epochs, batch {args.batch_size * world}, lr {args.lr:.2g}"}
     for mode in ("memvp", "input") if args.prompting == "both" else (args.prompting,):
         res["modes"][mode] = run_mode(args, mode, lm, tok, trainset, evalset, device, rank, world)
     if rank == 0:
@@ -873,7 +887,8 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     if args.eval_only:
         state = load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
         model.load_state_dict(state["trainable"], strict=False)
-        res = {"steps": state["step"], "train_time_s": state["train_time_s"]}
+        res = {"steps": state["step"], "train_time_s": state["train_time_s"],
+               "train_loss": float(np.mean(state["recent_losses"]))}
     else:
         res = train(args, model, trainset, tok, device, rank, world, out_dir)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -907,14 +922,15 @@ def format_table(runs: list) -> str:
     norms = ", norms" if r0["enc_dec"] else ""
     label = {"memvp": f"MemVP: f, p_k, p_v{norms}",
              "input": f"input: f, LoRA q,v r={r0['args']['lora_rank']}{norms}"}
-    rows = [["trains", "params", "train"] + cols]
+    rows = [["trains", "params", "train", "loss"] + cols]
     if r0["answer_prior"]:
         prior = [cell([r["answer_prior"].get(c, math.nan) for r in runs]) for c in cols]
-        rows.append(["answer prior (no image)", "-", "-"] + prior)
+        rows.append(["answer prior (no image)", "-", "-", "-"] + prior)
     for mode in r0["modes"]:
         ms = [r["modes"][mode] for r in runs]
         time_s = np.mean([m["train_time_s"] for m in ms])
-        rows.append([label[mode], f"{ms[0]['trainable_params']:,}", f"{time_s:.1f}s"]
+        loss = np.mean([m["train_loss"] for m in ms])  # the mean training loss of the last epoch
+        rows.append([label[mode], f"{ms[0]['trainable_params']:,}", f"{time_s:.1f}s", f"{loss:.3f}"]
                     + [cell([m["metrics"][c] for m in ms]) for c in cols])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fit = next((j for j in range(len(w)) if sum(w[:j + 1]) + 2 * j > 100), len(w))
