@@ -848,7 +848,7 @@ def run(args: Args) -> dict:
     if args.model == "tiny":  # a word-level tokenizer of the synthetic world (+ the ScienceQA texts)
         words = data.synthetic_vocab() + [CAPTION_PROMPT, "question context options response answer is n / a"]
         if task == "mcq":
-            words += [t for rs in recs.values() for r in rs for t in texts(r, task, False)]
+            words += [t for rs in recs.values() for r in rs for t in texts(r, task, True)]  # + answer letters
         tok = data.build_tokenizer(words)
         lm = pretrained_tiny_lm(args, tok, task, device, rank)
     else:
