@@ -15,8 +15,8 @@ from formats import write_coco_karpathy  # noqa: E402
 import data  # noqa: E402
 import routing_bottleneck as rb  # noqa: E402
 
-TINY = ["--tiny_hidden", "32", "--tiny_layers", "1", "--r_bottleneck", "4", "--train_limit", "24", "--eval_limit", "6",
-        "--batch_size", "8", "--tiny_pretrain_steps", "2", "--num_beams", "2"]
+TINY = ["--tiny_hidden", "32", "--tiny_layers", "1", "--r_bottleneck", "4", "--train_limit", "24",
+        "--eval_limit", "6", "--batch_size", "8", "--tiny_pretrain_steps", "2", "--num_beams", "2"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -88,7 +88,8 @@ def tiny_model(task, method, kind, **kw):
     a = rb.resolve(rb.Args(dataset="shapes_vqa" if task == "vqa" else "shapes_caption", tiny_hidden=32,
                            r_bottleneck=4, **kw))
     tok = data.build_tokenizer()
-    p = rb.Prepared(task, tok, None, [], None, None, [], None, answers=["yes", "no", "red"] if task == "vqa" else [])
+    answers = ["yes", "no", "red"] if task == "vqa" else []
+    p = rb.Prepared(task, tok, None, [], None, None, [], None, answers=answers)
     torch.manual_seed(0)
     plain = rb.tiny_lm(a.model, tok, 32, 2)
     p.lm_state = plain.state_dict()
@@ -97,7 +98,8 @@ def tiny_model(task, method, kind, **kw):
 
 def batch(seed=0, B=2, L=5, d=32, N=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(B, N, d, generator=g), torch.randint(4, 40, (B, L), generator=g), torch.ones(B, L, dtype=torch.long)
+    x_r, ids = torch.randn(B, N, d, generator=g), torch.randint(4, 40, (B, L), generator=g)
+    return x_r, ids, torch.ones(B, L, dtype=torch.long)
 
 
 def randomize_up(model, std=1.0):
@@ -144,7 +146,7 @@ def test_roberta_adapter_as_released_after_dropout_with_and_without_residual():
         out = vlm.lm.encoder.layer[0].attention.output          # RobertaSelfOutput: dense, dropout, LayerNorm
         ad = vlm.adapters[0]
         vlm.ctx.x_r, h, x = batch()[0], torch.randn(2, 5, 32), torch.randn(2, 5, 32)
-        with torch.no_grad():                                   # released: LayerNorm(adapter(dropout(dense h)) + x)
+        with torch.no_grad():                           # released: LayerNorm(adapter(dropout(dense h)) + x)
             y = ad.up(ad.act(ad.down(out.dense(h)) + ad.down(vlm.ctx.x_r)))
             want = out.LayerNorm((out.dense(h) if residual else 0) + y + x)
             assert torch.allclose(out(h, x), want, atol=1e-5)
@@ -166,7 +168,8 @@ def test_gpt2_one_adapter_per_block_after_attention_and_mlp():
         h = torch.randn(2, 5, 32)                               # both sub-layers reduce to adapter(0)
         mid = h + ad(torch.zeros(2, 5, 32))
         out = blk(h)
-        assert torch.allclose(out[0] if isinstance(out, tuple) else out, mid + ad(torch.zeros(2, 5, 32)), atol=1e-5)
+        out = out[0] if isinstance(out, tuple) else out
+        assert torch.allclose(out, mid + ad(torch.zeros(2, 5, 32)), atol=1e-5)
 
 
 def test_roberta_text_is_embedded_once():
@@ -179,7 +182,7 @@ def test_roberta_text_is_embedded_once():
     assert torch.equal(seen["inputs_embeds"], want)
 
 
-def test_param_counts_gradients_and_merge():
+def test_param_counts_and_gradients():
     counts = set()
     for kind in rb.ROUTINGS:
         for task, method in [("caption", "lora"), ("vqa", "adapter")]:
@@ -187,11 +190,14 @@ def test_param_counts_gradients_and_merge():
             randomize_up(vlm, 0.1)                         # W_up = 0 at init would zero W_down's grad
             x_r, ids, mask = batch(N=3 if kind == "xtxvTxv" else 1)
             vlm(x_r, ids, mask).float().pow(2).mean().backward()
-            for n, q in vlm.named_parameters():
-                assert (q.grad is not None and q.grad.abs().sum() > 0) if q.requires_grad else q.grad is None, n
-            counts.add((task, sum(q.numel() for q in vlm.parameters() if q.requires_grad), rb.expected_trainable(vlm)))
-    # routing adds no parameters; GPT-2 LoRA: q and v, A (2r, d) + B (2, d, r) per layer; RoBERTa: 4 adapters + head
-    lora, adapter, head = 2 * (2 * 4 * 32 + 2 * 32 * 4), 4 * (32 * 4 + 4 + 4 * 32 + 32), 32 * 64 + 64 + 128 + 64 * 3 + 3
+            for n, q in vlm.named_parameters():                # gradients on the method's parameters only
+                assert (q.grad.abs().sum() > 0) if q.requires_grad else q.grad is None, n
+            n_train = sum(q.numel() for q in vlm.parameters() if q.requires_grad)
+            counts.add((task, n_train, rb.expected_trainable(vlm)))
+    # routing adds no parameters. GPT-2 LoRA on q and v: A (2r, d) + B (2, d, r) per layer; RoBERTa: 4
+    # adapters (W_down, W_up with biases) + the head Linear(d, 2d), LayerNorm(2d), Linear(2d, 3)
+    lora, adapter = 2 * (2 * 4 * 32 + 2 * 32 * 4), 4 * (32 * 4 + 4 + 4 * 32 + 32)
+    head = 32 * 64 + 64 + 128 + 64 * 3 + 3
     assert counts == {("caption", lora, lora), ("vqa", adapter + head, adapter + head)}
 
 
@@ -213,44 +219,48 @@ def test_merged_lora_equals_unmerged_and_routed_refuses(task):
 
 def test_released_settings_for_real_models():
     a = rb.resolve(rb.Args(dataset="vqav2", model="roberta-base", compare=True))
-    assert (rb.rank_of(a, "lora"), rb.rank_of(a, "adapter"), a.lora_dropout, a.lr, a.batch_size) == (128, 64, .1, 3e-4, 512)
+    got = (rb.rank_of(a, "lora"), rb.rank_of(a, "adapter"), a.lora_dropout, a.lr, a.batch_size, a.warmup)
+    assert got == (128, 64, 0.1, 3e-4, 512, 0.05)
     a = rb.resolve(rb.Args(dataset="coco", model="gpt2"))
-    assert (rb.rank_of(a, "adapter"), a.lora_dropout, a.lr, a.warmup, a.num_beams) == (128, 0.0, 3e-5, 5000, 5)
+    got = (rb.rank_of(a, "lora"), rb.rank_of(a, "adapter"), a.lora_dropout, a.lr, a.warmup, a.num_beams)
+    assert got == (128, 128, 0.0, 3e-5, 5000, 5)
     assert a.vision == "google/vit-base-patch16-224-in21k"
 
 
 def test_unpatchable_model_names_expected_modules():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    lm = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                          intermediate_size=32))
+    lm = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1,
+                                          num_attention_heads=2, intermediate_size=32))
     with pytest.raises(rb.UsageError, match="c_attn.*q_proj.*query"):
         rb.patch_lm(lm, "lora", 4, "none", rb.VisualContext())
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_tiny_lm_pretraining_cached_and_in_context(cache_dir):
-    tok = data.build_tokenizer()
+def test_pretraining_text_has_the_scene_in_context():
     import numpy as np
-    texts = rb.pretrain_texts("vqa", tok, np.random.default_rng(0))
+    tok = data.build_tokenizer()
     first = data.load_records("shapes_vqa", "train", world_seed=data.PRETRAIN_WORLD)[0]
-    want = rb.encode(tok, data.describe_scene(first["meta"]["scene"], np.random.default_rng(0)))
-    ids, n_answer = texts[0]                       # <s> scene </s> question answer </s>, from PRETRAIN_WORLD
-    assert ids[: len(want)] == want and tok.decode(ids[-1 - n_answer:-1]) == first["answer"]
-    a = rb.resolve(rb.Args(dataset="shapes_vqa", tiny_hidden=32, tiny_layers=1, tiny_pretrain_steps=2))  # = TINY
-    s1 = rb.pretrained_tiny_lm(a, "vqa", tok, torch.device("cpu"))
-    s2 = rb.pretrained_tiny_lm(a, "vqa", tok, torch.device("cpu"))       # from the cache
-    assert all(torch.equal(s1[k], s2[k]) for k in s1) and "pooler.dense.weight" in s1
-    assert len(list((cache_dir / "routing_bottleneck").glob("tiny-roberta-*.pt"))) >= 1
+    ids, n_answer = rb.pretrain_texts("vqa", tok, np.random.default_rng(0))[0]   # <s> scene </s> q a </s>
+    scene = rb.encode(tok, data.describe_scene(first["meta"]["scene"], np.random.default_rng(0)))
+    assert ids[: len(scene)] == scene and tok.decode(ids[-1 - n_answer:-1]) == first["answer"]
+    texts = rb.pretrain_texts("caption", tok, np.random.default_rng(0))          # [scene] <s> caption </s>
+    first = data.load_records("shapes_caption", "train", world_seed=data.PRETRAIN_WORLD)[0]
+    assert tok.decode(texts[0][0]).endswith(" <s> " + tok.decode(rb.encode(tok, first["captions"][0])[1:]))
+    assert 0.6 < np.mean([t[0].index(tok.bos_token_id) > 0 for t in texts]) < 0.9   # a quarter without scene
 
 
-def test_vqa_run_outputs_raw_answers_and_eval_only(tmp_path, capsys):
+def test_vqa_run_cached_roberta_and_eval_only(tmp_path, capsys, cache_dir):
     out = rb.main(["--out_dir", str(tmp_path / "vqa"), *TINY, "--dataset", "shapes_vqa", "--max_steps", "2",
                    "--kinds", "xtxv2", "--method", "adapter", "--epochs", "1"])
     r = out["runs"][0]
     assert out["task"] == "vqa" and 0 <= r["VQA"] <= 100 and r["steps"] == 2
+    cached = list((cache_dir / "routing_bottleneck").glob("tiny-roberta-*.pt"))
+    assert len(cached) == 1 and "pooler.dense.weight" in torch.load(cached[0], weights_only=True)
+    stamp = cached[0].stat().st_mtime_ns
     again = rb.main(["--out_dir", str(tmp_path / "vqa"), *TINY, "--dataset", "shapes_vqa", "--kinds", "xtxv2",
                      "--method", "adapter", "--eval_only"])
     assert again["runs"][0]["VQA"] == r["VQA"] and again["runs"][0]["steps"] == 2
+    assert cached[0].stat().st_mtime_ns == stamp                         # the frozen LM came from the cache
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:                                   # nothing to evaluate
         rb.main(["--out_dir", str(tmp_path / "empty"), *TINY, "--eval_only"])
@@ -258,25 +268,28 @@ def test_vqa_run_outputs_raw_answers_and_eval_only(tmp_path, capsys):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    run = [*TINY, "--batch_size", "24", "--epochs", "2", "--kinds", "mul", "--eval_limit", "2",  # 5 steps/epoch
-           "--lora_dropout", "0.1"]                                          # dropout: the RNG state must resume too
+    run = [*TINY, "--batch_size", "24", "--epochs", "2", "--kinds", "mul", "--eval_limit", "2",  # 5 steps/ep.
+           "--visual_tokens", "grid",                                 # N = 9 visual tokens
+           "--lora_dropout", "0.1"]                                   # dropout: the RNG state must resume too
     rb.main(["--out_dir", str(tmp_path / "full"), *run])
     rb.main(["--out_dir", str(tmp_path / "part"), *run, "--max_steps", "3"])
     assert not os.path.exists(tmp_path / "part" / "lora-mul" / "results.json")   # stopped early: not complete
     rb.main(["--out_dir", str(tmp_path / "part"), *run, "--resume"])       # resumes mid-epoch 0, into epoch 1
-    a, b = (torch.load(tmp_path / d / "lora-mul" / "checkpoint.pt", weights_only=False) for d in ("full", "part"))
+    a, b = (torch.load(tmp_path / d / "lora-mul" / "checkpoint.pt", weights_only=False)
+            for d in ("full", "part"))
     assert a["step"] == b["step"] == 10
     for n in a["trainable"]:
         assert torch.equal(a["trainable"][n], b["trainable"][n]), n
 
     def losses(d):
-        return [json.loads(line) for line in (tmp_path / d / "lora-mul" / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(x) for x in (tmp_path / d / "lora-mul" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in losses("part")] == list(range(1, 11)) and losses("part") == losses("full")
 
 
 def test_cli_subprocess_export_and_bad_inputs(tmp_path, capsys):
-    cmd = [sys.executable, os.path.join(ROOT, "routing_bottleneck.py"), "--out_dir", str(tmp_path / "cli"), *TINY,
-           "--max_steps", "2", "--kinds", "none", "--export_merged", str(tmp_path / "merged"), "--seeds", "0,1"]
+    cmd = [sys.executable, os.path.join(ROOT, "routing_bottleneck.py"), "--out_dir", str(tmp_path / "cli"),
+           *TINY, "--max_steps", "2", "--kinds", "none", "--export_merged", str(tmp_path / "merged"),
+           "--seeds", "0,1"]
     r = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trainable: " in r.stdout and " ± " in r.stdout and "None" in r.stdout
@@ -295,7 +308,7 @@ def test_cli_subprocess_export_and_bad_inputs(tmp_path, capsys):
                       (["--dataset", "shapes_vqa", "--model", "tiny-gpt2"], "does not fit"),
                       (["--model", str(tmp_path / "no_such_model")], "cannot load"),
                       (["--out_dir", str(tmp_path / "cli")], "finished run"),
-                      (["--dataset", "coco", "--data_root", str(tmp_path / "missing")], str(tmp_path / "missing"))]:
+                      (["--dataset", "coco", "--data_root", str(tmp_path / "no")], str(tmp_path / "no"))]:
         with pytest.raises(SystemExit) as e:
             rb.main([*TINY, "--out_dir", str(tmp_path / "bad"), *argv])
         err = capsys.readouterr().err.strip().splitlines()
@@ -325,8 +338,8 @@ def test_real_formats_local_gpt2_and_vit(tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                bos_token_id=1, eos_token_id=2)).save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
-    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-                       patch_size=8)).save_pretrained(tmp_path / "vit")
+    ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       image_size=32, patch_size=8)).save_pretrained(tmp_path / "vit")
     write_coco_karpathy(tmp_path)
     out = rb.main(["--out_dir", str(tmp_path / "out"), "--dataset", "coco", "--data_root", str(tmp_path),
                    "--model", str(tmp_path / "gpt2"), "--vision", str(tmp_path / "vit"), "--image_size", "32",
