@@ -368,7 +368,8 @@ def synthetic_vocab() -> list[str]:
 def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
                  seed: int = 0, image_size: int = 64, num_shots: Optional[int] = None,
                  subset: Optional[str] = None, limit: Optional[int] = None,
-                 world_seed: int = 0, split_sizes: Optional[dict] = None) -> list[dict]:
+                 world_seed: int = 0, split_sizes: Optional[dict] = None,
+                 shapes_split: str = "checker") -> list[dict]:
     """Records of `dataset` / `split` ("train" | "val" | "test").
 
     shapes_*: synthetic, data_root ignored; world_seed / split_sizes / image_size configure
@@ -378,7 +379,10 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
     to download. num_shots: k-shot per class sampled with `seed` (classification; val gets
     min(k, 4) as in CoOp). subset: "base" | "new" | "all" class subset for base-to-new
     (first ceil(K/2) labels are base; labels re-indexed within the subset; applied after
-    the k-shot sampling, as in CoCoOp). limit: first N records.
+    the k-shot sampling, as in CoCoOp). limit: first N records. shapes_split (shapes_cls): "checker"
+    (base/new alternate like a checkerboard, so new class names recombine words of base names) or
+    "shape" (base = circles, squares, triangles; new = stars, crosses, diamonds: every new class name
+    holds a word no base class has, as with real datasets).
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
@@ -386,6 +390,8 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
         raise DataError(f"unknown split {split!r}; choose from train, val, test")
     if subset not in (None, "all", "base", "new"):
         raise DataError(f"unknown class subset {subset!r}; choose from all, base, new")
+    if shapes_split not in ("checker", "shape"):
+        raise DataError(f"unknown shapes_split {shapes_split!r}; choose from checker, shape")
     if dataset.startswith("shapes_"):
         world = ShapesWorld(seed=world_seed, image_size=image_size,
                             **({"split_sizes": split_sizes} if split_sizes else {}))
@@ -396,6 +402,8 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
     if recs and recs[0]["task"] == "cls":
         if num_shots:
             recs = _few_shot(recs, num_shots if split == "train" else min(num_shots, 4), seed)
+        if dataset == "shapes_cls" and shapes_split == "shape":
+            recs = _relabel(recs, sorted(classnames_of(recs), key=lambda n: (n.split()[1] not in SHAPES[:3], n)))
         if subset in ("base", "new"):
             recs = _class_subset(recs, subset)
     if limit is not None:
@@ -417,6 +425,11 @@ def _few_shot(recs: list[dict], k: int, seed: int) -> list[dict]:
         idx = by_label[label]
         keep += idx if len(idx) <= k else sorted(rng.choice(idx, k, replace=False).tolist())
     return [recs[i] for i in sorted(keep)]
+
+
+def _relabel(recs: list[dict], names: list[str]) -> list[dict]:
+    """The same records with labels in the order of `names`."""
+    return [dict(r, label=names.index(r["classname"]), meta=dict(r["meta"], classnames=names)) for r in recs]
 
 
 def _class_subset(recs: list[dict], subset: str) -> list[dict]:

@@ -163,7 +163,6 @@ def tokenize(tok, texts, clip: CLIPModel):
 # DEVIATION: ViT-B/16 needs the hub. Offline, a 2+2-layer CLIP (width 64; 48x48 images, a 3x3 grid of 16-px
 # patches) is pre-trained with CLIP's loss on scenes of world data.PRETRAIN_WORLD (the benchmark is world 0),
 # half with 1 object, half with 1-3, captioned "a photo of a red circle.", ... (so CoOp's init is meaningful).
-PRETRAIN_WORLD = getattr(data, "PRETRAIN_WORLD", 1000)  # TODO(data.py): data.PRETRAIN_WORLD once it lands
 TINY_CLIP = dict(width=64, layers=2, heads=4, image_size=48, patch=16, scenes=2000, steps=1000, batch=64,
                  lr=2e-3, weight_decay=0.05, warmup=50)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -184,7 +183,7 @@ def scene_captions(scene: dict) -> list:
 def pretrain(clip: CLIPModel, tok, seed: int) -> CLIPModel:
     """CLIP's symmetric InfoNCE on (image, one of its captions); scenes of the same objects are positives."""
     rc, rng = TINY_CLIP, random.Random(seed)
-    kw = dict(world_seed=PRETRAIN_WORLD, image_size=rc["image_size"],
+    kw = dict(world_seed=data.PRETRAIN_WORLD, image_size=rc["image_size"],
               split_sizes={"train": rc["scenes"] // 2, "val": 1, "test": 1})
     recs = data.load_records("shapes_cls", "train", **kw) + data.load_records("shapes_caption", "train", **kw)
     captions = [scene_captions(r["meta"]["scene"]) for r in recs]
@@ -230,7 +229,7 @@ def load_clip(a: Args, device, rank: int):
     vision = dict(image_size=rc["image_size"], patch_size=rc["patch"], **tower)
     torch.manual_seed(a.clip_seed)                                   # the tiny CLIP's init and batches
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=w))
-    key = json.dumps([TINY_CLIP, a.clip_seed, PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab())])
+    key = json.dumps([TINY_CLIP, a.clip_seed, data.PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab())])
     path = os.path.join(a.cache_dir, "rlp", f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     if rank == 0 and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -246,15 +245,9 @@ def load_split(a: Args, split: str, subset: str, seed: int, shots: Optional[int]
     kw = dict(seed=seed, num_shots=shots)
     if a.dataset == "shapes_cls" and split == "test":
         kw["split_sizes"] = {"train": 2000, "val": 200, "test": SHAPES_TEST_IMAGES}
-    if a.dataset == "shapes_cls" and a.shapes_split == "shape":
-        # TODO(data.py): a base/new option. k-shot sampling before the class subset, as in data.py
-        recs = data.load_records(a.dataset, split, **kw)
-        order = sorted(data.classnames_of(recs), key=lambda n: (n.split()[1] not in data.SHAPES[:3], n))
-        names = order[:24] if subset == "base" else order[24:]
-        recs = [dict(r, label=names.index(r["classname"]), meta=dict(r["meta"], classnames=names))
-                for r in recs if r["classname"] in names]
-    else:
-        recs = data.load_records(a.dataset, split, a.data_root, subset=subset, **kw)
+    if a.dataset == "shapes_cls":
+        kw["shapes_split"] = a.shapes_split
+    recs = data.load_records(a.dataset, split, a.data_root, subset=subset, **kw)
     return recs, data.classnames_of(recs)
 
 

@@ -89,6 +89,21 @@ def test_shapes_classes_base_new_checkerboard():
     assert data.classnames_of(data.load_records("shapes_cls", "val", subset="base", limit=3)) == base
 
 
+def test_shapes_classes_split_by_shape():
+    """shapes_split="shape": new classes are the other three shapes, so their names hold unseen words."""
+    base = data.load_records("shapes_cls", "train", num_shots=2, seed=1, subset="base", shapes_split="shape")
+    new = data.load_records("shapes_cls", "train", num_shots=2, seed=1, subset="new", shapes_split="shape")
+    nb, nn_ = data.classnames_of(base), data.classnames_of(new)
+    assert nb == sorted(nb) and nn_ == sorted(nn_) and len(nb) == len(nn_) == 24
+    assert {n.split()[1] for n in nb} == set(data.SHAPES[:3]) and {n.split()[1] for n in nn_} == set(data.SHAPES[3:])
+    assert all(r["classname"] == nb[r["label"]] for r in base) and len(base) == 48
+    # the same k-shot images as the checkerboard split (sampling happens before the class subset)
+    every = data.load_records("shapes_cls", "train", num_shots=2, seed=1)
+    assert {r["id"] for r in base + new} == {r["id"] for r in every}
+    with pytest.raises(DataError, match="shapes_split"):
+        data.load_records("shapes_cls", "train", shapes_split="colour")
+
+
 def test_tokenizer_and_vocab_cover_world():
     tok = data.build_tokenizer()
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
