@@ -127,8 +127,8 @@ def test_gradients_reach_only_PA_PB(tiny):
 
 
 def test_pretraining_world_is_not_the_benchmark(tiny):
-    assert rlp.PRETRAIN_WORLD != 0
-    kw = dict(world_seed=rlp.PRETRAIN_WORLD, split_sizes={"train": 200, "val": 1, "test": 1})
+    assert data.PRETRAIN_WORLD != 0
+    kw = dict(world_seed=data.PRETRAIN_WORLD, split_sizes={"train": 200, "val": 1, "test": 1})
     pre = data.load_records("shapes_cls", "train", **kw) + data.load_records("shapes_caption", "train", **kw)
     bench = data.load_records("shapes_cls", "test") + data.load_records("shapes_cls", "train", num_shots=2, seed=1)
     pix = lambda r: data.load_image(r, 48).tobytes()                                # noqa: E731
