@@ -508,10 +508,13 @@ def parse_cli(cls, argv=None, description: str = ""):
     for f in dataclasses.fields(cls):
         kind, helptext = str(f.type), f.metadata.get("help", "")
         if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=helptext)
             continue
         base = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        conv = (lambda s, b=base: None if s.lower() in ("auto", "none") else b(s)) if "Optional" in kind else base
+        conv = base
+        if "Optional" in kind:
+            conv = lambda s, b=base: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
         p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{helptext} (default: {f.default})")
     return cls(**vars(p.parse_args(argv)))
 
