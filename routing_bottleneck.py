@@ -736,8 +736,8 @@ def run(a: Args) -> dict:
             write_json(os.path.join(a.out_dir, "results.json"), out)
         r = f"{rank_of(a, 'lora')}/{rank_of(a, 'adapter')}" if a.method == "both" else rank_of(a, a.method)
         steps = max(x["steps"] for x in results)
-        print(f"routing functions -- {a.dataset}, {a.model}, {a.vision}, r={r}, {steps} steps/run, "
-              f"{len(p.eval_records)} {a.eval_split} records, seed(s) {a.seeds or a.seed}")
+        print(f"{a.dataset}, {a.model} + {a.vision}, r={r}, {steps} steps/run, {len(p.eval_records)} "
+              f"{a.eval_split} records, seed(s) {a.seeds or a.seed}")
         print(table(results, p.task))
         print(f"time: {time.time() - t0:.1f}s")
     return out
@@ -764,10 +764,13 @@ def parse_cli(cls, argv=None, description: str = ""):
     for f in dataclasses.fields(cls):
         kind, helptext = str(f.type), f.metadata.get("help", "")
         if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=helptext)
             continue
         base = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        conv = (lambda s, b=base: None if s.lower() in ("auto", "none") else b(s)) if "Optional" in kind else base
+        conv = base
+        if "Optional" in kind:
+            conv = lambda s, b=base: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
         p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{helptext} (default: {f.default})")
     return cls(**vars(p.parse_args(argv)))
 
