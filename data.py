@@ -1,15 +1,15 @@
 """data.py -- the one shared module of the VL-PEFT reimplementations: data, frozen features, metrics.
 
-  ShapesWorld, describe_scene    the synthetic world: scenes, images, VQA / captions / classes, text
-  load_records, load_image       every dataset, synthetic or real (official file layouts, nothing downloaded)
-  caption_pairs, classnames_of   captioning training pairs; class names in label order
-  extract_features, drop_missing frozen vision features, cached (fp16, memory-mapped); "tiny-cnn" is the
-                                 pre-trained frozen encoder of the synthetic world (TinyCNN, tiny_cnn)
-  build_tokenizer                word-level tokenizer of the tiny models
-  vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean   the official metrics
-  answer_vocab, vqa_soft_targets VQA classifier classes (raw answer strings) and soft targets
-  make_loader, set_epoch         seeded DataLoader (DistributedSampler under torchrun)
-  DataError                      every bad input: a message naming the file / key and where to get the data
+  1. ShapesWorld, describe_scene      the synthetic world: scenes, images, VQA / captions / classes, text
+  2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs,
+                                      classnames_of
+  3. extract_features, drop_missing   frozen vision features, cached; "tiny-cnn" = the synthetic world's
+                                      pre-trained frozen encoder (tiny_cnn)
+  4. build_tokenizer                  word-level tokenizer of the tiny models
+  5. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
+     vqa_soft_targets                 the official metrics; VQA classifier classes and soft targets
+  6. make_loader, set_epoch           seeded DataLoader (DistributedSampler under torchrun)
+  DataError                           every bad input: a message naming the file / key and where to get it
 
 Typical use (offline):
 
@@ -17,14 +17,9 @@ Typical use (offline):
   feats, rows, missing = extract_features(recs, "tiny-cnn", dataset="shapes_vqa", split="train",
                                           train=True)      # (n_img, 9, TINY_CNN_WIDTH) fp16
   recs, rows = drop_missing(recs, rows, missing)           # training only; evaluation keeps every record
-  tok = build_tokenizer()                                  # pad id 0
   vqa_accuracy(preds, recs)                                # {"overall": 71.3, "yes/no": ...}
 
-Datasets (DATASETS): shapes_vqa, shapes_caption, shapes_cls (synthetic, world 0); vqav2, gqa; scienceqa;
-coco, flickr30k (Karpathy splits); imagenet + the 10 CoOp datasets (few-shot with num_shots, base-to-new
-with subset). Real data is read from data_root in the official layouts (README 'Data').
-
-Sample schema -- every dataset yields a list of plain dicts ("records"):
+Sample schema -- every dataset (DATASETS) yields a list of plain dicts ("records"):
 
   id, image_id   str; features are cached per image_id (None: no image, e.g. ScienceQA text-only questions)
   image_path     str, or None (synthetic images are rendered from meta["scene"]; no file is written)
@@ -57,8 +52,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-DATASETS = ("shapes_vqa", "shapes_caption", "shapes_cls",
-            "vqav2", "gqa", "coco", "flickr30k",
+DATASETS = ("shapes_vqa", "shapes_caption", "shapes_cls", "vqav2", "gqa", "coco", "flickr30k",
             "scienceqa", "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
             "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 DATA_VERSION = 1  # bump when synthetic rendering / feature layout changes (invalidates caches)
@@ -66,8 +60,7 @@ PRETRAIN_WORLD = 1000  # world seed of every tiny stand-in's pre-training; bench
 
 
 def cache_dir(*parts: str) -> str:
-    """Folder of every cache (frozen features, tiny pre-trained stand-ins): $VLPEFT_CACHE if set,
-    else cache/ next to this file. The tests point it at a temporary folder."""
+    """Folder of every cache (features, tiny pre-trained stand-ins): $VLPEFT_CACHE, else cache/ here."""
     root = os.environ.get("VLPEFT_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
     return os.path.join(root, *parts)
 
@@ -76,17 +69,14 @@ _cache_folder = cache_dir  # extract_features' argument of the same name hides t
 
 
 class DataError(Exception):
-    """A problem with the user's data or arguments. Scripts catch it, print the
-    message (which names the file / key / path and how to get the data) and exit 2."""
+    """Bad data or arguments; the message names the file / key and where to get the data (scripts: exit 2)."""
 
 
 class UnreadableImage(Exception):
     """An image file that is missing or cannot be decoded (skip it and count it)."""
 
 
-# ----------------------------------------------------------------------------------
-# 1. Synthetic world
-# ----------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------- 1. Synthetic world
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "gray")
 SIZES = ("small", "large")
@@ -94,10 +84,8 @@ POSITIONS = ("left", "right", "top", "bottom", "center")
 VQA_FAMILIES = ("color", "shape", "count", "exist", "position", "relation")
 
 _RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
-        "purple": (150, 60, 200), "orange": (250, 140, 30), "white": (245, 245, 245),
-        "gray": (128, 128, 128)}
-_XY = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
-       "center": (0.5, 0.5)}
+        "purple": (150, 60, 200), "orange": (250, 140, 30), "white": (245, 245, 245), "gray": (128, 128, 128)}
+_XY = {"left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8), "center": (0.5, 0.5)}
 _RADIUS = {"small": 0.09, "large": 0.14}
 _MASKS = {  # pixels of a shape, in units of its radius around its centre
     "circle": lambda dx, dy: dx * dx + dy * dy <= 1,
@@ -147,9 +135,8 @@ def _unique(objs, obj, keys) -> bool:
 class ShapesWorld:
     """Deterministic synthetic world: scene = f(seed, split, index); split_sizes = images per split.
     VQA / caption images hold 1-3 objects (shape, colour, size; no two at one position). Classification
-    images hold one object, class "red circle" (48 classes; image `index` has label index % 48).
-    Base-to-new (CoCoOp: labels 0..K/2-1 are base): a class is base when colour_idx + shape_idx is even,
-    a checkerboard, so both halves share every colour and shape; labels = base sorted, then new sorted."""
+    images hold one object, class "red circle" (48 classes; image `index` has label index % 48; labels:
+    base then new, each sorted; base = colour_idx + shape_idx even, so both halves share every word)."""
     seed: int = 0
     image_size: int = 64
     split_sizes: dict = field(default_factory=lambda: {"train": 2000, "val": 200, "test": 500})
@@ -173,8 +160,7 @@ class ShapesWorld:
         single=True: the one-object classification scene of image `index`."""
         rng = self._rng(split, index, 1 if single else 0)
         if single:
-            color, shape = self.classnames[index % len(self.classnames)].split()
-            kinds = [(color, shape)]
+            kinds = [tuple(self.classnames[index % len(self.classnames)].split())]
         else:
             kinds = [(COLORS[rng.integers(8)], SHAPES[rng.integers(6)])
                      for _ in range(int(rng.integers(1, 4)))]
@@ -209,17 +195,14 @@ class ShapesWorld:
                 "image_size": self.image_size}
         return {"id": image_id, "image_id": image_id, "image_path": None, "meta": meta}
 
-    def vqa(self, split: str, families: Sequence[str] = VQA_FAMILIES) -> list[dict]:
+    def vqa(self, split: str) -> list[dict]:
         """One question per applicable family per image (relation needs 2+ objects),
         10 answers with ANSWER_NOISE annotator noise; question_type = family."""
-        bad = set(families) - set(VQA_FAMILIES)
-        if bad:
-            raise DataError(f"unknown VQA families {sorted(bad)}; choose from {VQA_FAMILIES}")
         out = []
         for index in range(self._size(split)):
             scene = self.scene(split, index)
             rng = self._rng(split, index, 2)
-            for fam in families:
+            for fam in VQA_FAMILIES:
                 qa = _make_question(fam, scene["objects"], rng)
                 if qa is None:
                     continue
@@ -312,9 +295,8 @@ def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]
         present = any(x["color"] == color and x["shape"] == shape for x in objs)
         return tpl.format(color=color, shape=shape), "yes" if present else "no"
     if fam == "position":
-        if not _unique(objs, o, ["color", "shape"]):
-            return None
-        return tpl.format(ref=f"the {o['color']} {o['shape']}"), o["pos"]
+        unique = _unique(objs, o, ["color", "shape"])
+        return (tpl.format(ref=f"the {o['color']} {o['shape']}"), o["pos"]) if unique else None
     # relation: "what is left of the red circle?" -> the shape of the only object there
     cands = []
     for a in objs:
@@ -334,10 +316,9 @@ _DESCRIBE = ("{objs}.", "there is {objs}.", "the image shows {objs}.", "{n}: {ob
 
 
 def describe_scene(scene: dict, rng: Optional[np.random.Generator] = None) -> str:
-    """Text description of a scene graph naming every object's size, colour, shape and position, e.g.
-    "a large red circle on the left and a small blue square at the top." With rng (numpy Generator) the
-    object order and the wording vary ("the image shows ...", "the small blue square is at the top ...");
-    every word is in synthetic_vocab(). Tiny language models read it as context before a question."""
+    """Every object's size, colour, shape and position, e.g. "a large red circle on the left and a small
+    blue square at the top."; with rng (numpy Generator) in varied order and wording (synthetic_vocab words).
+    Tiny language models read it as context before a question."""
     objs = list(scene["objects"])
     form = 0
     if rng is not None:
@@ -362,27 +343,19 @@ def synthetic_vocab() -> list[str]:
     return sorted(words)
 
 
-# ----------------------------------------------------------------------------------
-# 2. Official formats: one loader for every dataset
-# ----------------------------------------------------------------------------------
-def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
-                 seed: int = 0, image_size: int = 64, num_shots: Optional[int] = None,
-                 subset: Optional[str] = None, limit: Optional[int] = None,
-                 world_seed: int = 0, split_sizes: Optional[dict] = None,
+# --------------------------------------------------------- 2. Official formats: one loader for every dataset
+def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, seed: int = 0,
+                 image_size: int = 64, num_shots: Optional[int] = None, subset: Optional[str] = None,
+                 limit: Optional[int] = None, world_seed: int = 0, split_sizes: Optional[dict] = None,
                  shapes_split: str = "checker") -> list[dict]:
     """Records of `dataset` / `split` ("train" | "val" | "test").
 
-    shapes_*: synthetic, data_root ignored; world_seed / split_sizes / image_size configure
-    the ShapesWorld (the world does not change with `seed`). vqav2/gqa/coco/flickr30k/CoOp
-    datasets read the official files under data_root (or data_root/<dataset>; see README
-    'Data'); missing root/file, malformed JSON -> DataError naming the path/key and where
-    to download. num_shots: k-shot per class sampled with `seed` (classification; val gets
-    min(k, 4) as in CoOp). subset: "base" | "new" | "all" class subset for base-to-new
-    (first ceil(K/2) labels are base; labels re-indexed within the subset; applied after
-    the k-shot sampling, as in CoCoOp). limit: first N records. shapes_split (shapes_cls): "checker"
-    (base/new alternate like a checkerboard, so new class names recombine words of base names) or
-    "shape" (base = circles, squares, triangles; new = stars, crosses, diamonds: every new class name
-    holds a word no base class has, as with real datasets).
+    shapes_*: the ShapesWorld(world_seed, image_size, split_sizes) (data_root ignored; `seed` does not change
+    it); real datasets: the official files under data_root or data_root/<dataset> (README 'Data').
+    num_shots: k per class sampled with `seed` (val: min(k, 4), as CoOp). subset "base" | "new" | "all":
+    the first ceil(K/2) labels are base, labels re-indexed within the subset, after the k-shot sampling
+    (CoCoOp). limit: the first N records. shapes_split (shapes_cls): "checker" (see ShapesWorld) or
+    "shape" (base = circles, squares, triangles: every new class name holds a word no base class has).
     """
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
@@ -402,10 +375,17 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *,
     if recs and recs[0]["task"] == "cls":
         if num_shots:
             recs = _few_shot(recs, num_shots if split == "train" else min(num_shots, 4), seed)
-        if dataset == "shapes_cls" and shapes_split == "shape":
-            recs = _relabel(recs, sorted(classnames_of(recs), key=lambda n: (n.split()[1] not in SHAPES[:3], n)))
+        if dataset == "shapes_cls" and shapes_split == "shape":  # base: the first three shapes
+            names = sorted(classnames_of(recs), key=lambda n: (n.split()[1] not in SHAPES[:3], n))
+            recs = [dict(r, label=names.index(r["classname"]), meta=dict(r["meta"], classnames=names))
+                    for r in recs]
         if subset in ("base", "new"):
-            recs = _class_subset(recs, subset)
+            names = classnames_of(recs)
+            m = math.ceil(len(names) / 2)
+            lo, hi = (0, m) if subset == "base" else (m, len(names))
+            sub_names = names[lo:hi]
+            recs = [dict(r, label=r["label"] - lo, meta=dict(r["meta"], classnames=sub_names))
+                    for r in recs if lo <= r["label"] < hi]
     if limit is not None:
         recs = recs[:limit]
     if not recs:
@@ -427,34 +407,14 @@ def _few_shot(recs: list[dict], k: int, seed: int) -> list[dict]:
     return [recs[i] for i in sorted(keep)]
 
 
-def _relabel(recs: list[dict], names: list[str]) -> list[dict]:
-    """The same records with labels in the order of `names`."""
-    return [dict(r, label=names.index(r["classname"]), meta=dict(r["meta"], classnames=names)) for r in recs]
-
-
-def _class_subset(recs: list[dict], subset: str) -> list[dict]:
-    names = classnames_of(recs)
-    m = math.ceil(len(names) / 2)
-    lo, hi = (0, m) if subset == "base" else (m, len(names))
-    sub_names = names[lo:hi]
-    out = []
-    for r in recs:
-        if lo <= r["label"] < hi:
-            r = dict(r, label=r["label"] - lo, meta=dict(r["meta"], classnames=sub_names))
-            out.append(r)
-    return out
-
-
 def caption_pairs(records: Sequence[dict]) -> list[dict]:
-    """Captioning training data: one record per (image, caption), the caption under "caption" (id
-    "<id>#<k>", same image_id, so the image features are shared). Evaluation uses the records
-    themselves: one per image, every reference in "captions"."""
+    """Captioning training data: one record per (image, caption) (id "<id>#<k>", same image_id), the caption
+    under "caption". Evaluation uses the records themselves: one per image, all references."""
     return [dict(r, id=f"{r['id']}#{k}", caption=c) for r in records for k, c in enumerate(r["captions"])]
 
 
 def classnames_of(records: Sequence[dict]) -> list[str]:
-    """Class names ordered by label (the full class list of the dataset / subset, even when
-    `records` is a few-shot or limited selection)."""
+    """Class names ordered by label (of the whole dataset / subset, even for a few-shot selection)."""
     if records and "classnames" in records[0].get("meta", {}):
         return list(records[0]["meta"]["classnames"])
     names = {r["label"]: r["classname"] for r in records}
@@ -464,9 +424,8 @@ def classnames_of(records: Sequence[dict]) -> list[str]:
 
 
 def load_image(record: dict, image_size: Optional[int] = None) -> Image.Image:
-    """PIL RGB image of a record; raises `UnreadableImage` (not DataError) for missing or
-    corrupt files (extract_features counts them and gives them zero features). Synthetic
-    records are rendered (at `image_size` if given, else the record's size)."""
+    """PIL RGB image of a record (synthetic: rendered at image_size or the record's size); a missing or
+    corrupt file raises UnreadableImage (extract_features counts them), not DataError."""
     if record.get("image_id") is None:
         raise DataError(f"record {record['id']} has no image (text-only question)")
     if record.get("image_path") is None:
@@ -485,6 +444,7 @@ _VQA_URL = ("https://visualqa.org/download.html (questions+annotations) and "
 _KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 _COOP_URL = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 _LETTERS = "ABCDE"  # ScienceQA options (2 to 5 choices)
+_KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 _REAL = {
     "vqav2": ("vqav2", None, None, _VQA_URL),
     "gqa": ("gqa", None, "images", "https://cs.stanford.edu/people/dorarad/gqa/download.html"),
@@ -506,25 +466,11 @@ _REAL = {
 }
 
 
-def _dataset_root(dataset: str, data_root: Optional[str]) -> Path:
-    url = _REAL[dataset][3]
-    if not data_root:
-        raise DataError(f"{dataset} needs --data_root (the folder holding its files); get it from {url}")
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data root {root} does not exist; get {dataset} from {url}")
-    for sub in (_REAL[dataset][0], dataset):
-        if (root / sub).is_dir():
-            return (root / sub).resolve()
-    return root.resolve()
-
-
 def _read_json(path: Path, dataset: str):
     if not path.is_file():
         raise DataError(f"missing file {path}; download it from {_REAL[dataset][3]} (see README 'Data')")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"malformed JSON in {path}: {e}") from None
 
@@ -544,32 +490,31 @@ def _need_dir(d: Path, dataset: str) -> Path:
 
 
 def _load_real(dataset: str, split: str, data_root: Optional[str]) -> list[dict]:
-    root = _dataset_root(dataset, data_root)
-    if dataset == "vqav2":
-        return _load_vqav2(root, split)
-    if dataset == "gqa":
-        return _load_gqa(root, split)
-    if dataset == "scienceqa":
-        return _load_scienceqa(root, split)
+    url = _REAL[dataset][3]
+    if not data_root:
+        raise DataError(f"{dataset} needs --data_root (the folder holding its files); get it from {url}")
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist; get {dataset} from {url}")
+    for sub in (_REAL[dataset][0], dataset):  # data_root may be the parent of the dataset's folder
+        if (root / sub).is_dir():
+            root = root / sub
+            break
+    root = root.resolve()
     if dataset in ("coco", "flickr30k"):
         return _load_karpathy(dataset, root, split)
-    return _load_cls(dataset, root, split)
-
-
-def _vqa_type(answer: str) -> str:
-    return "yes/no" if answer in ("yes", "no") else "number" if answer.isdigit() else "other"
+    load = {"vqav2": _load_vqav2, "gqa": _load_gqa, "scienceqa": _load_scienceqa}.get(dataset)
+    return load(root, split) if load else _load_cls(dataset, root, split)
 
 
 def _load_vqav2(root: Path, split: str) -> list[dict]:
-    """VQAv2 official json + COCO 2014 images. With <root>/dataset_coco.json (Karpathy split)
-    train = Karpathy train+restval, val/test = Karpathy val/test images (questions of both
-    train2014 and val2014); without it train = train2014, val = test = val2014."""
+    """VQAv2 official json + COCO 2014 images. With <root>/dataset_coco.json the splits are Karpathy's images
+    (questions of train2014 and val2014); without it train = train2014, val = test = val2014."""
     kar_path = root / "dataset_coco.json"
     if kar_path.is_file():
         kar = _read_json(kar_path, "coco")
-        want = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
         keep = {int(_get(im, "cocoid", kar_path, "images[].")) for im in _get(kar, "images", kar_path)
-                if _get(im, "split", kar_path, "images[].") in want}
+                if _get(im, "split", kar_path, "images[].") in _KARPATHY_SPLITS[split]}
         coco_splits = ["train2014", "val2014"]
     else:
         keep, coco_splits = None, ["train2014" if split == "train" else "val2014"]
@@ -616,18 +561,18 @@ def _load_gqa(root: Path, split: str) -> list[dict]:
     for qid, q in data.items():
         ans, iid = _get(q, "answer", path, f"{qid}."), str(_get(q, "imageId", path, f"{qid}."))
         types = q.get("types", {})
+        answer_type = "yes/no" if ans in ("yes", "no") else "number" if ans.isdigit() else "other"
         out.append({"id": str(qid), "image_id": iid, "image_path": str(img_dir / f"{iid}.jpg"), "task": "vqa",
                     "question": _get(q, "question", path, f"{qid}."), "answers": [ans] * 10, "answer": ans,
-                    "answer_type": _vqa_type(ans), "question_type": types.get("detailed", "gqa"),
+                    "answer_type": answer_type, "question_type": types.get("detailed", "gqa"),
                     "meta": {"types": types, "full_answer": q.get("fullAnswer")}})
     return out
 
 
 def _load_scienceqa(root: Path, split: str) -> list[dict]:
-    """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image
-    ("image.png" or null), subject, grade, ...}}), pid_splits.json ({split: [pid, ...]}) and
-    images/<split>/<pid>/image.png; captions.json ({"captions": {pid: str}}), if present, gives the image
-    captions that MemVP's prompt adds to the context. Text-only questions have image_id None."""
+    """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image, subject,
+    grade, ...}}), pid_splits.json ({split: [pid, ...]}), images/<split>/<pid>/image.png and, if present,
+    captions.json ({"captions": {pid: str}}: MemVP's prompt adds them to the context)."""
     path, splits_path, captions = root / "problems.json", root / "pid_splits.json", root / "captions.json"
     problems = _read_json(path, "scienceqa")
     pids = _get(_read_json(splits_path, "scienceqa"), split, splits_path)
@@ -660,14 +605,12 @@ def scienceqa_prompt(record: dict, use_caption: bool = True) -> tuple[str, str]:
 
 
 def _load_karpathy(dataset: str, root: Path, split: str) -> list[dict]:
-    """Karpathy caption splits: images[].split/filename/(filepath)/sentences[].raw; COCO
-    train = train + restval."""
+    """Karpathy caption splits: images[].split/filename/(filepath)/sentences[].raw; train += restval."""
     path = root / _REAL[dataset][1]
     images = _get(_read_json(path, dataset), "images", path)
-    want = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}[split]
     out = []
     for im in images:
-        if _get(im, "split", path, "images[].") not in want:
+        if _get(im, "split", path, "images[].") not in _KARPATHY_SPLITS[split]:
             continue
         fname = _get(im, "filename", path, "images[].")
         folder = _get(im, "filepath", path, "images[].") if dataset == "coco" else _REAL[dataset][2]
@@ -686,7 +629,6 @@ def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
     FGVC-Aircraft's own txt files, else ImageNet-style folders images/<split>/<class>/*."""
     _, fname, img_sub, _ = _REAL[dataset]
     img_dir = root / img_sub
-    items = None
     if fname and (root / fname).is_file():
         path = root / fname
         data = _read_json(path, dataset)
@@ -727,12 +669,9 @@ def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
             raise DataError(f"{dataset}: found neither {want}the image folder {sdir} under {root}; "
                             f"lay it out as in {_COOP_URL}")
         folders = sorted(d.name for d in sdir.iterdir() if d.is_dir())
-        mapping = {}
-        if (root / "classnames.txt").is_file():
-            for line in (root / "classnames.txt").read_text().splitlines():
-                parts = line.strip().split(" ", 1)
-                if len(parts) == 2:
-                    mapping[parts[0]] = parts[1]
+        txt = root / "classnames.txt"  # "<folder> <class name>" per line
+        lines = txt.read_text().splitlines() if txt.is_file() else []
+        mapping = dict(p for p in (line.strip().split(" ", 1) for line in lines) if len(p) == 2)
         classnames = [mapping.get(f, f.replace("_", " ")) for f in folders]
         img_dir = sdir
         items = [(p, lab) for lab, f in enumerate(folders) for p in sorted((sdir / f).iterdir())
@@ -743,31 +682,25 @@ def _load_cls(dataset: str, root: Path, split: str) -> list[dict]:
             for p, lab in items]
 
 
-# ----------------------------------------------------------------------------------
-# 3. Frozen visual features, cached (raw pixels, the synthetic world's tiny CNN, CLIP / ViT)
-# ----------------------------------------------------------------------------------
+# ---------------- 3. Frozen visual features, cached (raw pixels, the synthetic world's tiny CNN, CLIP / ViT)
 def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                      dataset: str = "", split: str = "", train: Optional[bool] = None,
                      cache_dir: Optional[str] = None, layer: int = -2, image_size: Optional[int] = None,
                      patch_size: int = 8, keep_cls: bool = False, pooled: bool = False,
                      device: str = "cpu", batch_size: int = 64, max_bad_fraction: float = 0.01,
-                     model=None, image_processor=None, progress: bool = True):
+                     model=None, progress: bool = True):
     """-> (feats, rows, missing): feats (num_images, n, d) float16, memory-mapped from the cache; rows
-    (len(records),) each record's row of feats; missing (len(records),) bool, True where its image is
-    unreadable (its features are zeros).
+    (len(records),) each record's row of feats; missing (len(records),) bool: image unreadable (zeros).
 
-    encoder "tiny-cnn": the synthetic world's frozen pre-trained CNN (tiny_cnn), 3 x 3 grid tokens
-    (n = 9, d = TINY_CNN_WIDTH) or with pooled=True its pooled vector (n = 1), images read at
-    TINY_CNN_IMAGE_SIZE. "patches": raw-pixel patch tokens, n = (image_size / patch_size)^2,
-    d = 3 * patch_size^2, in [-1, 1]. Else a Hugging Face CLIP / ViT id or folder (or `model`, a built
-    tower or full CLIP, cached under the name `encoder`): hidden_states[layer] grid tokens (CLS dropped
-    unless keep_cls), or pooled=True: (num_images, 1, d) projected embedding. image_size default 224.
-    Unreadable images: more than max_bad_fraction of a split is a DataError naming the first files;
-    else they are reported, and `train` (default split == "train") words the policy: training drops
-    their records (drop_missing), evaluation keeps every question, scored as the official evaluation
-    does. Records without an image (image_id None) share one zero row and are not missing.
-    Cached in cache_dir (default cache_dir("features")) by dataset, split, encoder, settings and image
-    ids; written to a temp file then renamed. Under torch.distributed rank 0 extracts, all ranks load.
+    encoder "tiny-cnn": the synthetic world's frozen CNN, 3 x 3 grid tokens (n = 9, d = TINY_CNN_WIDTH) or,
+    pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a Hugging Face CLIP / ViT id
+    or folder (or `model`, a built tower or full CLIP, cached under the name `encoder`): hidden_states[layer]
+    grid tokens (CLS dropped unless keep_cls) or, pooled, the projected embedding; image_size default 224.
+    Unreadable images: above max_bad_fraction of a split, a DataError; else reported, worded for training
+    (`train`, default split == "train": drop_missing drops their records) or evaluation (every question kept,
+    as the official evaluation). Records without an image share one zero row, not missing. Cached in
+    cache_dir (default cache_dir("features")) by every setting and the image ids, written atomically; under
+    torch.distributed rank 0 extracts, all ranks load.
     """
     if encoder == "tiny-cnn" and image_size not in (None, TINY_CNN_IMAGE_SIZE):
         raise DataError(f"tiny-cnn reads images at {TINY_CNN_IMAGE_SIZE} px; leave image_size unset")
@@ -785,16 +718,16 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
            "image_size": image_size, "settings": settings, "ids": ids}
     name = f"{dataset or 'data'}-{split or 'all'}-{re.sub(r'[^A-Za-z0-9._-]+', '_', encoder)[-48:]}"
     path = Path(cache_dir or _cache_folder("features")) / f"{name}-{_digest(key)[:12]}.npy"
-    rank, distributed = _dist_rank()
+    rank, world = _rank_world()
     error = None
     if rank == 0 and _cached(path, key) is None:
         try:
-            encode = _encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
-                              patch_size=patch_size, keep_cls=keep_cls, pooled=pooled, device=device)
+            encode = _encoder(encoder, model, layer=layer, image_size=image_size, patch_size=patch_size,
+                              keep_cls=keep_cls, pooled=pooled, device=device)
             _extract_to(path, key, uniq, encode, image_size, batch_size, max_bad_fraction, progress)
         except Exception as e:
             error = e  # raised after the barrier, so the other ranks do not wait forever
-    if distributed:
+    if world > 1:
         torch.distributed.barrier()
     if error is not None:
         raise error
@@ -829,10 +762,11 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _dist_rank() -> tuple[int, bool]:
-    on = torch.distributed.is_available() and torch.distributed.is_initialized()
-    on = on and torch.distributed.get_world_size() > 1
-    return (torch.distributed.get_rank() if on else 0), on
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    dist = torch.distributed
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
 
 
 def _cached(path: Path, key: dict) -> Optional[dict]:
@@ -878,15 +812,14 @@ def _extract_to(path: Path, key: dict, uniq: list, encode: Callable, image_size:
         tmp.unlink(missing_ok=True)
 
 
-def _encoder(encoder: str, model, image_processor, *, layer, image_size, patch_size, keep_cls, pooled,
-             device) -> Callable:
+def _encoder(encoder: str, model, *, layer, image_size, patch_size, keep_cls, pooled, device) -> Callable:
     """A function list[PIL image] -> (B, n, d) float array."""
     if encoder == "patches":
         return lambda images: np.stack([_patches(im, image_size, patch_size) for im in images])
     if encoder == "tiny-cnn":
         return functools.partial(_tiny_cnn_encode, tiny_cnn(), pooled)
-    return _hf_encoder(encoder, model, image_processor, layer=layer, image_size=image_size,
-                       keep_cls=keep_cls, pooled=pooled, device=device)
+    return _hf_encoder(encoder, model, layer=layer, image_size=image_size, keep_cls=keep_cls, pooled=pooled,
+                       device=device)
 
 
 def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
@@ -901,9 +834,8 @@ def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
 # The synthetic world's frozen vision encoder ("tiny-cnn"). The papers start from a vision encoder
 # pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what an image holds.
 # DEVIATION (offline only): its stand-in is a small CNN pre-trained, supervised, on world PRETRAIN_WORLD (no
-# benchmark uses it) to name the colour, shape and size of the object in each cell of a 3 x 3 grid from
-# that cell's token, and the colours, shapes, positions and pairs of them in the image from the pooled
-# vector; then it is frozen.
+# benchmark uses it) to name the objects of each 3 x 3 grid cell from its token and those of the image
+# from the pooled vector (_pretrain_tiny_cnn); then it is frozen.
 TINY_CNN_WIDTH = 96       # C: width of the grid tokens and of the pooled vector
 TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48: one grid cell = 16 x 16 pixels
 _TINY_CNN_RECIPE = {"arch": 1, "width": TINY_CNN_WIDTH, "image_size": TINY_CNN_IMAGE_SIZE, "images": 4000,
@@ -933,19 +865,19 @@ class TinyCNN(torch.nn.Module):
 def tiny_cnn() -> TinyCNN:
     """The frozen pre-trained "tiny-cnn", cached in cache_dir("tiny_cnn") by its recipe (the first call
     pre-trains it, ~17 s CPU). Deterministic: seeded, one thread (the caller's threads and RNG are kept)."""
-    path = Path(_cache_folder("tiny_cnn")) / f"tiny-cnn-{_digest(_TINY_CNN_RECIPE)[:12]}.pt"
+    path = Path(cache_dir("tiny_cnn")) / f"tiny-cnn-{_digest(_TINY_CNN_RECIPE)[:12]}.pt"
     if path.is_file():
         model = TinyCNN()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval().requires_grad_(False)
-    with _one_thread(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = TinyCNN()
-        _pretrain_tiny_cnn(model, **_TINY_CNN_RECIPE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    else:
+        with _one_thread(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = TinyCNN()
+            _pretrain_tiny_cnn(model, **_TINY_CNN_RECIPE)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
     return model.eval().requires_grad_(False)
 
 
@@ -983,9 +915,8 @@ def _pretrain_tiny_cnn(model: TinyCNN, *, images, steps, batch, lr, world, **_) 
 
 
 def _tiny_cnn_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> cells (N, 9, 3): 1 + colour / shape / size index of the object in each grid cell, 0 = none;
-    names (N, K): multi-hot of the colours, shapes, positions and (size, shape), (colour, shape),
-    (shape, position), (colour, position) pairs in the scene."""
+    """-> cells (N, 9, 3): 1 + colour / shape / size index of each grid cell's object, 0 = none; names (N, K):
+    multi-hot of the scene's colours, shapes, positions and the pairs of names_of."""
     def names_of(o):
         return [o["color"], o["shape"], o["pos"], f"{o['size']} {o['shape']}", f"{o['color']} {o['shape']}",
                 f"{o['shape']} {o['pos']}", f"{o['color']} {o['pos']}"]
@@ -1027,9 +958,10 @@ def _one_thread():
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls, pooled, device):
+def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device):
     """A function list[PIL image] -> (B, n, d) float array from a Hugging Face vision tower."""
     import transformers as tf
+    image_processor = None  # without one: resize + CLIP normalisation
     if model is None:
         try:
             cfg = tf.AutoConfig.from_pretrained(encoder)
@@ -1040,10 +972,8 @@ def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls,
         clip = cfg.model_type in ("clip", "clip_vision_model")
         model = (tf.CLIPVisionModelWithProjection if pooled else tf.CLIPVisionModel) if clip else tf.AutoModel
         model = model.from_pretrained(encoder)
-        try:
-            image_processor = image_processor or tf.AutoImageProcessor.from_pretrained(encoder)
-        except Exception:
-            image_processor = None  # resize + CLIP normalisation
+        with contextlib.suppress(Exception):
+            image_processor = tf.AutoImageProcessor.from_pretrained(encoder)
     full = hasattr(model, "get_image_features")  # a full CLIP / SigLIP model: its image side
     dev = torch.device(device)
     model = model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval()
@@ -1058,8 +988,7 @@ def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls,
         else:
             images = [im.resize((image_size, image_size), Image.BICUBIC) for im in images]
             px = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255.0) for im in images])
-            px = px.permute(0, 3, 1, 2)
-            px = (px - mean) / std
+            px = (px.permute(0, 3, 1, 2) - mean) / std
         px = px.to(dev, next(model.parameters()).dtype)
         if full:
             out = model.get_image_features(pixel_values=px, output_hidden_states=not pooled)
@@ -1077,40 +1006,30 @@ def _hf_encoder(encoder, model, image_processor, *, layer, image_size, keep_cls,
     return encode
 
 
-# ----------------------------------------------------------------------------------
-# 4. Tokenizer for tiny models
-# ----------------------------------------------------------------------------------
-def build_tokenizer(words: Iterable[str] = None, *, lowercase: bool = True):
-    """Word-level PreTrainedTokenizerFast (library `tokenizers`): special tokens
-    pad "<pad>" (id 0), bos "<s>" (1), eos "</s>" (2), unk "<unk>" (3); words default to
-    synthetic_vocab() (any texts may be given, in any order: they are split the same way and
-    the vocabulary is sorted, so ids are reproducible); splits on
-    whitespace and punctuation ("?" "." "," are tokens). No special tokens are added
-    automatically (like GPT-2): add bos/eos yourself. decode() joins tokens with spaces."""
+# ------------------------------------------------------------------------------ 4. Tokenizer for tiny models
+def build_tokenizer(words: Iterable[str] = None):
+    """Lower-case word-level PreTrainedTokenizerFast over the words of `words` (texts, any order; default
+    synthetic_vocab()), split on whitespace and punctuation; pad "<pad>" = 0, bos "<s>" = 1, eos "</s>" = 2,
+    unk "<unk>" = 3, none added automatically (like GPT-2). decode() joins tokens with spaces."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     words = synthetic_vocab() if words is None else words
-    found = {w for text in words for w in _TOKEN_RE.findall(text.lower() if lowercase else text)}
+    found = {w for text in words for w in _TOKEN_RE.findall(text.lower())}
     vocab = {w: i for i, w in enumerate(specials + sorted(found - set(specials)))}  # ids independent of order
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    if lowercase:
-        tok.normalizer = normalizers.Lowercase()
+    tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>", model_max_length=512)
 
 
-# ----------------------------------------------------------------------------------
-# 5. Official metrics
-# ----------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------- 5. Official metrics
 # Official VQA normalisation (GT-Vision-Lab/VQA vqaEval.py), re-implemented.
 _NUMBERS = "zero one two three four five six seven eight nine ten".split()
-_MANUAL_MAP = {w: str(i) for i, w in enumerate(_NUMBERS)}
-_MANUAL_MAP["none"] = "0"
+_MANUAL_MAP = {**{w: str(i) for i, w in enumerate(_NUMBERS)}, "none": "0"}
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
-          "!"]
+_PUNCT = list(';/[]"{}()=+\\_-><@`,?!')  # in the official order
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official look-behind typo, kept
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _CANONICAL = ("ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've "
@@ -1137,10 +1056,8 @@ _CONTRACTIONS["somebody'd"] = "somebodyd"  # sic, as in the official table
 def _process_punctuation(text: str) -> str:
     out = text
     for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
+        drop = (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text) is not None
+        out = out.replace(p, "" if drop else " ")
     return _PERIOD_STRIP.sub("", out)
 
 
@@ -1166,11 +1083,9 @@ def _loo(k: int, n: int = 10) -> float:
 
 
 def vqa_score(pred: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction: mean over the 10 leave-one-out subsets of
-    min(#matches/3, 1) (1, 2, 3, >=4 matches of 10 -> 0.3, 0.6, 0.9, 1.0). As in the official
-    vqaEval.py (master, 2021 fix): all answers are stripped; prediction and answers are
-    normalised (normalize_answer) only when the annotators disagree -- when they agree
-    the match is exact, so emit clean lower-case answers ("yes", "2")."""
+    """Official VQA accuracy of one prediction: mean over the 10 leave-one-out subsets of min(#matches/3, 1)
+    (1, 2, 3, >=4 matches -> 0.3, 0.6, 0.9, 1.0). As the official vqaEval.py (master, 2021 fix): answers
+    are stripped, and normalised only when the annotators disagree; when they agree the match is exact."""
     pred, gts = _clean(pred), [_clean(a) for a in answers]
     if len(set(gts)) > 1:
         pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
@@ -1178,20 +1093,17 @@ def vqa_score(pred: str, answers: Sequence[str]) -> float:
 
 
 def vqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
-    """{"overall": %, "yes/no": %, "number": %, "other": %} (percent, 2 decimals, as the
-    official evaluation; only answer types present in `records` appear)."""
+    """{"overall": %, "yes/no": %, "number": %, "other": %}, 2 decimals as the official evaluation (only the
+    answer types present in `records`)."""
     if len(preds) != len(records):
         raise ValueError(f"vqa_accuracy: {len(preds)} predictions for {len(records)} records")
+    scores = [vqa_score(p, r["answers"]) for p, r in zip(preds, records)]
     per: dict[str, list[float]] = {}
-    scores = []
-    for p, r in zip(preds, records):
-        s = vqa_score(p, r["answers"])
-        scores.append(s)
+    for s, r in zip(scores, records):
         per.setdefault(r.get("answer_type", "other"), []).append(s)
     out = {"overall": round(100 * sum(scores) / max(len(scores), 1), 2)}
-    for t in ("yes/no", "number", "other"):
-        if t in per:
-            out[t] = round(100 * sum(per[t]) / len(per[t]), 2)
+    out.update({t: round(100 * sum(per[t]) / len(per[t]), 2) for t in ("yes/no", "number", "other")
+                if t in per})
     return out
 
 
@@ -1237,9 +1149,8 @@ def _bleu(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 4) -> lis
 
 
 def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 4, sigma: float = 6.0) -> float:
-    """CIDEr-D as coco-caption's cider_scorer: tf-idf n-gram vectors with document
-    frequencies from the references, clipped hypothesis weights, Gaussian length penalty
-    (sigma 6), mean over n = 1..4 and over references, x10; averaged over images."""
+    """CIDEr-D as coco-caption's cider_scorer: tf-idf n-gram vectors (document frequencies from the
+    references), clipped weights, Gaussian length penalty (sigma 6), mean over n = 1..4 and references x10."""
     crefs = [[_ngrams(r, n) for r in rs] for rs in refs]
     df: Counter = Counter()
     for rs in crefs:
@@ -1271,9 +1182,8 @@ def _cider_d(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 4, sig
 
 
 def caption_metrics(preds: dict, refs: dict) -> dict:
-    """preds {id: str}, refs {id: [str,...]} -> {"BLEU-1".."BLEU-4", "CIDEr"} (x100 for
-    BLEU, CIDEr-D x100 as in papers), over the ids of `preds`, computed as the COCO caption
-    evaluation does on lower-cased, punctuation-stripped tokens."""
+    """preds {id: str}, refs {id: [str,...]} -> {"BLEU-1".."BLEU-4", "CIDEr"} (CIDEr-D), x100 as in papers,
+    over the ids of `preds`, as the COCO caption evaluation (on lower-cased tokens without punctuation)."""
     missing = [k for k in preds if not refs.get(k)]
     if missing or not preds:
         raise ValueError(f"caption_metrics: no references for ids {missing[:5]}" if missing else
@@ -1287,9 +1197,8 @@ def caption_metrics(preds: dict, refs: dict) -> dict:
 
 
 def scienceqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
-    """Accuracy (percent, 2 decimals) of predicted letters on ScienceQA, in the columns of MemVP's Table 2
-    (as the official evaluation): average; subjects NAT / SOC / LAN; context TXT (has a hint), IMG (has an
-    image), NO (neither); grades G1-6 / G7-12. A column without questions is left out."""
+    """Accuracy of predicted letters (percent, 2 decimals) in the columns of MemVP's Table 2 (as the official
+    evaluation): average; NAT / SOC / LAN; TXT (hint), IMG (image), NO (neither); G1-6 / G7-12 (if any)."""
     if len(preds) != len(records):
         raise ValueError(f"scienceqa_accuracy: {len(preds)} predictions for {len(records)} records")
     groups = {"NAT": lambda m: m["subject"] == "natural science",
@@ -1321,11 +1230,10 @@ def harmonic_mean(base: float, new: float) -> float:
 
 
 def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
-    """Classes of a VQA classifier head: the answers whose normalised form is the most common answer
-    of >= min_freq training questions (3129 for VQAv2 train+val with min_freq 9, the usual setup;
-    min_freq=1 for tiny data), by frequency, then alphabetically. Each class is written as its most
-    frequent RAW form among the training annotators' answers ("t-shirt", not the normalised "t shirt"):
-    unanimous answers are compared exactly by the official metric, so that is what the classifier says."""
+    """Classes of a VQA classifier head: the normalised answers that are the most common answer of >= min_freq
+    training questions (3129 for VQAv2 train+val with 9), by frequency, then alphabetically, each written
+    as its most frequent RAW form ("t-shirt", not "t shirt"): the official metric compares unanimous
+    answers exactly."""
     counts = Counter(normalize_answer(r["answer"]) for r in records)
     keep = sorted((a for a, c in counts.items() if c >= min_freq), key=lambda a: (-counts[a], a))
     raw: dict[str, Counter] = {a: Counter() for a in keep}
@@ -1337,9 +1245,8 @@ def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
 
 
 def vqa_soft_targets(record: dict, vocab: Sequence[str]) -> torch.Tensor:
-    """(len(vocab),) soft score per class for BCE classifier heads: the official leave-one-out score of
-    that answer among the record's answers (1, 2, 3, >=4 of 10 -> 0.3, 0.6, 0.9, 1), answers matched
-    to the classes of answer_vocab by their normalised form."""
+    """(len(vocab),) BCE targets: the official leave-one-out score of each class among the record's answers
+    (1, 2, 3, >=4 of 10 -> 0.3, 0.6, 0.9, 1), answers matched to answer_vocab's classes when normalised."""
     index = _class_index(tuple(vocab))
     target = torch.zeros(len(index))
     answers = [normalize_answer(a) for a in record["answers"]]
@@ -1354,9 +1261,7 @@ def _class_index(vocab: tuple) -> dict:
     return {normalize_answer(a): i for i, a in enumerate(vocab)}
 
 
-# ----------------------------------------------------------------------------------
-# 6. DataLoaders
-# ----------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------- 6. DataLoaders
 def _collate(batch):
     """Records stay a list of dicts; anything else goes through torch's default_collate."""
     if isinstance(batch[0], dict) and "task" in batch[0]:
@@ -1366,20 +1271,15 @@ def _collate(batch):
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                 collate_fn: Callable = None, num_workers: int = 0, drop_last: bool = False):
-    """DataLoader whose order depends only on (seed, epoch): a DistributedSampler(seed=seed)
-    (with one replica when not under torch.distributed). Call set_epoch(loader, e) before
-    each epoch; to resume mid-epoch, set_epoch and skip the batches already seen. Default
-    collate: a list of records stays a list, tensors are stacked. Under DDP each rank gets
-    its shard, padded by repetition to equal length (DistributedSampler semantics)."""
+    """DataLoader whose order depends only on (seed, epoch): a DistributedSampler(seed=seed), one replica
+    outside torch.distributed (each rank's shard padded by repetition). Call set_epoch(loader, e) before each
+    epoch; to resume mid-epoch, skip the batches already seen. Records stay lists; tensors are stacked."""
     from torch.utils.data import DataLoader, DistributedSampler
-    import torch.distributed as dist
-    on = dist.is_available() and dist.is_initialized()
-    sampler = DistributedSampler(dataset, num_replicas=dist.get_world_size() if on else 1,
-                                 rank=dist.get_rank() if on else 0, shuffle=shuffle, seed=seed)
+    rank, world = _rank_world()
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_fn or _collate, drop_last=drop_last,
-                      generator=torch.Generator().manual_seed(seed),  # workers: seeded by torch
-                      persistent_workers=False)
+                      generator=torch.Generator().manual_seed(seed))  # workers: seeded by torch
 
 
 def set_epoch(loader, epoch: int) -> None:
