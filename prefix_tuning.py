@@ -18,11 +18,9 @@ as a plain tensor (App. B.1). Table 8 puts BLIP-2's prefixes in two places, P = 
   B.2     captions by beam search (5)      beam_search
   B.4     AdamW (0.9, 0.99), linear warm-up and decay, Table 14 values   train, PAPER
 
-Offline (--model tiny, the default): a tiny BLIP-2 (ViT, Q-Former, OPT; word-level tokenizer) pre-trained
-once on all weights (cached) on another synthetic world: four caption styles and four VQA question families.
-The downstream tasks are held out: shapes_caption = a fifth caption style ("the red circle is on the left
-..."), shapes_vqa = position and relation questions. "mix" = the pre-training tasks on the benchmark world
-((VQA accuracy + BLEU-4) / 2): what the prefixed model still does.
+Offline (--model tiny, the default): a tiny BLIP-2 pre-trained once (cached) on four caption styles and four
+VQA question families of another synthetic world. Held out of that mix: shapes_caption (a fifth caption
+style), shapes_vqa (position and relation questions). "mix" = the pre-training tasks on the benchmark world.
 
   python prefix_tuning.py                            # tiny BLIP-2, shapes_caption, Table 8 prefixes
   python prefix_tuning.py --compare --seeds 0,1,2    # Table 8 vs LM input / LM kv / Q-Former alone
@@ -37,6 +35,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -132,11 +131,6 @@ class PrefixBlip2(nn.Module):
             self.qformer_attn = patch_qformer(lmm.qformer)
         self.vision_cache = VisionCache(cache_mb)
 
-    def prefixes(self) -> dict:
-        if isinstance(self.prefix_state, dict):
-            return self.prefix_state
-        return {} if self.prefix_state == "off" else {k: enc() for k, enc in self.prefix_encoders.items()}
-
     @torch.no_grad()
     def export_prefix(self) -> dict:
         """App. B.1: {"lm": ..., "qformer": ...} as plain tensors; no encoder is needed at inference."""
@@ -160,7 +154,9 @@ class PrefixBlip2(nn.Module):
     def lm_inputs(self, batch: dict, ids: torch.Tensor, mask: torch.Tensor):
         """Fig. 5: [prefix (input mode); visual tokens; text] -> (embeddings, attention mask, positions, KV
         cache holding a kv-mode prefix or None). Text is left-padded; positions skip the pads."""
-        P = self.prefixes()
+        P = self.prefix_state
+        if not isinstance(P, dict):
+            P = {} if P == "off" else {k: enc() for k, enc in self.prefix_encoders.items()}
         vis = self.visual_tokens(batch, P.get("qformer"))                              # (B, Q, d)
         B, ids, mask = len(vis), ids.to(vis.device), mask.to(vis.device)
         x = torch.cat([vis, self.lmm.language_model.get_input_embeddings()(ids).to(vis.dtype)], 1)
@@ -226,17 +222,15 @@ class VisionCache:
 # ---- Patching the Hugging Face model (and one transformers-version difference) ----------------------------
 def patch_qformer(qformer: nn.Module) -> list:
     """Replace every self-attention `encoder.layer.<i>.attention.attention` by QFormerPrefixAttention."""
-    out = []
-    for i, layer in enumerate(getattr(getattr(qformer, "encoder", None), "layer", [])):
-        attn = getattr(getattr(layer, "attention", None), "attention", None)
-        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in ("query", "key", "value")):
-            raise UsageError(f"cannot patch {type(qformer).__name__}: expected encoder.layer.{i}.attention."
-                             "attention with nn.Linear query/key/value (the BLIP-2 Q-Former)")
+    layers = getattr(getattr(qformer, "encoder", None), "layer", [])
+    attns = [getattr(getattr(layer, "attention", None), "attention", None) for layer in layers]
+    if not attns or not all(isinstance(getattr(a, n, None), nn.Linear) for a in attns
+                                   for n in ("query", "key", "value")):
+        raise UsageError(f"cannot patch {type(qformer).__name__}: expected encoder.layer.<i>.attention."
+                         "attention with nn.Linear query/key/value (the BLIP-2 Q-Former)")
+    for layer, attn in zip(layers, attns):
         layer.attention.attention = QFormerPrefixAttention(attn)
-        out.append(layer.attention.attention)
-    if not out:
-        raise UsageError(f"cannot patch {type(qformer).__name__}: expected Q-Former layers at encoder.layer")
-    return out
+    return [layer.attention.attention for layer in layers]
 
 
 def kv_cache(prefix: torch.Tensor, batch: int, heads: int):
@@ -269,7 +263,7 @@ def tiny_blip2(vocab: int, init: str = "scaled"):
     elsewhere); "scaled": weights N(0, 1/d), query tokens N(0, 1).
     DEVIATION (tiny only): "scaled" by default. From "hf" the queries are all equal (the model barely
     sees the image) and the width-64 OPT ends pre-training attending almost uniformly: input prefixes do
-    not train (README)."""
+    not train."""
     from transformers import Blip2Config, Blip2ForConditionalGeneration
     vit_std, qformer_std, lm_std = (1e-10, 0.02, 0.02) if init == "hf" else (48 ** -.5, 48 ** -.5, 64 ** -.5)
     layers = dict(num_hidden_layers=2, num_attention_heads=4)
@@ -447,14 +441,22 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
     recs = s.records["train"]
     loader = data.make_loader(recs, a.batch_size, shuffle=True, seed=a.seed, collate_fn=s.collate,
                               num_workers=a.num_workers, drop_last=len(recs) >= a.batch_size * world)
-    per_epoch, params = len(loader), [p for p in model.parameters() if p.requires_grad]
-    if per_epoch == 0:
+    if len(loader) == 0:
         raise UsageError(f"no training batches ({len(recs)} records, --batch_size {a.batch_size})")
-    total = per_epoch * a.epochs
+    total = len(loader) * a.epochs
     stop = total if a.max_steps is None else min(total, a.max_steps)
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99),
+                            weight_decay=0.05)                                          # Table 14
     sched = lr_schedule(opt, min(a.warmup_steps, total - 1), total, warmup="linear", decay="linear")
     path, step, loss = os.path.join(a.out_dir, "ckpt.pt"), 0, torch.tensor(float("nan"))
+
+    def save():
+        if rank == 0:
+            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            save_checkpoint(path, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step,
+                                   "scheduler": sched.state_dict(), "rng": rng_state(),
+                                   "train_loss": loss.item()})
+
     if a.resume and os.path.exists(path):
         ck = load_checkpoint(path)
         model.load_state_dict(ck["trainable"], strict=False)
@@ -469,11 +471,9 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
     t0 = time.time()
     try:
         while step < stop:
-            epoch, skip = divmod(step, per_epoch)
+            epoch, skip = divmod(step, len(loader))
             data.set_epoch(loader, epoch)
-            for i, batch in enumerate(loader):
-                if i < skip:
-                    continue
+            for batch in itertools.islice(loader, skip, None):       # a resumed epoch skips what it has seen
                 if step >= stop:
                     break
                 with autocast(device):
@@ -486,25 +486,18 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
                 sched.step()
                 step += 1
                 bar.update(1)
-                if step % a.log_every == 0 or step == stop:
+                if step % 50 == 0 or step == stop:
                     lr = sched.get_last_lr()[0]
                     log(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": lr}), file=sys.stderr)
-                if rank == 0 and (step % a.save_every == 0 or step == stop):
-                    save_checkpoint(path, checkpoint(model, opt, sched, step, loss))
+                if step % 500 == 0 or step == stop:
+                    save()
                     last_good = path
     except KeyboardInterrupt:
-        if rank == 0:
-            save_checkpoint(path, checkpoint(model, opt, sched, step, loss))
+        save()
         raise
     bar.close()
     model.eval()
     return {"steps": step, "train_loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1)}
-
-
-def checkpoint(model: nn.Module, opt, sched, step: int, loss: torch.Tensor) -> dict:
-    return {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "rng": rng_state(),
-            "train_loss": loss.item()}
 
 
 # ---- Evaluation: captions by beam search (App. B.2), VQA greedy; metrics from data.py ---------------------
@@ -554,7 +547,7 @@ def beam_search(model: PrefixBlip2, batch: dict, num_beams: int, max_new_tokens:
 def evaluate(model: PrefixBlip2, records: list, s: Setup, batch_size: int = 32) -> dict:
     """caption -> CIDEr, BLEU-4 (beam s.args.num_beams); vqa -> VQA acc (greedy); "score": the task's metric,
     or (VQA acc + BLEU-4) / 2 on the mix of both."""
-    model, tok, preds, res = model.module if isinstance(model, DDP) else model, s.tokenizer, {}, {}
+    tok, preds, res = s.tokenizer, {}, {}
     model.eval()
     by_task = {t: [r for r in records if r["task"] == t] for t in ("caption", "vqa")}
     for task, recs in by_task.items():
@@ -596,7 +589,6 @@ class Args:
     max_steps: Optional[int] = field(default=None, metadata={"help": "stop after N steps (same LR schedule)"})
     batch_size: Optional[int] = field(default=None, metadata={"help": "per process (Table 14: 128)"})
     lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate (Table 14: 5e-5)"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (Table 14)"})
     warmup_steps: Optional[int] = field(default=None, metadata={"help": "warm-up (Table 14: 5000; VQA 0)"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
     num_prefix: Optional[int] = field(default=None, metadata={"help": "Table 8: 8 captions, 16 VQA"})
@@ -611,8 +603,6 @@ class Args:
     pretrain_steps: int = field(default=2000, metadata={"help": "--model tiny: pre-training steps (cached)"})
     tiny_init: str = field(default="scaled", metadata={"help": "tiny: scaled N(0, 1/d) | hf"})
     vision_cache_mb: float = field(default=1024.0, metadata={"help": "frozen-ViT output cache bound (MB)"})
-    log_every: int = field(default=50, metadata={"help": "log every N steps"})
-    save_every: int = field(default=500, metadata={"help": "checkpoint every N steps"})
 
 
 PAPER = dict(epochs=5, batch_size=128, lr=5e-5, warmup_steps=5000, prefix_hidden=512)    # BLIP-2, Table 14
@@ -672,14 +662,14 @@ def print_table(a: Args, s: Setup, rows: dict) -> None:
     decoding = f"captions by beam {a.num_beams}" if s.task == "caption" else "greedy answers"
     seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
     print(f"\nprefix-tuning a frozen {model} on {a.dataset}: P = {a.num_prefix}, {decoding}, {seeds}")
-    metric = "CIDEr" if s.task == "caption" else "VQA acc"
-    print(f"| {'model':<29} | {metric:>14} | {'mix':>14} | {'train CE':>14} | {'time':>6} |")
+    row = "| {:<29} | {:>14} | {:>14} | {:>14} | {:>6} |"
+    print(row.format("model", "CIDEr" if s.task == "caption" else "VQA acc", "mix", "train CE", "time"))
     print(f"|{'-' * 31}|{'-' * 16}|{'-' * 16}|{'-' * 16}|{'-' * 8}|")
     for name, rs in rows.items():
         t = [r["seconds"] for r in rs if "seconds" in r]
         cells = [cell([r["downstream"]["score"] for r in rs]), cell([r["mix"].get("score") for r in rs]),
                  cell([r.get("train_loss") for r in rs]), f"{sum(t) / len(t):.1f}s" if t else "-"]
-        print(f"| {name:<29} | {cells[0]:>14} | {cells[1]:>14} | {cells[2]:>14} | {cells[3]:>6} |")
+        print(row.format(name, *cells))
 
 
 def run(a: Args) -> dict:
