@@ -47,7 +47,6 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -62,9 +61,7 @@ from tqdm import tqdm
 import data
 
 
-# ==============================================================================================
-# The method
-# ==============================================================================================
+# ------------------------------------------------------------------------------------------------ the method
 def visual_memory(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, act,
                   dropout=None) -> torch.Tensor:
     """Retrieval(x) = sum_i act(<x, K(z_i)>) V(z_i)   (Eq. 5, the new entries of Eq. 6 / Eq. 12).
@@ -111,8 +108,7 @@ class MemVPPrompts(nn.Module):
 
 
 class MemoryBank:
-    """The current images' keys/values, read by every patched FFN: set once per batch of images (a training
-    step, or a whole generation: prefill and every decoding step)."""
+    """The current images' keys/values, read by every patched FFN: set once per step or per generation."""
     keys = values = None
 
     @contextlib.contextmanager
@@ -172,12 +168,10 @@ def patch_memvp(lm: nn.Module, bank: MemoryBank, scale: float, dropout: float, s
     """Wrap every FFN of find_ffns in place (BART: its fc2); -> the number of patched layers."""
     ffns = find_ffns(lm)
     for i, (kind, name, m, act) in enumerate(ffns):
-        table = 0 if shared else i
         if kind == "bart":
-            m.fc2 = MemVPFFN(m.fc2, act, bank, table, scale, dropout, fc1=m.fc1)
+            m.fc2 = MemVPFFN(m.fc2, act, bank, 0 if shared else i, scale, dropout, fc1=m.fc1)
         else:
-            parent, _, leaf = name.rpartition(".")
-            setattr(lm.get_submodule(parent), leaf, MemVPFFN(m, act, bank, table, scale, dropout))
+            lm.set_submodule(name, MemVPFFN(m, act, bank, 0 if shared else i, scale, dropout))
     return len(ffns)
 
 
@@ -195,13 +189,12 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_A.T.to(x.dtype) @ self.lora_B.T.to(x.dtype)) * self.scaling
 
 
-def add_lora(lm: nn.Module, r: int, alpha: float, targets=("q_proj", "v_proj", "q", "v")) -> int:
+def add_lora(lm: nn.Module, r: int, alpha: float) -> int:
     """LoRA on every attention query / value projection (self- and cross-attention); -> parameters added."""
     hits = [(n, m) for n, m in lm.named_modules()
-            if isinstance(m, nn.Linear) and n.rpartition(".")[2] in targets]
+            if isinstance(m, nn.Linear) and n.rpartition(".")[2] in ("q_proj", "v_proj", "q", "v")]
     for name, m in hits:
-        parent, _, leaf = name.rpartition(".")
-        setattr(lm.get_submodule(parent), leaf, LoRALinear(m, r, alpha))
+        lm.set_submodule(name, LoRALinear(m, r, alpha))
     return sum(r * (m.in_features + m.out_features) for _, m in hits)
 
 
@@ -210,8 +203,7 @@ def merge_lora(lm: nn.Module) -> nn.Module:
     for name, m in list(lm.named_modules()):
         if isinstance(m, LoRALinear):
             m.base.weight.data += m.scaling * (m.lora_B @ m.lora_A).to(m.base.weight.dtype)
-            parent, _, leaf = name.rpartition(".")
-            setattr(lm.get_submodule(parent), leaf, m.base)
+            lm.set_submodule(name, m.base)
     return lm
 
 
@@ -219,14 +211,13 @@ class VLModel(nn.Module):
     """Frozen LM + trainable visual bridge: memory space (MemVP) or input space + LoRA on q/v."""
 
     def __init__(self, lm: nn.Module, mode: str, d_vis: int, *, lam=0.01, scale=1.0, n_pos=240,
-                 shared_pos=False, proj_hidden=128, mem_dropout=0.0, lora_rank=0, lora_alpha=None,
-                 bos_first=True):
+                 shared_pos=False, proj_hidden=128, mem_dropout=0.0, lora_rank=0, bos_first=True):
         super().__init__()
         self.lm, self.mode, self.enc_dec = lm, mode, bool(lm.config.is_encoder_decoder)
         self.lead = int(not self.enc_dec and bos_first)  # decoder-only: the text starts with bos
         d, hidden = lm.get_input_embeddings().embedding_dim, 0 if self.enc_dec else proj_hidden
-        lora = mode == "input" and lora_rank  # DEVIATION: alpha = r by default (the paper gives only r)
-        self.lora_params = add_lora(lm, lora_rank, lora_alpha or lora_rank) if lora else 0
+        # DEVIATION: LoRA alpha = r (the paper gives only r)
+        self.lora_params = add_lora(lm, lora_rank, lora_rank) if mode == "input" and lora_rank else 0
         if mode == "memvp":
             self.bank = MemoryBank()
             layers = patch_memvp(lm, self.bank, scale, mem_dropout, shared_pos)
@@ -252,8 +243,7 @@ class VLModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, feats, ids, mask, **gen):
-        """Greedy decoding with the KV cache (HF generate) -> the new tokens; MemVP's keys/values are computed
-        once per image and reused by every decoding step."""
+        """Greedy decoding with the KV cache -> the new tokens; MemVP's keys/values: once per generation."""
         inputs, ctx = self.lm_inputs(feats, ids, mask)
         with ctx:
             out = self.lm.generate(**inputs, **gen)
@@ -289,9 +279,7 @@ def expected_trainable(model: VLModel, d_vis: int, d: int, hidden: int, n_pos: i
     return f + own + model.enc_dec * norms
 
 
-# ==============================================================================================
-# The offline stand-in: a tiny LM that reads its context, pre-trained once and cached
-# ==============================================================================================
+# ------------------------------------------- the offline stand-in: a tiny LM that reads its context, cached
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # Table 6
 
 
@@ -318,25 +306,26 @@ def tiny_lm(arch: str, vocab: int, d: int, layers: int, ffn: int, heads: int, kv
 
 
 def pretrain_texts(task: str, n_images: int) -> list:
-    """(source, target) texts of data.PRETRAIN_WORLD (never the benchmark's world): its questions (captions),
-    half of them after a description of the scene, so that the LM learns the words, the answer format and to
-    read its context, as a real LM can. A tiny LM for ScienceQA gets the VQA texts (a path check only)."""
+    """(source, target) texts of data.PRETRAIN_WORLD (never the benchmark's world), half of them after a
+    description of the scene, so that the LM learns to read its context as a real LM can (ScienceQA: VQA)."""
     sizes, rng = {"train": n_images}, np.random.default_rng(0)
-    if task == "caption":
-        recs = data.caption_pairs(data.load_records("shapes_caption", "train", world_seed=data.PRETRAIN_WORLD,
-                                                    split_sizes=sizes))
-    else:
-        recs = data.load_records("shapes_vqa", "train", world_seed=data.PRETRAIN_WORLD, split_sizes=sizes)
+    dataset = "shapes_caption" if task == "caption" else "shapes_vqa"
+    recs = data.load_records(dataset, "train", world_seed=data.PRETRAIN_WORLD, split_sizes=sizes)
+    recs = data.caption_pairs(recs) if task == "caption" else recs
     return [((data.describe_scene(r["meta"]["scene"], rng) + " " if rng.random() < 0.5 else "")
              + (CAPTION_PROMPT if task == "caption" else r["question"]), r.get("caption", r.get("answer")))
             for r in recs]
 
 
-def pretrained_tiny_lm(args: Args, tok, task: str, device, rank: int):
-    """The frozen LM of the offline runs: tiny_lm pre-trained (all weights; seed 0: one LM for every seed) on
-    pretrain_texts, cached in <cache_dir>/memvp under a key of its recipe.
+def pretrained_tiny_lm(args: Args, recs: dict, task: str, device, rank: int):
+    """-> (LM, tokenizer) of the offline runs: a word-level tokenizer of the synthetic world (+ the ScienceQA
+    texts) and tiny_lm pre-trained (all weights; seed 0: one LM for every seed) on pretrain_texts, cached in
+    <cache_dir>/memvp under a key of its recipe.
     DEVIATION: the paper starts from BART-base / T5-base / LLaMA-7B (no download offline)."""
-    d, steps = args.tiny_d, args.lm_pretrain_steps
+    words = data.synthetic_vocab() + [CAPTION_PROMPT, "question context options response answer is n / a"]
+    if task == "mcq":
+        words += [t for rs in recs.values() for r in rs for t in texts(r, task, True)]  # + answer letters
+    tok, d, steps = data.build_tokenizer(words), args.tiny_d, args.lm_pretrain_steps
     make = lambda: tiny_lm(args.arch, len(tok), d, args.tiny_layers, 4 * d, max(1, d // 16),  # noqa: E731
                            max(1, d // 32), args.t5_ffn)
     key = json.dumps([make().config.to_dict(), task, tok.get_vocab(), steps, 2], sort_keys=True, default=str)
@@ -351,9 +340,8 @@ def pretrained_tiny_lm(args: Args, tok, task: str, device, rank: int):
         sched, g = lr_schedule(opt, steps // 10, steps), torch.Generator().manual_seed(0)
         for _ in tqdm(range(steps), desc=f"pre-train the tiny {args.arch} LM (cached)", file=sys.stderr):
             b = collate([items[i] for i in torch.randint(len(items), (64,), generator=g).tolist()])
-            b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
-            inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-            lm_loss(lm, inputs, b["labels"]).backward()
+            inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask")}
+            lm_loss(lm, inputs, b["labels"].to(device)).backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -363,23 +351,21 @@ def pretrained_tiny_lm(args: Args, tok, task: str, device, rank: int):
         dist.barrier()
     lm = make()
     lm.load_state_dict(torch.load(path, map_location="cpu"))
-    return lm
+    return lm, tok
 
 
 def load_lm(model: str):
     """A real LM and its tokenizer, by hub id or local path (fp32 weights; bf16 autocast on GPU)."""
     try:
-        cfg = transformers.AutoConfig.from_pretrained(model)
-        tf = transformers
-        auto = tf.AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else tf.AutoModelForCausalLM
-        return auto.from_pretrained(model, dtype=torch.float32), tf.AutoTokenizer.from_pretrained(model)
+        seq2seq = transformers.AutoConfig.from_pretrained(model).is_encoder_decoder
+        auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+        lm = auto.from_pretrained(model, dtype=torch.float32)
+        return lm, transformers.AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load --model {model!r}: {str(e).splitlines()[0]}") from None
 
 
-# ==============================================================================================
-# Data -> batches (data.py: records, frozen visual features, metrics)
-# ==============================================================================================
+# ------------------------------------------ data -> batches (data.py: records, frozen features, metrics)
 TASKS = {"shapes_vqa": "vqa", "vqav2": "vqa", "gqa": "vqa", "shapes_caption": "caption", "coco": "caption",
          "scienceqa": "mcq"}
 
@@ -397,7 +383,7 @@ def texts(rec: dict, task: str, train: bool) -> tuple:
     return (src, tgt) if train else (src + "The answer is", "")
 
 
-@dataclass
+@dataclasses.dataclass
 class Split:
     """Records, their frozen visual features and their tokenized (record index, source ids, target ids)."""
     records: list
@@ -414,9 +400,9 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
     # the last layer's grid. DEVIATION: no ViT adapters (App. A.2): the tower is frozen, its features cached
     kw = {} if args.vision == "tiny-cnn" else dict(image_size=args.image_size, layer=-2 if llama else -1,
                                                    device=str(device))
-    kw.update(dataset=args.dataset, split=split, train=train,
-              cache_dir=os.path.join(args.cache_dir, "features"))
-    feats, rows, missing = data.extract_features(recs, args.vision, **kw)
+    cache = os.path.join(args.cache_dir, "features")
+    feats, rows, missing = data.extract_features(recs, args.vision, dataset=args.dataset, split=split,
+                                                 train=train, cache_dir=cache, **kw)
     if train:
         recs, rows = data.drop_missing(recs, rows, missing)
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
@@ -467,11 +453,10 @@ class Collator:
         return out
 
 
-# ==============================================================================================
-# Train, evaluate
-# ==============================================================================================
+# ------------------------------------------------------------------------------------------ train, evaluate
 def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, world: int, out_dir: str):
-    """One plain loop: forward, loss, backward, AdamW step, schedule, log, checkpoint (exactly resumable)."""
+    """One plain loop: forward, loss, backward, AdamW step, schedule, log, checkpoint (exactly resumable).
+    --eval_only: resume from the checkpoint and take no step."""
     ckpt, params = os.path.join(out_dir, "checkpoint.pt"), [p for p in model.parameters() if p.requires_grad]
     # official LLaMA recipe: AdamW betas (0.9, 0.95), no weight decay on biases and norms (timm param groups)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
@@ -485,7 +470,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     total = args.epochs * len(loader)  # the schedule spans --epochs; --max_steps only stops early
     target = total if args.max_steps < 0 else min(args.max_steps, total)
     sched = lr_schedule(opt, int(args.warmup_ratio * total), total)  # official: linear warm-up, cosine to 0
-    step, spent, recent, saved = 0, 0.0, [], args.resume and os.path.exists(ckpt)
+    step, spent, recent, saved = 0, 0.0, [], args.eval_only or (args.resume and os.path.exists(ckpt))
     if saved:
         state = load_checkpoint(ckpt)
         if set(state["trainable"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
@@ -495,6 +480,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
         sched.load_state_dict(state["scheduler"])
         step, spent, recent = state["step"], state["train_time_s"], state["recent_losses"]
         set_rng_state(state["rng"])
+        target = step if args.eval_only else target
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     t0, losses = time.perf_counter(), []
 
@@ -582,9 +568,9 @@ def answer_prior(task: str, train_recs: list, eval_recs: list) -> Optional[dict]
     return score(task, [guess.get(key(r), next(iter(guess.values()))) for r in eval_recs], eval_recs)
 
 
-# ==============================================================================================
-# Benchmark: MemVP vs input-space prompting + LoRA on one LM of a real model's shape
-# ==============================================================================================
+# -------------------------------- benchmark: MemVP vs input-space prompting + LoRA on one LM of a real shape
+
+
 def eq13_15(d: int, n: int, L: int) -> dict:
     """FLOPs of a layer: LM 4Ld(6d+L) (Eq. 13), + 4nd(6d+n+2L) input space (Eq. 14), + 4ndL MemVP (Eq. 15)."""
     lm = 4 * L * d * (6 * d + L)
@@ -616,8 +602,7 @@ def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int 
 
 
 def saved_activations_mb(fn) -> float:
-    """MiB of the non-parameter tensors that autograd saves for the backward while fn() runs: the activation
-    memory of a training step, independent of the allocator."""
+    """MiB of the non-parameter tensors autograd saves for the backward while fn() runs (allocator-free)."""
     seen = {}
 
     def pack(t):
@@ -630,12 +615,12 @@ def saved_activations_mb(fn) -> float:
 
 
 def run_benchmark(args: Args, device) -> dict:
-    """Both sides on one LM (config-built at the --bench_* shape with random weights, or --model), with the
-    paper's values of its family (n_pos, LoRA rank): FLOPs, training step, prefill, decoding, activations."""
+    """Both sides on one LM (random weights at SmolLM2-135M's shape, or --model) with its family's values from
+    the paper (n_pos, LoRA rank): FLOPs, training step, prefill, decoding, activations."""
     from torch.utils.flop_counter import FlopCounterMode
     seed_everything(args.seed)
-    # SmolLM2-135M's shape (9 heads, 3 key/value heads), random weights; CLIP ViT-L/14 features (d_v 1024)
-    lm = (tiny_lm(args.bench_arch, 49152, 576, args.bench_layers, 1536, 9, 3, max_pos=2048)
+    # SmolLM2-135M: 9 heads, 3 key/value heads; CLIP ViT-L/14 features (d_v 1024)
+    lm = (tiny_lm("llama", 49152, 576, args.bench_layers, 1536, 9, 3, max_pos=2048)
           if args.model == "tiny" else load_lm(args.model)[0])
     resolve_family(args, lm.requires_grad_(False), 1, paper=True)
     B, n, L, cfg = args.bench_batch, args.bench_n, args.bench_L, lm.config
@@ -710,14 +695,12 @@ def format_benchmark(r: dict) -> str:
     return "\n".join([r["title"], head] + [f"{a:{w}}  {b:>10}  {c:>10}  {d:>11}" for a, b, c, d in rows])
 
 
-# ==============================================================================================
-# Args, CLI, main
-# ==============================================================================================
+# --------------------------------------------------------------------------------------- Args, CLI, main
 def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     dataset: str = arg("shapes_vqa", "shapes_vqa | shapes_caption | vqav2 | gqa | coco | scienceqa")
     data_root: Optional[str] = arg(None, "root of the real datasets")
@@ -736,7 +719,6 @@ class Args:
     proj_hidden: int = arg(128, "hidden width of the LLaMA projector (official code)")
     mem_dropout: Optional[float] = arg(None, "dropout on act(<x, K>) (official LLaMA code: 0.1)")
     lora_rank: Optional[int] = arg(None, "input side: LoRA rank on q, v (Table 5: 40, Table 7: 6)")
-    lora_alpha: Optional[float] = arg(None, "LoRA alpha (scaling alpha / r); auto = the rank")
     epochs: Optional[int] = arg(None, "epochs (Tables 5, 7: 20)")
     max_steps: int = arg(-1, "stop after N steps; the LR schedule still spans --epochs")
     batch_size: Optional[int] = arg(None, "per process (Table 5: 64 x 8 GPUs, Table 7: 4 x 8)")
@@ -762,7 +744,6 @@ class Args:
     num_workers: int = arg(0, "DataLoader workers")
     cache_dir: Optional[str] = arg(None, "features and tiny LMs; auto: data.cache_dir()")
     benchmark: bool = arg(False, "measure speed / memory / FLOPs (random weights) instead of training")
-    bench_arch: str = arg("llama", "benchmark LM, at SmolLM2-135M's shape (BART/T5: the same widths)")
     bench_layers: int = arg(12, "benchmark layers (per stack)")
     bench_n: int = arg(256, "visual tokens n (CLIP ViT-L/14: 256)")
     bench_L: int = arg(64, "text tokens L")
@@ -792,8 +773,7 @@ TINY = {  # DEVIATION: the offline stand-in's overrides, each with its reason
 
 def resolve(args: Args) -> Args:
     """Validate the flags; fill what does not depend on the LM."""
-    archs = ("llama", "bart", "t5")
-    for name, ok in (("arch", archs), ("bench_arch", archs), ("prompting", ("both", "memvp", "input")),
+    for name, ok in (("arch", ("llama", "bart", "t5")), ("prompting", ("both", "memvp", "input")),
                      ("dataset", tuple(TASKS)), ("t5_ffn", ("relu", "gated-gelu")),
                      ("eval_split", ("val", "test"))):
         if getattr(args, name) not in ok:
@@ -823,14 +803,18 @@ def build_vl(args: Args, lm, mode: str, d_vis: int, bos_first: bool) -> VLModel:
     """A fresh copy of the frozen LM with the visual bridge of `mode` (the same LM weights on both sides)."""
     return VLModel(copy.deepcopy(lm), mode, d_vis, lam=args.lam, scale=args.scale, n_pos=args.n_pos,
                    shared_pos=not lm.config.is_encoder_decoder, proj_hidden=args.proj_hidden,  # Sec. 5.2
-                   mem_dropout=args.mem_dropout, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                   bos_first=bos_first)
+                   mem_dropout=args.mem_dropout, lora_rank=args.lora_rank, bos_first=bos_first)
 
 
 def run(args: Args) -> dict:
     args = resolve(args)
-    if args.seeds is not None:
-        return run_seeds(args)
+    if args.seeds is not None:  # one run per seed (out_dir/seed<N>), then one table of mean ± std
+        seeds = [int(s) for s in args.seeds.split(",")]
+        runs = [run(dataclasses.replace(args, seed=s, seeds=None,
+                                        out_dir=os.path.join(args.out_dir, f"seed{s}"))) for s in seeds]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(format_table(runs))
+        return {"seeds": seeds, "runs": runs}
     device, rank, world = setup_device(args.device)
     pin_threads(args.model == "tiny", device)
     prepare_out_dir(args.out_dir, args.resume or args.eval_only, args.overwrite, rank)
@@ -845,15 +829,9 @@ def run(args: Args) -> dict:
         # synthetic world: build only the first n images (each has >= 1 question), not the whole split
         sizes = {split: n} if n and args.dataset.startswith("shapes_") else None
         recs[split] = data.load_records(args.dataset, split, args.data_root, limit=n, split_sizes=sizes)
-    if args.model == "tiny":  # a word-level tokenizer of the synthetic world (+ the ScienceQA texts)
-        words = data.synthetic_vocab() + [CAPTION_PROMPT, "question context options response answer is n / a"]
-        if task == "mcq":
-            words += [t for rs in recs.values() for r in rs for t in texts(r, task, True)]  # + answer letters
-        tok = data.build_tokenizer(words)
-        lm = pretrained_tiny_lm(args, tok, task, device, rank)
-    else:
-        lm, tok = load_lm(args.model)
-        find_ffns(lm)  # fail early on an LM whose FFN the patcher does not know
+    lm, tok = (pretrained_tiny_lm(args, recs, task, device, rank) if args.model == "tiny"
+               else load_lm(args.model))
+    find_ffns(lm)  # fail early on an LM whose FFN the patcher does not know
     resolve_family(args, lm.requires_grad_(False), world)
     llama = not lm.config.is_encoder_decoder
     trainset = load_split(args, "train", recs["train"], tok, True, llama, device)
@@ -873,7 +851,7 @@ def run(args: Args) -> dict:
 
 
 def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, device, rank, world) -> dict:
-    """Train one side of the comparison (or load it: --eval_only), then evaluate it."""
+    """Train one side of the comparison (--eval_only: load it), then evaluate it."""
     out_dir = os.path.join(args.out_dir, mode)
     os.makedirs(out_dir, exist_ok=True)
     seed_everything(args.seed)
@@ -884,13 +862,7 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
         print(f"[{mode}]")
         tables = len(find_ffns(lm)) if model.enc_dec else 1
         count_trainable(model, expected_trainable(model, d_vis, d, args.proj_hidden, args.n_pos, tables))
-    if args.eval_only:
-        state = load_checkpoint(os.path.join(out_dir, "checkpoint.pt"))
-        model.load_state_dict(state["trainable"], strict=False)
-        res = {"steps": state["step"], "train_time_s": state["train_time_s"],
-               "train_loss": float(np.mean(state["recent_losses"]))}
-    else:
-        res = train(args, model, trainset, tok, device, rank, world, out_dir)
+    res = train(args, model, trainset, tok, device, rank, world, out_dir)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         res["metrics"] = evaluate(args, model, evalset, tok, device)
@@ -900,22 +872,12 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     return res
 
 
-def run_seeds(args: Args) -> dict:
-    seeds = [int(s) for s in args.seeds.split(",")]
-    runs = [run(dataclasses.replace(args, seed=s, seeds=None, out_dir=os.path.join(args.out_dir, f"seed{s}")))
-            for s in seeds]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(format_table(runs))
-    return {"seeds": seeds, "runs": runs}
-
-
 METRICS = {"vqa": ["overall", "yes/no", "number", "other"], "caption": ["BLEU-4", "CIDEr"],
            "mcq": ["average", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"]}
 
 
 def format_table(runs: list) -> str:
-    """One row per side: what it trains, how many parameters, its training time, the metrics (mean ± std over
-    seeds); columns that do not fit in 100 characters continue below."""
+    """One row per side (mean ± std over seeds); columns that do not fit in 100 characters continue below."""
     r0 = runs[0]
     cols = [c for c in METRICS[r0["task"]] if any(c in m["metrics"] for m in r0["modes"].values())]
     cell = lambda v: f"{v[0]:.2f}" if len(v) == 1 else mean_std(v)  # noqa: E731
@@ -926,20 +888,20 @@ def format_table(runs: list) -> str:
     if r0["answer_prior"]:
         prior = [cell([r["answer_prior"].get(c, math.nan) for r in runs]) for c in cols]
         rows.append(["answer prior (no image)", "-", "-", "-"] + prior)
+    time_s = {}
     for mode in r0["modes"]:
         ms = [r["modes"][mode] for r in runs]
-        time_s = np.mean([m["train_time_s"] for m in ms])
+        time_s[mode] = np.mean([m["train_time_s"] for m in ms])
         loss = np.mean([m["train_loss"] for m in ms])  # the mean training loss of the last epoch
-        rows.append([label[mode], f"{ms[0]['trainable_params']:,}", f"{time_s:.1f}s", f"{loss:.3f}"]
+        rows.append([label[mode], f"{ms[0]['trainable_params']:,}", f"{time_s[mode]:.1f}s", f"{loss:.3f}"]
                     + [cell([m["metrics"][c] for m in ms]) for c in cols])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fit = next((j for j in range(len(w)) if sum(w[:j + 1]) + 2 * j > 100), len(w))
     lines = [f"{r0['setting']}, seed{'s' * (len(runs) > 1)} {','.join(str(r['args']['seed']) for r in runs)}"]
     for part in [range(fit)] + ([[0, *range(fit, len(w))]] if fit < len(w) else []):
         lines += ["  ".join(r[i].rjust(w[i]) if i else r[i].ljust(w[i]) for i in part) for r in rows]
-    if len(r0["modes"]) == 2:
-        t = [np.mean([r["modes"][m]["train_time_s"] for r in runs]) for m in ("input", "memvp")]
-        lines.append(f"training time, input space / MemVP: {t[0] / t[1]:.2f}x")
+    if len(time_s) == 2:
+        lines.append(f"training time, input space / MemVP: {time_s['input'] / time_s['memvp']:.2f}x")
     return "\n".join(lines)
 
 
