@@ -419,7 +419,8 @@ def prepare(a: Args, device, rank: int) -> Prepared:
         mean = x_train.reshape(-1, width).mean(0)
         x_train, x_eval = x_train - mean, x_eval - mean
     p = Prepared(task, tok, x_train, [], x_eval, rows_eval, evals, norm)
-    p.train = [(int(rows[i]), encode(tok, r.get("caption") or r["question"]), i) for i, r in enumerate(train)]
+    text = [r["caption"] if task == "caption" else r["question"] for r in train]
+    p.train = [(int(rows[i]), encode(tok, t), i) for i, t in enumerate(text)]
     if task == "vqa":
         p.answers = data.answer_vocab(train, min_freq=1 if a.dataset.startswith("shapes") else 9)
         p.targets = torch.stack([data.vqa_soft_targets(r, p.answers) for r in train]).float()
