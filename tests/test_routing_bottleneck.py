@@ -217,6 +217,29 @@ def test_merged_lora_equals_unmerged_and_routed_refuses(task):
         rb.merge_lora(routed.lm)
 
 
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_routing_none_equals_peft_lora(task):
+    """GPT-2: the q|v LoRA is peft's LoRA on c_attn with rank 2r, the same W_down, W_up zero on the keys."""
+    peft = pytest.importorskip("peft")
+    vlm, plain = tiny_model(task, "lora", "none")
+    randomize_up(vlm, 0.2)
+    gpt2 = task == "caption"
+    cfg = peft.LoraConfig(r=8 if gpt2 else 4, lora_alpha=8 if gpt2 else 4, lora_dropout=0.0,
+                          fan_in_fan_out=gpt2, target_modules=["c_attn"] if gpt2 else ["query", "value"])
+    ref = peft.get_peft_model(plain, cfg)
+    with torch.no_grad():
+        for name, m in vlm.lm.named_modules():
+            if isinstance(m, rb.RoutedLoRA):
+                layer = ref.base_model.model.get_submodule(name)
+                layer.lora_A["default"].weight.copy_(m.lora_A)
+                B = torch.zeros(96, 8) if gpt2 else m.lora_B[0]
+                if gpt2:
+                    B[:32, :4], B[64:, 4:] = m.lora_B[0], m.lora_B[1]
+                layer.lora_B["default"].weight.copy_(B)
+        emb = vlm.inputs(*batch())[0]                                        # [x_R, text] embeddings
+        assert torch.allclose(vlm.lm(inputs_embeds=emb)[0], ref(inputs_embeds=emb)[0], atol=1e-6)
+
+
 def test_released_settings_for_real_models():
     a = rb.resolve(rb.Args(dataset="vqav2", model="roberta-base", compare=True))
     got = (rb.rank_of(a, "lora"), rb.rank_of(a, "adapter"), a.lora_dropout, a.lr, a.batch_size, a.warmup)
