@@ -305,8 +305,8 @@ def pretrained_tiny_lm(a: Args, task: str, tok, device) -> dict:
     (data.PRETRAIN_WORLD) with the scene described in context -- causal LM, or masked LM with the answer
     always masked -- so that it has learned to read a context; frozen afterwards. Cached by recipe."""
     mlm, steps = task == "vqa", a.tiny_pretrain_steps
-    vocab = hashlib.sha1(" ".join(sorted(tok.get_vocab())).encode()).hexdigest()[:8]
-    recipe = f"{a.model}-d{a.tiny_hidden}-l{a.tiny_layers}-s{steps}-w{data.PRETRAIN_WORLD}-{vocab}-v2"
+    key = hashlib.sha1(f"{data.DATA_VERSION} {sorted(tok.get_vocab())}".encode()).hexdigest()[:8]
+    recipe = f"{a.model}-d{a.tiny_hidden}-l{a.tiny_layers}-s{steps}-w{data.PRETRAIN_WORLD}-{key}-v2"
     path = os.path.join(a.cache_dir or data.cache_dir(), "routing_bottleneck", f"{recipe}.pt")
     if os.path.isfile(path):
         return torch.load(path, map_location="cpu", weights_only=True)
