@@ -463,7 +463,9 @@ def write_fig4(out_dir: str, rows: dict) -> str:
 
 
 def run(a: Args) -> dict:
-    a.out_dir = a.out_dir or f"runs/pt_peft_train/{a.dataset}"
+    seeds = "-seeds" + a.seeds.replace(",", "_") if a.seeds else ""
+    name = a.dataset + ("-compare" if a.compare else "") + seeds
+    a.out_dir = a.out_dir or os.path.join("runs", "pt_peft_train", name)
     runs, seeds = variants(a), [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
     device, rank, world = setup_device(a.device)
     pin_threads(a.model == "tiny", device)

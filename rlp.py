@@ -229,7 +229,8 @@ def load_clip(a: Args, device, rank: int):
     vision = dict(image_size=rc["image_size"], patch_size=rc["patch"], **tower)
     torch.manual_seed(a.clip_seed)                                   # the tiny CLIP's init and batches
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=w))
-    key = json.dumps([TINY_CLIP, a.clip_seed, data.PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab())])
+    recipe = [TINY_CLIP, a.clip_seed, data.PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab())]
+    key = json.dumps(recipe)
     path = os.path.join(a.cache_dir, "rlp", f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
     if rank == 0 and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -17,6 +17,7 @@ repository is not touched), sharing one cache folder ($VLPEFT_CACHE, default: th
   python scripts/check_readme.py                 # run every quoted command, compare, report
   python scripts/check_readme.py --list          # only list the quoted commands
   python scripts/check_readme.py --logs DIR      # keep each command's output in DIR (re-used with --reuse)
+  python scripts/check_readme.py --keep          # keep the scratch copy and the runs/ it wrote
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def run_command(cmd: str, workdir: Path, env: dict) -> tuple[str, float]:
 def scratch_copy() -> Path:
     """The tracked files of the repository (as they are in the working tree) in a temporary folder."""
     dst = Path(tempfile.mkdtemp(prefix="vlpeft-readme-"))
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    ls = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True)
+    files = ls.stdout.split()
     for f in files:
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dst / f)
@@ -80,10 +82,12 @@ def scratch_copy() -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("files", nargs="*", default=[p for p in ("README.md", "RESULTS.md") if (REPO / p).exists()])
+    docs = [p for p in ("README.md", "RESULTS.md") if (REPO / p).exists()]
+    ap.add_argument("files", nargs="*", default=docs)
     ap.add_argument("--list", action="store_true", help="list the quoted commands and exit")
     ap.add_argument("--logs", default=None, help="folder for each command's output")
     ap.add_argument("--reuse", action="store_true", help="compare against the outputs already in --logs")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch copy (and its runs/) afterwards")
     a = ap.parse_args(argv)
     blocks = quoted_blocks([REPO / f for f in a.files])
     commands = list(dict.fromkeys(cmd for _, cmd, _ in blocks))
@@ -113,8 +117,10 @@ def main(argv=None) -> int:
         print(f"{'ok  ' if ok else 'FAIL'} {fname}: $ {cmd}")
         if not ok:
             print("     expected (not found in the output):\n       " + "\n       ".join(expected))
-    if work is not None:
+    if work is not None and not a.keep:
         shutil.rmtree(work, ignore_errors=True)
+    elif work is not None:
+        print(f"scratch copy with its runs/ kept in {work}")
     print(f"{len(blocks) - failed}/{len(blocks)} quoted results reproduced; {len(commands)} commands, "
           f"{(time.time() - t_all) / 60:.1f} min; outputs in {logs}")
     return 1 if failed else 0

@@ -95,7 +95,8 @@ def test_shapes_classes_split_by_shape():
     new = data.load_records("shapes_cls", "train", num_shots=2, seed=1, subset="new", shapes_split="shape")
     nb, nn_ = data.classnames_of(base), data.classnames_of(new)
     assert nb == sorted(nb) and nn_ == sorted(nn_) and len(nb) == len(nn_) == 24
-    assert {n.split()[1] for n in nb} == set(data.SHAPES[:3]) and {n.split()[1] for n in nn_} == set(data.SHAPES[3:])
+    assert {n.split()[1] for n in nb} == set(data.SHAPES[:3])
+    assert {n.split()[1] for n in nn_} == set(data.SHAPES[3:])
     assert all(r["classname"] == nb[r["label"]] for r in base) and len(base) == 48
     # the same k-shot images as the checkerboard split (sampling happens before the class subset)
     every = data.load_records("shapes_cls", "train", num_shots=2, seed=1)

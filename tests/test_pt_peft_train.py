@@ -282,9 +282,9 @@ def test_ddp_two_gloo_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), os.path.join(ROOT, "pt_peft_train.py")] + TINY + ["--out_dir", str(tmp_path)],
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(ROOT, "pt_peft_train.py")] + TINY + ["--out_dir", str(tmp_path)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(tmp_path / "results.json"))["rows"]["Prefix -> LoRA-QF"][0]
     assert res["finished"] and res["global_step"] == 2       # 8 records / (4 x 2 processes): 1 step per stage

@@ -8,7 +8,8 @@ import check_readme as cr  # noqa: E402
 
 
 def test_excerpt_matching_exempts_only_timings_and_ratios():
-    out = ["noise", "method      acc   train", "MemVP     51.70   41.2s  1.93x", "", "input     48.60   80.1s", "end"]
+    out = ["noise", "method      acc   train", "MemVP     51.70   41.2s  1.93x", "",
+           "input     48.60   80.1s", "end"]
     assert cr.find_excerpt(["MemVP     51.70   12.0s  2.50x", "input     48.60   3.3s"], out)
     assert not cr.find_excerpt(["MemVP     51.71   41.2s  1.93x"], out)     # a metric must be identical
     assert not cr.find_excerpt(["MemVP     51.70   41.2   1.93x"], out)     # a bare number is not a timing
@@ -23,8 +24,10 @@ def test_quoted_blocks_are_parsed(tmp_path):
 
 def test_readme_quotes_only_offline_commands_of_the_project():
     scripts = {p.name for p in REPO.glob("*.py")}
-    for fname, cmd, expected in cr.quoted_blocks([p for p in (REPO / "README.md", REPO / "RESULTS.md") if p.exists()]):
+    docs = [p for p in (REPO / "README.md", REPO / "RESULTS.md") if p.exists()]
+    for fname, cmd, expected in cr.quoted_blocks(docs):
         words = cmd.split()
         assert words[0] == "python" and words[1] in scripts, f"{fname}: '{cmd}' is not a project script"
-        assert not {"--data_root", "--device"} & {w.split("=")[0] for w in words}, f"{fname}: '{cmd}' is not offline"
+        flags = {w.split("=")[0] for w in words}
+        assert not {"--data_root", "--device"} & flags, f"{fname}: '{cmd}' is not offline"
         assert expected, f"{fname}: '{cmd}' quotes no output"
