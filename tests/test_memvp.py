@@ -1,6 +1,6 @@
-"""memvp.py: Eq. 8 / Eq. 11-12 against FFNs with concatenated weights, the patching, gradients, generation with
-reused keys/values, FLOP formulas against torch's counter, and runs: smoke, CLI, DDP, resume, seeds, eval_only,
-ScienceQA and VQAv2 fixtures in the official layouts, the benchmark, bad inputs."""
+"""memvp.py: Eq. 8 / Eq. 11-12 against FFNs with concatenated weights, the patching, gradients, generation
+with reused keys/values, FLOP formulas against torch's counter, and runs: smoke, CLI, DDP, resume, seeds,
+eval_only, ScienceQA and VQAv2 fixtures in the official layouts, the benchmark, bad inputs."""
 import copy
 import json
 import os
@@ -26,14 +26,15 @@ CACHE = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def fast_encoders(tmp_path_factory):
-    """A random-weight tiny-cnn stands in for the pre-trained one (13 s to build; tested in test_data.py), with
-    this file's own feature / LM cache; a 2-layer CLIP tower for the subprocess runs."""
+    """A random-weight tiny-cnn stands in for the pre-trained one (13 s to build; tested in test_data.py),
+    with this file's own feature / LM cache; a 2-layer CLIP tower for the subprocess runs."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
     CACHE["dir"] = str(tmp_path_factory.mktemp("memvp_cache"))
     CACHE["clip"] = str(tmp_path_factory.mktemp("clip"))
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=32, patch_size=16)).save_pretrained(CACHE["clip"])
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=16)
+                    ).save_pretrained(CACHE["clip"])
     with pytest.MonkeyPatch.context() as mp:
         torch.manual_seed(0)
         cnn = data.TinyCNN().eval().requires_grad_(False)
@@ -49,7 +50,8 @@ def tiny(arch, t5_ffn="relu", layers=2):
 def small(out, *extra):
     """A run small enough for a test: 24 training and 6 evaluation questions, 2 steps, a 2-step LM."""
     return ["--train_limit", "24", "--eval_limit", "6", "--max_steps", "2", "--lm_pretrain_steps", "2",
-            "--batch_size", "8", "--log_every", "1", "--cache_dir", CACHE["dir"], "--out_dir", str(out), *extra]
+            "--batch_size", "8", "--log_every", "1", "--cache_dir", CACHE["dir"],
+            "--out_dir", str(out), *extra]
 
 
 # ------------------------------------------------------------------------------------- the math
@@ -57,7 +59,8 @@ def explicit_ffn(kind, mod, act, x, K, V, s):
     """Eq. 8 (standard FFN) / Eq. 11-12 (gated FFN): the FFN whose weight matrices get the visual entries
     appended, one sample and one token at a time. x (B, L, d), K / V (B, n, d)."""
     names = {"BartEncoderLayer": ("fc1", None, "fc2"), "T5DenseActDense": ("wi", None, "wo"),
-             "T5DenseGatedActDense": ("wi_0", "wi_1", "wo"), "LlamaMLP": ("gate_proj", "up_proj", "down_proj")}
+             "T5DenseGatedActDense": ("wi_0", "wi_1", "wo"),
+             "LlamaMLP": ("gate_proj", "up_proj", "down_proj")}
     w1, w3, w2 = (getattr(mod, n) if n else None for n in names[type(mod).__name__])
     b1 = w1.bias if w1.bias is not None else torch.zeros(w1.out_features)
     b2 = w2.bias if w2.bias is not None else torch.zeros(w2.out_features)
@@ -76,7 +79,8 @@ def explicit_ffn(kind, mod, act, x, K, V, s):
     return out
 
 
-@pytest.mark.parametrize("arch,t5_ffn", [("bart", "relu"), ("t5", "relu"), ("t5", "gated-gelu"), ("llama", "relu")])
+@pytest.mark.parametrize("arch,t5_ffn",
+                         [("bart", "relu"), ("t5", "relu"), ("t5", "gated-gelu"), ("llama", "relu")])
 def test_visual_memory_equals_concatenated_weights(arch, t5_ffn):
     ref = tiny(arch, t5_ffn)
     m = memvp.VLModel(copy.deepcopy(ref), "memvp", 8, n_pos=5, scale=0.7).eval()
@@ -112,7 +116,8 @@ def test_zero_memory_gives_the_frozen_lm(arch):
         inputs, ctx = m.lm_inputs(torch.randn(2, 6, 8), ids, torch.ones_like(ids))
         with ctx:
             got = m.lm(**inputs, **extra).logits
-        torch.testing.assert_close(got, ref(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits)
+        torch.testing.assert_close(
+            got, ref(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits)
         m.prompts.pos_k.normal_()  # a non-zero memory changes the logits
         m.prompts.pos_v.normal_()
         inputs, ctx = m.lm_inputs(torch.randn(2, 6, 8), ids, torch.ones_like(ids))
@@ -120,7 +125,8 @@ def test_zero_memory_gives_the_frozen_lm(arch):
             assert (m.lm(**inputs, **extra).logits - got).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("mode,arch", [("memvp", "bart"), ("memvp", "llama"), ("input", "t5"), ("input", "llama")])
+@pytest.mark.parametrize("mode,arch",
+                         [("memvp", "bart"), ("memvp", "llama"), ("input", "t5"), ("input", "llama")])
 def test_gradients_reach_only_the_method(mode, arch):
     m = memvp.VLModel(tiny(arch), mode, 8, lam=0.5, n_pos=6, shared_pos=arch == "llama", lora_rank=2)
     names = memvp.freeze(m)
@@ -136,11 +142,13 @@ def test_gradients_reach_only_the_method(mode, arch):
     assert any("norm" in n for n in names) == (arch != "llama")  # BART/T5 train their norms (Sec. 5.1)
     if mode == "input":  # LoRA on q and v of self- and (T5) cross-attention, nothing else
         lora = {n.rsplit(".", 1)[0] for n in names if "lora_" in n}
-        wanted = {n for n, mod in m.lm.named_modules() if n.rpartition(".")[2] in ("q", "v", "q_proj", "v_proj")}
+        wanted = {n for n, mod in m.lm.named_modules()
+                  if n.rpartition(".")[2] in ("q", "v", "q_proj", "v_proj")}
         assert lora == {"lm." + n for n in wanted} and (arch == "llama" or any("EncDec" in n for n in lora))
     if mode == "memvp":
-        assert not any("lora" in n for n in names) and memvp.expected_trainable(
-            m, 8, 32, 128, 6, 1 if arch == "llama" else 2) == sum(p.numel() for p in m.parameters() if p.requires_grad)
+        assert not any("lora" in n for n in names)
+        n_trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        assert memvp.expected_trainable(m, 8, 32, 128, 6, 1 if arch == "llama" else 2) == n_trainable
 
 
 def test_prompts_padding_tables_and_text_only_samples():
@@ -162,7 +170,8 @@ def test_prompts_padding_tables_and_text_only_samples():
     for shared in (True, False):  # LLaMA: one table for all layers (Sec. 5.2); else one per layer
         m = memvp.VLModel(tiny("llama"), "memvp", 6, n_pos=7, shared_pos=shared)
         assert m.prompts.pos_k.shape[0] == (1 if shared else 2)
-        assert [w.table for w in m.modules() if isinstance(w, memvp.MemVPFFN)] == ([0, 0] if shared else [0, 1])
+        tables = [w.table for w in m.modules() if isinstance(w, memvp.MemVPFFN)]
+        assert tables == ([0, 0] if shared else [0, 1])
     m = memvp.VLModel(tiny("bart"), "memvp", 6, n_pos=7)  # BART: the encoder FFNs only (Sec. 5.1)
     assert [w.table for w in m.lm.model.encoder.modules() if isinstance(w, memvp.MemVPFFN)] == [0, 1]
     assert not any(isinstance(w, memvp.MemVPFFN) for w in m.lm.model.decoder.modules())
@@ -228,14 +237,17 @@ def test_flops_eq13_15_and_against_torch_counter():
     z, ids, lab = torch.randn(B, n, d_v), torch.randint(4, 40, (B, L)), torch.randint(4, 40, (B, t))
     for arch in ("bart", "t5"):
         lm, cfg = tiny(arch), tiny(arch).config
-        with_lora = counted(memvp.VLModel(copy.deepcopy(lm), "input", d_v, lora_rank=3), z, ids, ids * 0 + 1, lab)
+        with_lora = counted(memvp.VLModel(copy.deepcopy(lm), "input", d_v, lora_rank=3),
+                            z, ids, ids * 0 + 1, lab)
         plain = counted(memvp.VLModel(copy.deepcopy(lm), "input", d_v), z, ids, ids * 0 + 1, lab)
-        want = (memvp.analytic_flops(cfg, "input", n, n, L, t, 3) - memvp.analytic_flops(cfg, "input", n, n, L, t))
+        want = (memvp.analytic_flops(cfg, "input", n, n, L, t, 3)
+                - memvp.analytic_flops(cfg, "input", n, n, L, t))
         assert with_lora - plain == B * want
     lm, cfg = tiny("llama"), tiny("llama").config
     m = memvp.VLModel(copy.deepcopy(lm), "memvp", d_v, n_pos=9, shared_pos=True)
     mem = counted(m, z, ids, ids * 0 + 1, ids) - counted(m.prompts, z) - counted(lm, ids)
-    assert mem == B * (memvp.analytic_flops(cfg, "memvp", n, 9, L, L) - memvp.analytic_flops(cfg, "memvp", n, 0, L, L))
+    assert mem == B * (memvp.analytic_flops(cfg, "memvp", n, 9, L, L)
+                       - memvp.analytic_flops(cfg, "memvp", n, 0, L, L))
 
 
 def test_scienceqa_prompt_official_format():
@@ -245,7 +257,8 @@ def test_scienceqa_prompt_official_format():
     src, tgt = memvp.texts(rec, "mcq", train=True)
     assert src == "Question: Which is a mammal?\nContext: N/A\nOptions: (A) frog (B) cat\nResponse:"
     assert tgt == "The answer is B." and memvp.texts(rec, "mcq", False) == (src + "The answer is", "")
-    assert memvp.score("mcq", ["B", "a", ""], [rec, dict(rec, answer="A"), rec])["average"] == pytest.approx(66.67)
+    scores = memvp.score("mcq", ["B", "a", ""], [rec, dict(rec, answer="A"), rec])
+    assert scores["average"] == pytest.approx(66.67)
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -276,8 +289,8 @@ def test_cli_subprocess(tmp_path):
     """The command line: a bad flag value is one 'error:' line and exit code 2."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "memvp.py"), "--arch", "gpt9"],
                        capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: unknown --arch 'gpt9'; choose from "
-                                                                    "llama, bart, t5"]
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == ["error: unknown --arch 'gpt9'; choose from llama, bart, t5"]
 
 
 def test_ddp_two_gloo_processes(tmp_path):
@@ -294,13 +307,15 @@ def test_ddp_two_gloo_processes(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    base = ["--prompting", "memvp", "--epochs", "2", "--mem_dropout", "0.1", "--train_limit", "40"]  # 5 steps/ep.
+    # 5 steps an epoch
+    base = ["--prompting", "memvp", "--epochs", "2", "--mem_dropout", "0.1", "--train_limit", "40"]
     full = small(tmp_path / "a", *base) + ["--max_steps", "7"]
     memvp.main(full)
     memvp.main(small(tmp_path / "b", *base, "--max_steps", "3"))
     memvp.main(small(tmp_path / "b", *base, "--max_steps", "7", "--resume"))
     a, b = (torch.load(tmp_path / x / "memvp" / "checkpoint.pt", weights_only=False) for x in "ab")
-    assert a["step"] == b["step"] == 7 and a["scheduler"] == b["scheduler"] and a["recent_losses"] == b["recent_losses"]
+    assert a["step"] == b["step"] == 7 and a["scheduler"] == b["scheduler"]
+    assert a["recent_losses"] == b["recent_losses"]
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
 
 
@@ -322,7 +337,8 @@ def test_scienceqa_fixture(tmp_path, capsys):
     for col in ("average", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"):
         assert col in out
     assert res["args"]["max_new_tokens"] == 1
-    assert set(res["modes"]["memvp"]["metrics"]) == {"average", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"}
+    assert set(res["modes"]["memvp"]["metrics"]) == {"average", "NAT", "SOC", "LAN", "TXT", "IMG", "NO",
+                                                     "G1-6", "G7-12"}
 
 
 def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
@@ -337,9 +353,9 @@ def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
         for iid in iids:
             Image.new("RGB", (40, 30), (40 * iid, 200, 30)).save(root / cs / f"COCO_{cs}_{iid:012d}.jpg")
             qs.append({"question_id": iid * 10, "image_id": iid, "question": "what color is it?"})
-            anns.append({"question_id": iid * 10, "image_id": iid, "answer_type": "other", "question_type": "what",
-                         "multiple_choice_answer": "red", "answers": [{"answer": "red", "answer_id": k + 1}
-                                                                      for k in range(10)]})
+            anns.append({"question_id": iid * 10, "image_id": iid, "answer_type": "other",
+                         "question_type": "what", "multiple_choice_answer": "red",
+                         "answers": [{"answer": "red", "answer_id": k + 1} for k in range(10)]})
         (root / f"v2_OpenEnded_mscoco_{cs}_questions.json").write_text(json.dumps({"questions": qs}))
         (root / f"v2_mscoco_{cs}_annotations.json").write_text(json.dumps({"annotations": anns}))
     (root / "train2014" / "COCO_train2014_000000000004.jpg").write_bytes(b"not a jpeg")
@@ -347,8 +363,9 @@ def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
     memvp.tiny_lm("llama", len(tok), 32, 1, 64, 2, 1).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     torch.manual_seed(0)
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=32, patch_size=8)).save_pretrained(tmp_path / "clip")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, image_size=32, patch_size=8)
+                    ).save_pretrained(tmp_path / "clip")
     argv = small(tmp_path / "run", "--dataset", "vqav2", "--data_root", str(tmp_path), "--vision",
                  str(tmp_path / "clip"), "--image_size", "32", "--eval_split", "val", "--prompting", "memvp",
                  "--model", str(tmp_path / "lm"), "--batch_size", "2")
@@ -356,14 +373,16 @@ def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
     Image.new("RGB", (40, 30)).save(root / "train2014" / "COCO_train2014_000000000004.jpg")
     r = memvp.main(argv)
     a = r["args"]
-    assert (a["lr"], a["lam"], a["scale"], a["n_pos"], a["mem_dropout"]) == (9e-3 * 2 / 256, 0.01, 0.1, 320, 0.1)
+    assert (a["lr"], a["lam"], a["scale"], a["n_pos"], a["mem_dropout"]) == (
+        9e-3 * 2 / 256, 0.01, 0.1, 320, 0.1)
     ck = torch.load(tmp_path / "run" / "memvp" / "checkpoint.pt", weights_only=False)
-    assert ck["trainable"]["prompts.pos_k"].shape == (1, 320, 32) and 0 <= r["modes"]["memvp"]["metrics"]["overall"]
+    assert ck["trainable"]["prompts.pos_k"].shape == (1, 320, 32)
+    assert 0 <= r["modes"]["memvp"]["metrics"]["overall"]
 
 
 def test_benchmark_tiny(tmp_path, capsys):
-    res = memvp.main(["--benchmark", "--bench_layers", "1", "--bench_n", "8", "--bench_L", "4", "--bench_batch",
-                      "1", "--bench_iters", "1", "--out_dir", str(tmp_path)])
+    res = memvp.main(["--benchmark", "--bench_layers", "1", "--bench_n", "8", "--bench_L", "4",
+                      "--bench_batch", "1", "--bench_iters", "1", "--out_dir", str(tmp_path)])
     s = res["sides"]
     assert s["input"]["analytic"] > s["memvp"]["analytic"] and s["input"]["counted"] > s["memvp"]["counted"]
     assert all(x[k] > 0 for x in s.values() for k in ("train", "prefill", "decode", "act_mb"))
@@ -376,7 +395,8 @@ def run_bad(argv, capsys):
     with pytest.raises(SystemExit) as e:
         memvp.main(argv)
     err = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ") and sum(x.startswith("error:") for x in err) == 1
+    assert e.value.code == 2 and err[-1].startswith("error: ")
+    assert sum(x.startswith("error:") for x in err) == 1
     return err[-1]
 
 
@@ -388,8 +408,10 @@ def test_bad_inputs(tmp_path, capsys):
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)
                                  ).save_pretrained(tmp_path / "gpt2")
     data.build_tokenizer(["a"]).save_pretrained(tmp_path / "gpt2")
-    assert "cannot patch GPT2LMHeadModel" in run_bad(small(tmp_path / "o1", "--model", str(tmp_path / "gpt2")), capsys)
-    assert "vqav2" in run_bad(small(tmp_path / "o2", "--dataset", "vqav2", "--data_root", str(tmp_path / "no")), capsys)
+    bad_model = small(tmp_path / "o1", "--model", str(tmp_path / "gpt2"))
+    assert "cannot patch GPT2LMHeadModel" in run_bad(bad_model, capsys)
+    bad_data = small(tmp_path / "o2", "--dataset", "vqav2", "--data_root", str(tmp_path / "no"))
+    assert "vqav2" in run_bad(bad_data, capsys)
     assert "no checkpoint" in run_bad(small(tmp_path / "o3", "--eval_only"), capsys)
     memvp.main(small(tmp_path / "o4", "--prompting", "memvp", "--max_steps", "1"))
     assert "--overwrite" in run_bad(small(tmp_path / "o4", "--prompting", "memvp"), capsys)

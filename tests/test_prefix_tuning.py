@@ -1,4 +1,5 @@
-"""Tests of prefix_tuning.py on the tiny BLIP-2 (pre-trained for 3 steps into the session cache), few samples."""
+"""Tests of prefix_tuning.py on the tiny BLIP-2 (pre-trained for 3 steps into the session cache),
+few samples."""
 import copy
 import json
 import os
@@ -30,7 +31,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def s():
-    return pt.setup(pt.Args(pretrain_steps=3, train_limit=8, eval_limit=4, num_beams=2, max_new_tokens=6), "cpu")
+    args = pt.Args(pretrain_steps=3, train_limit=8, eval_limit=4, num_beams=2, max_new_tokens=6)
+    return pt.setup(args, "cpu")
 
 
 def _model(s, lm="input", qformer=True, P=4):
@@ -95,7 +97,8 @@ def test_no_prefix_equals_hf_and_lm_input_prefix_layout(s):
     assert torch.allclose(out[:, -T:][m], _hf_logits(s.base, b, P)[:, -T:][m], atol=1e-5)
     # the loss is the mean CE of target + eos, each predicted from the previous position
     lab = b["labels"]
-    assert torch.allclose(model(b), F.cross_entropy(out[:, -T - 1:-1][lab != -100], lab[lab != -100]), atol=1e-6)
+    expected = F.cross_entropy(out[:, -T - 1:-1][lab != -100], lab[lab != -100])
+    assert torch.allclose(model(b), expected, atol=1e-6)
 
 
 def test_qformer_kv_prefix_matches_hand_computation(s):
@@ -158,13 +161,14 @@ def test_cached_beam_search_equals_full_rerun(s, lm):
     if lm == "off":
         model.prefix_state = "off"
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():                      # a 3-step model repeats one token; noise makes beams swap parents
+    with torch.no_grad():  # a 3-step model repeats one token; noise makes beams swap parents
         for p in model.lmm.language_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.5)
     b = s.collate(s.records["eval"][:4])
     for beams, eos in ((1, 2), (3, 2), (3, 10)):    # eos 10 is frequent here: finished beams, masked pads
         fast = pt.beam_search(model, b, beams, 8, eos, 0)
-        assert fast == pt.beam_search(model, b, beams, 8, eos, 0, use_cache=False) and any(len(x) > 1 for x in fast)
+        assert fast == pt.beam_search(model, b, beams, 8, eos, 0, use_cache=False)
+        assert any(len(x) > 1 for x in fast)
 
 
 def test_grads_only_to_prefixes(s):
@@ -184,7 +188,8 @@ def test_caches_stay_within_their_bound(tmp_path):
     pt.tiny_blip2(len(tok)).save_pretrained(tok_dir)
     tok.save_pretrained(tok_dir)
     write_coco_karpathy(tmp_path, splits=("train",) * 300 + ("test",) * 4)
-    s = pt.setup(pt.Args(model=str(tok_dir), dataset="coco", data_root=str(tmp_path), vision_cache_mb=0.04), "cpu")
+    args = pt.Args(model=str(tok_dir), dataset="coco", data_root=str(tmp_path), vision_cache_mb=0.04)
+    s = pt.setup(args, "cpu")
     assert len(s.records["train"]) == 600                          # every (image, caption) pair
     model, state = pt.build(s), dict(vars(s.collate))
     entry = 17 * 48 * 4                                             # (N, d_vit) float32 per image
@@ -200,7 +205,8 @@ def test_caches_stay_within_their_bound(tmp_path):
     vit, pixels, ids = model.lmm.vision_model, b["pixel_values"], b["image_ids"]
     direct = vit(pixel_values=pixels).last_hidden_state          # the last `cap` images are cache hits now
     assert torch.equal(model.vision_cache(vit, pixels, ids)[-cap:], direct[-cap:])
-    for p in model.lmm.vision_model.parameters():                  # a trainable ViT: cache bypassed and emptied
+    # a trainable ViT: cache bypassed and emptied
+    for p in model.lmm.vision_model.parameters():
         p.requires_grad_(True)
     model.visual_tokens(b, None)
     assert not model.vision_cache.items
@@ -214,9 +220,9 @@ def test_real_path_local_blip2_on_coco_karpathy(tmp_path):
     pt.tiny_blip2(len(tok)).save_pretrained(tmp_path / "blip2")
     tok.save_pretrained(tmp_path / "blip2")
     write_coco_karpathy(tmp_path, splits=("train", "restval", "train", "val", "test", "test"))
-    args = ["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path), "--max_steps",
-            "2", "--batch_size", "2", "--num_beams", "2", "--max_new_tokens", "5", "--device", "cpu",
-            "--out_dir", str(tmp_path / "out")]
+    args = ["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path),
+            "--max_steps", "2", "--batch_size", "2", "--num_beams", "2", "--max_new_tokens", "5",
+            "--device", "cpu", "--out_dir", str(tmp_path / "out")]
     rows = pt.main(args)
     r = rows["prefix-tuned"][0]
     assert r["steps"] == 2 and set(r["downstream"]) >= {"CIDEr", "BLEU-4"} and r["mix"] == {}
@@ -278,10 +284,11 @@ def _free_port():
 
 
 def test_ddp_two_gloo_processes(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), os.path.join(ROOT, "prefix_tuning.py"), *SMALL, "--max_steps", "2",
-                        "--eval_limit", "2", "--out_dir", str(tmp_path / "d")],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(_free_port()), os.path.join(ROOT, "prefix_tuning.py"), *SMALL,
+                        "--max_steps", "2", "--eval_limit", "2", "--out_dir", str(tmp_path / "d")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("trainable:") == 1 and r.stdout.count("| prefix-tuned") == 1
     assert json.load(open(tmp_path / "d" / "results.json"))["rows"]["prefix-tuned"][0]["steps"] == 2

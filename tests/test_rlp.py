@@ -1,4 +1,5 @@
-"""Tests of rlp.py: the prompts against independent computations, the protocol, the command line (tiny CLIPs)."""
+"""Tests of rlp.py: the prompts against independent computations, the protocol, the command line
+(tiny CLIPs)."""
 import json
 import os
 import socket
@@ -50,7 +51,7 @@ def main(tmp_path, *argv):
     return rlp.main(FAST + ["--out_dir", str(tmp_path / "out"), *argv])
 
 
-# ------------------------------------------------------------------ the method against independent computations
+# --------------------------------------------------------------- the method against independent computations
 def test_text_forward_with_context_equals_get_text_features(tiny):
     clip, tok = tiny
     names = ["red circle", "gray diamond"]
@@ -58,10 +59,11 @@ def test_text_forward_with_context_equals_get_text_features(tiny):
     ref = clip.get_text_features(input_ids=ids)
     ref = ref if torch.is_tensor(ref) else ref.pooler_output                       # HF's own forward, (2, p)
     model, n_tunable, n = rlp.build_prompt_model("coop", clip, tok, rlp.Args())
-    ctx = model.context()                                                          # = embeddings of "a photo of a"
+    ctx = model.context()  # = embeddings of "a photo of a"
     assert ctx.shape == (4, 32) and n_tunable == 4 * 32 and n == 4
     prompts = rlp.ClassPrompts(clip, tok, names, "X X X X {}.", 4)
-    torch.testing.assert_close(rlp.encode_text(clip, prompts.assemble(ctx), prompts.eos), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rlp.encode_text(clip, prompts.assemble(ctx), prompts.eos), ref,
+                               rtol=1e-5, atol=1e-5)
     zs = rlp.ClassPrompts(clip, tok, names, "a photo of a {}.", 0)                   # the zero-shot path
     torch.testing.assert_close(rlp.encode_text(clip, zs.assemble(None), zs.eos), ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(prompts.assemble(torch.zeros_like(ctx)), prompts.assemble(ctx))
@@ -70,7 +72,8 @@ def test_text_forward_with_context_equals_get_text_features(tiny):
 def test_eos_pooling_ignores_padding(tiny):
     clip, tok = tiny
     ids, eos = rlp.tokenize(tok, ["a red circle.", "there is a red circle on the left."], clip)
-    assert ids.shape[1] > eos[0] + 1 and ids[0, eos[0]] == tok.eos_token_id == len(tok) - 1 == max(tok.get_vocab().values())
+    assert ids.shape[1] > eos[0] + 1
+    assert ids[0, eos[0]] == tok.eos_token_id == len(tok) - 1 == max(tok.get_vocab().values())
     emb = clip.text_model.embeddings.token_embedding(ids)
     short = rlp.encode_text(clip, emb[:1, :eos[0] + 1], eos[:1])
     torch.testing.assert_close(rlp.encode_text(clip, emb, eos)[:1], short, rtol=1e-5, atol=1e-5)
@@ -93,10 +96,12 @@ def test_prompt_models_trainable_sets_and_init(tiny):
     assert sum(p.numel() for p in r.parameters() if p.requires_grad) == n_rlp == 4 * 2 + 2 * 32
     assert sum(p.numel() for p in coop.parameters() if p.requires_grad) == n_coop == 4 * 32
     r.train()
-    assert torch.equal(r.context(), r.context.P_fr) and torch.equal(coop.context(), r.context.P_fr)  # P = P_fr
+    assert torch.equal(r.context(), r.context.P_fr)                                 # P = P_fr
+    assert torch.equal(coop.context(), r.context.P_fr)
     assert r.context.P_A.abs().sum() > 0                                            # not a degenerate init
     rand, n, n_ctx = rlp.build_prompt_model("coop", clip, tok, rlp.Args(n_ctx=16, ctx_init=""))
-    assert rand.context().shape == (16, 32) and n == 16 * 32 and n_ctx == 16 and 0.01 < rand.context().std() < 0.03
+    assert rand.context().shape == (16, 32) and n == 16 * 32 and n_ctx == 16
+    assert 0.01 < rand.context().std() < 0.03
     assert 0.4 < r.context.P_A.std() < 0.6                                          # 1/sqrt(n) = 0.5
 
 
@@ -119,7 +124,7 @@ def test_gradients_reach_only_PA_PB(tiny):
     clip, tok = tiny
     m, _, _ = rlp.build_prompt_model("rlp", clip, tok, rlp.Args())
     with torch.no_grad():
-        m.context.P_B.normal_(0, 0.1)                                               # so that both get gradients
+        m.context.P_B.normal_(0, 0.1)  # so that both get gradients
     prompts = rlp.ClassPrompts(clip, tok, ["red circle", "blue star", "gray cross"], "X X X X {}.", 4)
     F.cross_entropy(m.train()(prompts, torch.randn(5, 32)), torch.tensor([0, 1, 2, 0, 1])).backward()
     assert {k for k, p in m.named_parameters() if p.grad is not None} == {"context.P_A", "context.P_B"}
@@ -130,12 +135,15 @@ def test_pretraining_world_is_not_the_benchmark(tiny):
     assert data.PRETRAIN_WORLD != 0
     kw = dict(world_seed=data.PRETRAIN_WORLD, split_sizes={"train": 200, "val": 1, "test": 1})
     pre = data.load_records("shapes_cls", "train", **kw) + data.load_records("shapes_caption", "train", **kw)
-    bench = data.load_records("shapes_cls", "test") + data.load_records("shapes_cls", "train", num_shots=2, seed=1)
+    bench = (data.load_records("shapes_cls", "test")
+             + data.load_records("shapes_cls", "train", num_shots=2, seed=1))
     pix = lambda r: data.load_image(r, 48).tobytes()                                # noqa: E731
     assert not {pix(r) for r in pre} & {pix(r) for r in bench}
-    caps = rlp.scene_captions({"objects": [{"color": "orange", "shape": "star", "size": "small", "pos": "left"},
-                                           {"color": "red", "shape": "cross", "size": "large", "pos": "top"}]})
-    assert caps == ["a photo of an orange star and a red cross.", "an image with an orange star and a red cross.",
+    caps = rlp.scene_captions({"objects": [
+        {"color": "orange", "shape": "star", "size": "small", "pos": "left"},
+        {"color": "red", "shape": "cross", "size": "large", "pos": "top"}]})
+    assert caps == ["a photo of an orange star and a red cross.",
+                    "an image with an orange star and a red cross.",
                     "a small orange star and a large red cross.",
                     "there is an orange star on the left and a red cross at the top."]
 
@@ -146,7 +154,8 @@ def test_base_new_splits(split):
     a = rlp.Args(shapes_split=split)
     (base, bn), (new, nn) = (rlp.load_split(a, "test", s, 0, None) for s in ("base", "new"))
     assert len(bn) == len(nn) == 24 and not set(bn) & set(nn) and len(base) == len(new) == 960
-    assert all(bn[r["label"]] == r["classname"] for r in base) and all(nn[r["label"]] == r["classname"] for r in new)
+    assert all(bn[r["label"]] == r["classname"] for r in base)
+    assert all(nn[r["label"]] == r["classname"] for r in new)
     shapes = lambda names: {n.split()[1] for n in names}                            # noqa: E731
     if split == "shape":                                                           # new classes: unseen words
         assert shapes(bn) == {"circle", "square", "triangle"} and shapes(nn) == {"star", "cross", "diamond"}
@@ -164,9 +173,11 @@ def test_sweep_is_one_factor_at_a_time():
     default = rlp.setting_of(a)
     for label, kind, s in rows:
         changed = {k for k, v in rlp.setting_of(s).items() if v != default[k]}
-        assert changed <= {"rank"} or changed <= {"rlp_dropout"} or changed <= {"n_ctx", "ctx_init", "epochs"} \
-            or changed <= {"n_ctx", "ctx_init", "shots"}, (label, changed)
-    assert {s.rank for _, _, s in rows} == {1, 2, 4} and {s.rlp_dropout for _, _, s in rows} == {0, .1, .3, .5}
+        assert (changed <= {"rank"} or changed <= {"rlp_dropout"}
+                or changed <= {"n_ctx", "ctx_init", "epochs"}
+                or changed <= {"n_ctx", "ctx_init", "shots"}), (label, changed)
+    assert {s.rank for _, _, s in rows} == {1, 2, 4}
+    assert {s.rlp_dropout for _, _, s in rows} == {0, .1, .3, .5}
     assert {s.epochs for _, _, s in rows} == {200, 800} and {s.shots for _, _, s in rows} == {1, 4, 16}
 
 
@@ -178,7 +189,8 @@ def test_compare_table_and_untrained_prompts_equal_zero_shot(tmp_path, capsys):
     assert list(rs) == ["zero-shot", "CoOp n=4 init", "RLP r=1 p=0.1"] and len(rs["RLP r=1 p=0.1"]) == 2
     for k in ("base", "new"):
         assert rs["CoOp n=4 init"][0][k] == rs["RLP r=1 p=0.1"][1][k] == rs["zero-shot"][0][k]
-    title = next(i for i, ln in enumerate(out) if ln.startswith("shapes_cls (tiny CLIP 0, shape split), base-to-new"))
+    title = next(i for i, ln in enumerate(out)
+                 if ln.startswith("shapes_cls (tiny CLIP 0, shape split), base-to-new"))
     table = out[title + 1:title + 6]
     assert [c.strip() for c in table[0].split("|")] == ["method", "base", "new", "HM", "train", "tunable"]
     assert all(len(ln) <= 100 for ln in table)
@@ -189,7 +201,7 @@ def test_compare_table_and_untrained_prompts_equal_zero_shot(tmp_path, capsys):
 
 def test_resume_equals_uninterrupted_and_eval_only_reproduces_it(tmp_path):
     run = ["--prompt", "rlp", "--rlp_dropout", "0.3", "--lr", "0.05", "--shots", "2", "--epochs", "3"]
-    trained = main(tmp_path / "a", *run)["results"]["RLP r=1 p=0.3"][0]           # 6 steps an epoch, 18 in all
+    trained = main(tmp_path / "a", *run)["results"]["RLP r=1 p=0.3"][0]  # 6 steps an epoch, 18 in all
     main(tmp_path / "b", *run, "--max_steps", "8")                                 # stops inside epoch 2
     assert torch.load(tmp_path / "b/out/seed1/rlp/ckpt.pt", weights_only=False)["step"] == 8
     main(tmp_path / "b", *run, "--resume")
@@ -221,24 +233,28 @@ def test_real_model_path_coop_folder_layout_and_local_hf_clip(tmp_path, hf_dir):
 
 # ------------------------------------------------------------------ command line, DDP
 def test_cli_subprocess(tmp_path, hf_dir):
-    r = subprocess.run([sys.executable, "rlp.py", *FAST, "--model", hf_dir, "--max_steps", "2", "--prompt", "rlp",
-                        "--out_dir", str(tmp_path / "cli")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "rlp.py", *FAST, "--model", hf_dir, "--max_steps", "2",
+                        "--prompt", "rlp", "--out_dir", str(tmp_path / "cli")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "trainable: 36 || all:" in r.stdout and "| HM " in r.stdout
-    assert json.loads((tmp_path / "cli" / "results.json").read_text())["results"]["RLP r=1 p=0.1"][0]["steps"] == 2
+    results = json.loads((tmp_path / "cli" / "results.json").read_text())["results"]
+    assert results["RLP r=1 p=0.1"][0]["steps"] == 2
 
 
 def test_ddp_two_gloo_processes(tmp_path, hf_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(port), "rlp.py", *FAST, "--model", hf_dir, "--prompt", "coop", "--max_steps", "2",
-                        "--out_dir", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(port), "rlp.py", *FAST, "--model", hf_dir, "--prompt", "coop",
+                        "--max_steps", "2", "--out_dir", str(tmp_path / "ddp")],
+                       cwd=ROOT, capture_output=True, text=True,
                        timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["results"]["CoOp n=4 init"][0]["steps"] == 2
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())["results"]
+    assert results["CoOp n=4 init"][0]["steps"] == 2
     assert r.stdout.count("trainable: 128 ||") == 1 and r.stdout.count("| HM ") == 1   # only rank 0 prints
 
 
@@ -267,7 +283,8 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, words):
 def test_finished_run_needs_overwrite_and_checkpoint_needs_its_flags(tmp_path, capsys):
     main(tmp_path, "--prompt", "rlp", "--max_steps", "1")
     expect_exit(2, tmp_path, capsys, ["--prompt", "rlp", "--max_steps", "1"], "--overwrite")
-    expect_exit(2, tmp_path, capsys, ["--prompt", "rlp", "--rank", "2", "--eval_only"], "other flags", "'rank': 1")
+    expect_exit(2, tmp_path, capsys, ["--prompt", "rlp", "--rank", "2", "--eval_only"],
+                "other flags", "'rank': 1")
 
 
 def test_missing_split_file(tmp_path, capsys, hf_dir):
@@ -283,9 +300,11 @@ def test_class_mismatch_between_train_and_test(tmp_path, capsys, hf_dir):
             d = tmp_path / "data" / "dtd" / "images" / split / n
             d.mkdir(parents=True)
             (d / "0.jpg").write_bytes(b"")
-    expect_exit(2, tmp_path, capsys, ["--dataset", "DTD", "--data_root", str(tmp_path / "data"), "--model", hf_dir],
+    expect_exit(2, tmp_path, capsys,
+                ["--dataset", "DTD", "--data_root", str(tmp_path / "data"), "--model", hf_dir],
                 "class name mismatch", "bubbly", "cracked")
 
 
 def test_non_finite_loss_exits_1(tmp_path, capsys):
-    expect_exit(1, tmp_path, capsys, ["--prompt", "coop", "--lr", "1e38", "--max_steps", "6"], "non-finite loss at step")
+    expect_exit(1, tmp_path, capsys, ["--prompt", "coop", "--lr", "1e38", "--max_steps", "6"],
+                "non-finite loss at step")
