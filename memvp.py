@@ -909,9 +909,7 @@ def main(argv=None) -> dict:
     return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
 
 
-# ==============================================================================================
-# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it)
-# ==============================================================================================
+# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
 class UsageError(Exception):
     """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
 
@@ -1062,9 +1060,7 @@ def run_cli(run, args):
         torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-# ==============================================================================================
-# End of infrastructure
-# ==============================================================================================
+# End of infrastructure ======================================================================================
 
 
 if __name__ == "__main__":

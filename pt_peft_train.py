@@ -463,9 +463,8 @@ def write_fig4(out_dir: str, rows: dict) -> str:
 
 
 def run(a: Args) -> dict:
-    seeds = "-seeds" + a.seeds.replace(",", "_") if a.seeds else ""
-    name = a.dataset + ("-compare" if a.compare else "") + seeds
-    a.out_dir = a.out_dir or os.path.join("runs", "pt_peft_train", name)
+    tag = ("-compare" if a.compare else "") + ("-seeds" + a.seeds.replace(",", "_") if a.seeds else "")
+    a.out_dir = a.out_dir or os.path.join("runs", "pt_peft_train", a.dataset + tag)
     runs, seeds = variants(a), [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
     device, rank, world = setup_device(a.device)
     pin_threads(a.model == "tiny", device)
@@ -493,9 +492,7 @@ def main(argv=None) -> dict:
     return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
 
 
-# ==============================================================================================
-# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it)
-# ==============================================================================================
+# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
 class UsageError(Exception):
     """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
 
@@ -646,9 +643,7 @@ def run_cli(run, args):
         torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-# ==============================================================================================
-# End of infrastructure
-# ==============================================================================================
+# End of infrastructure ======================================================================================
 
 
 if __name__ == "__main__":

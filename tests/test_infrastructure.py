@@ -2,7 +2,6 @@
 from __future__ import annotations  # parse_cli reads field types as strings, as in the method files
 
 import importlib
-import json
 import os
 import re
 import sys

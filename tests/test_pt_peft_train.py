@@ -1,7 +1,6 @@
 """Tests of pt_peft_train.py (PT-PEFT): the rank analysis against known spectra, where LoRA goes (vs peft),
 the merged export, adapters, the stage orders, and tiny end-to-end runs (gradients per stage, resume across a
 stage boundary, --eval_only, CLI, DDP, bad inputs)."""
-import copy
 import json
 import math
 import os
