@@ -1,4 +1,5 @@
 """scripts/check_readme.py: the matcher that compares README tables with what their commands print."""
+import re
 import sys
 from pathlib import Path
 
@@ -31,3 +32,10 @@ def test_readme_quotes_only_offline_commands_of_the_project():
         flags = {w.split("=")[0] for w in words}
         assert not {"--data_root", "--device"} & flags, f"{fname}: '{cmd}' is not offline"
         assert expected, f"{fname}: '{cmd}' quotes no output"
+
+
+def test_every_local_link_of_the_docs_exists():
+    for doc in ("README.md", "RESULTS.md"):
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", (REPO / doc).read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (REPO / target).exists(), f"{doc} links to {target}, which is not in the repository"
