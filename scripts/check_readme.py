@@ -18,6 +18,7 @@ repository is not touched), sharing one cache folder ($VLPEFT_CACHE, default: th
   python scripts/check_readme.py --list          # only list the quoted commands
   python scripts/check_readme.py --logs DIR      # keep each command's output in DIR (re-used with --reuse)
   python scripts/check_readme.py --keep          # keep the scratch copy and the runs/ it wrote
+  python scripts/check_readme.py --only rlp.py   # only the commands of one script
 """
 from __future__ import annotations
 
@@ -88,8 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--logs", default=None, help="folder for each command's output")
     ap.add_argument("--reuse", action="store_true", help="compare against the outputs already in --logs")
     ap.add_argument("--keep", action="store_true", help="keep the scratch copy (and its runs/) afterwards")
+    ap.add_argument("--only", default=None, help="only the commands that contain this text, e.g. memvp.py")
     a = ap.parse_args(argv)
-    blocks = quoted_blocks([REPO / f for f in a.files])
+    blocks = [b for b in quoted_blocks([REPO / f for f in a.files]) if a.only is None or a.only in b[1]]
     commands = list(dict.fromkeys(cmd for _, cmd, _ in blocks))
     if a.list:
         print("\n".join(commands))
