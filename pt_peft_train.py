@@ -466,8 +466,7 @@ def run(a: Args) -> dict:
     tag = ("-compare" if a.compare else "") + ("-seeds" + a.seeds.replace(",", "_") if a.seeds else "")
     a.out_dir = a.out_dir or os.path.join("runs", "pt_peft_train", a.dataset + tag)
     runs, seeds = variants(a), [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
-    device, rank, world = setup_device(a.device)
-    pin_threads(a.model == "tiny", device)
+    device, rank, world = setup_device(a.device, tiny=a.model == "tiny")
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     shared = {k: v for k, v in dataclasses.asdict(runs[0][1]).items() if v is not None}   # None: pt's default
     t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)   # one LMM + data for all runs
@@ -505,39 +504,32 @@ def parse_cli(cls, argv=None, description: str = ""):
     """An `Args` dataclass from the command line: one --flag per field; 'auto' or 'none' -> None."""
     p = argparse.ArgumentParser(description=description, allow_abbrev=False)
     for f in dataclasses.fields(cls):
-        kind, helptext = str(f.type), f.metadata.get("help", "")
+        kind, text = str(f.type), f.metadata.get("help", "")
         if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                           help=helptext)
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
             continue
-        base = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        conv = base
+        conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
         if "Optional" in kind:
-            conv = lambda s, b=base: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
-        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{helptext} (default: {f.default})")
+            conv = lambda s, b=conv: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
+        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: {f.default})")
     return cls(**vars(p.parse_args(argv)))
 
 
-def setup_device(device: str):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+def setup_device(device: str, tiny: bool = False):
+    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
+    Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if world > 1 else device
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
         torch.cuda.set_device(torch.device(device))
-    return torch.device(device), rank, world
-
-
-def pin_threads(tiny: bool, device: torch.device) -> None:
-    """Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
-    if tiny and device.type == "cpu":
+    elif tiny:
         torch.set_num_threads(1)
+    return torch.device(device), dist.get_rank() if world > 1 else 0, world
 
 
 def autocast(device: torch.device):
@@ -552,17 +544,16 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": cuda}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
@@ -593,10 +584,8 @@ def load_checkpoint(path: str) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    Path(f"{path}.tmp-{os.getpid()}").write_text(json.dumps(obj, indent=2))
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
 def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
@@ -630,12 +619,9 @@ def run_cli(run, args):
     threads = torch.get_num_threads()
     try:
         return run(args)
-    except (UsageError, data.DataError) as e:
+    except (UsageError, data.DataError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:
         print("interrupted: the checkpoint is saved; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
