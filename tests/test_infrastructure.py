@@ -94,3 +94,18 @@ def test_parse_cli_and_exit_codes(infra, capsys):
         infra.run_cli(nan, None)
     assert e.value.code == 1
     assert infra.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00" and infra.mean_std([5.0]) == "5.00 ± 0.00"
+
+
+def test_tiny_models_run_single_threaded(infra):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def run(_):
+            dev, rank, world = infra.setup_device("cpu", tiny=True)
+            return dev.type, rank, world, torch.get_num_threads()
+        assert infra.run_cli(run, None) == ("cpu", 0, 1, 1)
+        assert torch.get_num_threads() == 2  # run_cli gives the caller its threads back
+        infra.setup_device("cpu")
+        assert torch.get_num_threads() == 2  # a real model keeps every core
+    finally:
+        torch.set_num_threads(threads)
