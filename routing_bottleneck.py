@@ -16,11 +16,9 @@ Poster -> code
   x_R as the first input token                                  VisualLM.inputs
   LoRA merged into W (routing none only)                        merge_lora
 
-As released: frozen ViT pooled feature; GPT-2 captioning (LoRA on q and v of the fused c_attn; one adapter
-per block after the attention and the MLP outputs; CE on captions; beam search); RoBERTa VQA as
-classification (frozen pooler on token 0 = the visual token, trainable 2-layer head, BCE on soft scores).
-Offline: tiny GPT-2 / RoBERTa pre-trained on another synthetic world with the scene described in context
-(cached), and data.py's frozen tiny-cnn vision encoder.
+As released: frozen ViT pooled feature; GPT-2 captioning (LoRA on q, v of c_attn; adapters after attention
+and MLP; beam search); RoBERTa VQA as classification (frozen pooler on the visual token, 2-layer head, BCE).
+Offline: tiny GPT-2 / RoBERTa pre-trained on another synthetic world (cached); data.py's tiny-cnn features.
 
   python routing_bottleneck.py                                  # tiny GPT-2 captions: LoRA none vs x_t o x'_v
   python routing_bottleneck.py --compare --seeds 0,1,2          # LoRA and Adapter x 5 routings, 3 seeds
@@ -35,6 +33,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -117,7 +116,10 @@ class RoutedLoRA(nn.Module):
         h = route(x_t, x_v, self.kind).unflatten(-1, (len(self.slices), self.r))      # (B, L, k, r)
         up = torch.einsum("blkr,kor->blko", h, self.lora_B.to(h.dtype))               # W_up per slice
         out = self.base(x)
-        return out + self.scaling * scatter_slices(up, self.slices, out.size(-1)).to(out.dtype)
+        delta = up.new_zeros(*up.shape[:-2], out.size(-1))          # slice i in its columns, zeros elsewhere
+        for i, (a, b) in enumerate(self.slices):
+            delta[..., a:b] = up[..., i, :]
+        return out + self.scaling * delta.to(out.dtype)
 
 
 class RoutedAdapter(nn.Module):
@@ -166,17 +168,7 @@ def merge_lora(lm: nn.Module) -> nn.Module:
 
 
 def in_out(m: nn.Module) -> tuple[int, int]:
-    if isinstance(m, Conv1D):                                      # GPT-2
-        return m.nx, m.nf
-    return m.in_features, m.out_features
-
-
-def scatter_slices(up: torch.Tensor, slices, d_out: int) -> torch.Tensor:
-    """(B, L, k, d_slice) -> (B, L, d_out): slice i in its columns, zeros elsewhere (GPT-2: k of q|k|v)."""
-    out = up.new_zeros(*up.shape[:-2], d_out)
-    for i, (a, b) in enumerate(slices):
-        out[..., a:b] = up[..., i, :]
-    return out
+    return (m.nx, m.nf) if isinstance(m, Conv1D) else (m.in_features, m.out_features)     # Conv1D: GPT-2
 
 
 # --- 2. Patching a Hugging Face LM (module names as in transformers' sources) -------------------------------
@@ -244,8 +236,10 @@ class VisualLM(nn.Module):
 
 
 def build_model(a: Args, p: Prepared, method: str, kind: str) -> VisualLM:
+    from transformers import AutoModel, AutoModelForCausalLM
     torch.manual_seed(a.seed)                                  # the same PEFT init for every routing kind
-    lm = tiny_lm(a.model, p.tok, a.tiny_hidden, a.tiny_layers) if p.lm_state else load_hf(a.model, p.task)
+    hf = AutoModel if p.task == "vqa" else AutoModelForCausalLM
+    lm = tiny_lm(a.model, p.tok, a.tiny_hidden, a.tiny_layers) if p.lm_state else from_hf(hf, a.model)
     if p.lm_state:
         lm.load_state_dict(p.lm_state)
     ctx = VisualContext()
@@ -332,19 +326,17 @@ def pretrained_tiny_lm(a: Args, task: str, tok, device) -> dict:
         sched.step()
     print(f"{recipe}: pre-trained, loss {loss.item():.3f}", file=sys.stderr)
     if mlm:                    # the encoder + a seeded frozen pooler (RoBERTa's is not pre-trained either)
-        encoder = tiny_lm(a.model, tok, a.tiny_hidden, a.tiny_layers)
-        encoder.load_state_dict(lm.roberta.state_dict(), strict=False)
-        lm = encoder
+        lm, mlm_lm = tiny_lm(a.model, tok, a.tiny_hidden, a.tiny_layers), lm
+        lm.load_state_dict(mlm_lm.roberta.state_dict(), strict=False)
     state = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_checkpoint(path, state)
     return state
 
 
-def load_hf(name: str, task: str):
-    from transformers import AutoModel, AutoModelForCausalLM
+def from_hf(cls, name: str):
     try:
-        return (AutoModel if task == "vqa" else AutoModelForCausalLM).from_pretrained(name)
+        return cls.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load model {name!r} ({str(e).splitlines()[0]}); offline, use --model tiny")
 
@@ -361,7 +353,6 @@ class Prepared:
     rows_eval: torch.Tensor                          # eval record -> row of x_eval
     eval_records: list
     norm: Optional[torch.Tensor]                     # frozen map of the vision features to width d
-    eval_ids: list = field(default_factory=list)     # VQA: question ids of the eval records
     answers: list = field(default_factory=list)      # VQA: the answer strings the classifier outputs
     targets: Optional[torch.Tensor] = None           # VQA: soft scores (train examples, #answers)
     lm_state: Optional[dict] = None                  # tiny LM: pre-trained weights
@@ -405,11 +396,7 @@ def prepare(a: Args, device, rank: int) -> Prepared:
         tok, width = data.build_tokenizer(), a.tiny_hidden
     else:
         from transformers import AutoConfig, AutoTokenizer
-        try:
-            tok, cfg = AutoTokenizer.from_pretrained(a.model), AutoConfig.from_pretrained(a.model)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load model {a.model!r} ({str(e).splitlines()[0]}); offline: use tiny")
-        width = cfg.hidden_size
+        tok, width = from_hf(AutoTokenizer, a.model), from_hf(AutoConfig, a.model).hidden_size
         tok.pad_token = tok.pad_token or tok.eos_token
     if task == "caption":
         train = data.caption_pairs(train)                    # one example per (image, caption)
@@ -424,7 +411,6 @@ def prepare(a: Args, device, rank: int) -> Prepared:
     if task == "vqa":
         p.answers = data.answer_vocab(train, min_freq=1 if a.dataset.startswith("shapes") else 9)
         p.targets = torch.stack([data.vqa_soft_targets(r, p.answers) for r in train]).float()
-        p.eval_ids = [encode(tok, r["question"]) for r in evals]
     if a.model.startswith("tiny"):
         if dist.is_initialized() and rank != 0:
             dist.barrier()                                 # rank 0 pre-trains the tiny LM and caches it first
@@ -456,18 +442,29 @@ def loss_fn(model, p: Prepared, items: list, device) -> torch.Tensor:
 
 # --- 5. Training and evaluation -----------------------------------------------------------------------------
 def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
-    """Train one (method, routing) on the shared data and budget, then evaluate it -> (results, model)."""
+    """Train one (method, routing) on the shared data and budget (--resume: continue it; --eval_only: load
+    its checkpoint), then evaluate it -> (results, model)."""
+    ckpt, done = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "results.json")
+    os.makedirs(run_dir, exist_ok=True)
+    if a.resume and os.path.isfile(done) and not a.export_merged:    # a complete run is not repeated
+        with open(done) as f:
+            return json.load(f), None
     seed_everything(a.seed)
     model = build_model(a, p, method, kind).to(device)
-    quiet = rank > 0                                           # only rank 0 prints
-    n_train = count_trainable(model, expected_trainable(model), log=(lambda *_: None) if quiet else print)[0]
+    if a.eval_only:
+        state = load_checkpoint(ckpt)
+        load_trainable(model, state["trainable"])
+        return {"method": method, "routing": kind, "seed": a.seed, "trainable": expected_trainable(model),
+                "steps": state["step"], **evaluate(model, a, p, device, rank, world)}, model
+    log = print if rank == 0 else lambda *_: None                        # only rank 0 prints
+    n_train = count_trainable(model, expected_trainable(model), log=log)[0]
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=a.lr, weight_decay=0.0)
     loader = data.make_loader(p.train, a.batch_size, shuffle=True, seed=a.seed, num_workers=a.num_workers,
                               collate_fn=list, drop_last=True)
     total = a.epochs * len(loader)
     sched = lr_schedule(opt, int(a.warmup if a.warmup >= 1 else a.warmup * total), total, decay="linear")
-    ckpt, step, loss = os.path.join(run_dir, "checkpoint.pt"), 0, torch.zeros(())
+    step, loss = 0, torch.zeros(())
     if a.resume and os.path.isfile(ckpt):
         state = load_checkpoint(ckpt)
         load_trainable(model, state["trainable"])
@@ -489,9 +486,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
         while step < stop:
             epoch, skip = divmod(step, len(loader))
             data.set_epoch(loader, epoch)      # order = f(seed, epoch): a resumed run skips the seen batches
-            for i, items in enumerate(loader):
-                if i < skip:
-                    continue
+            for items in itertools.islice(loader, skip, None):
                 with autocast(device):
                     loss = loss_fn(net, p, items, device)
                 if not torch.isfinite(loss):
@@ -519,7 +514,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
            "final_loss": loss.item(), "train_time": time.time() - t0}
     res.update(evaluate(model, a, p, device, rank, world))
     if rank == 0 and step == total:
-        write_json(os.path.join(run_dir, "results.json"), res)    # the run is complete: --resume skips it
+        write_json(done, res)                                      # the run is complete: --resume skips it
     return res, model
 
 
@@ -527,10 +522,7 @@ def load_trainable(model: nn.Module, state: dict) -> None:
     names = {n for n, q in model.named_parameters() if q.requires_grad}
     if names != set(state):
         raise UsageError(f"checkpoint parameters {sorted(set(state) ^ names)[:3]} do not fit these flags")
-    with torch.no_grad():
-        for n, q in model.named_parameters():
-            if n in names:
-                q.copy_(state[n])
+    model.load_state_dict(state, strict=False)                  # the frozen weights are not in `state`
 
 
 @torch.no_grad()
@@ -547,26 +539,21 @@ def generate(model: VisualLM, p: Prepared, x_r, num_beams) -> list[str]:
 
 
 @torch.no_grad()
-def predict(model: VisualLM, a: Args, p: Prepared, device) -> list[str]:
-    """Captions by beam search, or the arg-max answer string, for every eval record."""
-    recs, preds, bs = p.eval_records, [], max(1, a.batch_size)
+def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> dict:
+    """On rank 0 (the others wait): BLEU-4 and CIDEr of the beam-search captions, or the official VQA
+    accuracy of the arg-max answers."""
+    recs, preds, bs = p.eval_records if rank == 0 else [], [], max(1, a.batch_size)
     model.eval()
-    for s in tqdm(range(0, len(recs), bs), desc="eval", leave=False):
+    for s in tqdm(range(0, len(recs), bs), desc="eval", leave=False, disable=rank > 0):
         x_r = p.x_eval[p.rows_eval[s: s + bs]].to(device)
         with autocast(device):
             if p.task == "caption":
                 preds += generate(model, p, x_r, a.num_beams)
             else:
-                ids, mask = pad(p.eval_ids[s: s + bs], p.tok.pad_token_id)
+                ids, mask = pad([encode(p.tok, r["question"]) for r in recs[s: s + bs]], p.tok.pad_token_id)
                 logits = model(x_r, ids.to(device), mask.to(device))                 # (B, #answers)
                 preds += [p.answers[j] for j in logits.argmax(-1).tolist()]
     model.train()
-    return preds
-
-
-def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> dict:
-    """On rank 0 (the others wait): BLEU-4 and CIDEr of the captions, or the official VQA accuracy."""
-    preds = predict(model, a, p, device) if rank == 0 else []
     if world > 1:
         dist.barrier()
     if rank > 0:
@@ -679,27 +666,12 @@ def resolve(a: Args) -> Args:
     return a
 
 
-def one_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
-    """Train (or, with --resume, continue) one run; or evaluate its checkpoint (--eval_only)."""
-    os.makedirs(run_dir, exist_ok=True)
-    if a.resume and os.path.isfile(os.path.join(run_dir, "results.json")) and not a.export_merged:
-        with open(os.path.join(run_dir, "results.json")) as f:
-            return json.load(f), None
-    if not a.eval_only:
-        return train_run(a, p, method, kind, run_dir, device, rank, world)
-    model = build_model(a, p, method, kind).to(device)
-    state = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
-    load_trainable(model, state["trainable"])
-    return {"method": method, "routing": kind, "seed": a.seed, "trainable": expected_trainable(model),
-            "steps": state["step"], **evaluate(model, a, p, device, rank, world)}, model
-
-
 def table(results: list, task: str) -> str:
     keys = ["BLEU-4", "CIDEr"] if task == "caption" else ["VQA"]
     multi = len({r["seed"] for r in results}) > 1
     lines = [f"{'PEFT':8s}{'routing':17s}" + "".join(f"{k:>15s}" for k in keys) + f"{'Δ' + keys[-1]:>9s}"
              f"{'trainable':>11s}"]
-    for method in ("lora", "adapter"):
+    for method, name in (("lora", "LoRA"), ("adapter", "Adapter")):
         base = [r[keys[-1]] for r in results if r["method"] == method and r["routing"] == "none"]
         for kind in ROUTINGS:
             rs = [r for r in results if r["method"] == method and r["routing"] == kind]
@@ -707,7 +679,6 @@ def table(results: list, task: str) -> str:
                 cells = "".join(f"{mean_std([r[k] for r in rs]) if multi else f'{rs[0][k]:.2f}':>15s}"
                                 for k in keys)
                 delta = f"{np.mean([r[keys[-1]] for r in rs]) - np.mean(base):+.2f}" if base else ""
-                name = "LoRA" if method == "lora" else "Adapter"
                 lines.append(f"{name:8s}{LABELS[kind]:17s}{cells}{delta if kind != 'none' else '':>9s}"
                              f"{rs[0]['trainable']:>11,d}")
     return "\n".join(lines)
@@ -720,16 +691,15 @@ def run(a: Args) -> dict:
         prepare_out_dir(a.out_dir, a.resume, a.overwrite, rank)
     t0, p = time.time(), prepare(a, device, rank)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
+    methods = ["lora", "adapter"] if a.method == "both" else [a.method]
     results = []
-    for seed in seeds:
-        for method in ["lora", "adapter"] if a.method == "both" else [a.method]:
-            for kind in a.kinds.split(","):
-                run_dir = os.path.join(a.out_dir, *([f"seed{seed}"] if a.seeds else []), f"{method}-{kind}")
-                res, model = one_run(dataclasses.replace(a, seed=seed), p, method, kind, run_dir, device,
-                                     rank, world)
-                results.append(res)
-                if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
-                    export_merged(model, p, a.export_merged)
+    for seed, method, kind in itertools.product(seeds, methods, a.kinds.split(",")):
+        run_dir = os.path.join(a.out_dir, *([f"seed{seed}"] if a.seeds else []), f"{method}-{kind}")
+        res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, run_dir, device, rank,
+                               world)
+        results.append(res)
+        if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
+            export_merged(model, p, a.export_merged)
     out = {"task": p.task, "runs": results, "args": dataclasses.asdict(a)}
     if rank == 0:
         if not a.eval_only:
