@@ -3,14 +3,11 @@
 Jie et al., "Memory-Space Visual Prompting for Efficient Vision-Language Fine-Tuning", ICML 2024, arXiv
 2405.05615; official code (LLaMA / ScienceQA): github.com/JieShibo/MemVP.
 
-Input-space visual prompting (LLaVA, VL-Adapter) puts n projected image tokens before the L text tokens:
-every layer of the LM processes n + L tokens. MemVP keeps the L text tokens and writes the projected visual
-features into the FFNs as n extra entries of their key-value memory (Geva et al.),
-    FFN(x) = sum_i phi(<x, k_i>) v_i + sum_i phi(<x, K(z_i)>) V(z_i),  K(z_i) = lam f(z_i) + p^k_i,
-                                                                        V(z_i) = lam f(z_i) + p^v_i,
-training only the projector f and the position embeddings p^k, p^v (+ the layer norms of BART/T5) of a
-frozen LM. A layer costs 4ndL more FLOPs (Eq. 15) instead of 4nd(6d+n+2L) (Eq. 14). BART/T5: the encoder
-FFNs (Sec. 5.1); LLaMA: every decoder FFN, with one p^k/p^v table for all layers (Sec. 5.2).
+Input-space prompting (LLaVA) puts n projected image tokens before the L text tokens. MemVP keeps the text
+alone and appends the visual features to the FFNs of the frozen LM as n extra key-value memory entries,
+training only the projector f and the position embeddings p^k, p^v (+ the norms of BART/T5): a layer costs
+4ndL more FLOPs (Eq. 15) instead of 4nd(6d+n+2L) (Eq. 14). BART/T5: the encoder FFNs (Sec. 5.1); LLaMA:
+every decoder FFN, with one p^k/p^v table for all layers (Sec. 5.2).
 
 Equation -> code
   Eq. 5       Retrieval(x) = sum_i phi(<x, K(z_i)>) V(z_i)                    visual_memory
@@ -21,8 +18,8 @@ Equation -> code
   Tables 5, 7 hyper-parameters (BART/T5; LLaMA + official code)               FAMILY
   baseline    input-space prompting + LoRA on q/v (Table 7 LLaVA-LoRA)        VLModel.lm_inputs, add_lora
 
-Offline default: VQA on data.py's synthetic world, frozen 3x3 grid tokens of data.py's tiny-cnn, and a tiny
-LLaMA-style LM pre-trained once (cached) to answer questions about scene descriptions of another world.
+Offline default: VQA on data.py's synthetic world, frozen tiny-cnn grid tokens, a tiny LLaMA-style LM
+pre-trained once (cached) to answer questions about scene descriptions of another world.
 
   python memvp.py                                 # MemVP vs input-space + LoRA on the tiny LLaMA
   python memvp.py --seeds 0,1,2                   # the same, mean ± std over three seeds
@@ -318,9 +315,8 @@ def pretrain_texts(task: str, n_images: int) -> list:
 
 
 def pretrained_tiny_lm(args: Args, recs: dict, task: str, device, rank: int):
-    """-> (LM, tokenizer) of the offline runs: a word-level tokenizer of the synthetic world (+ the ScienceQA
-    texts) and tiny_lm pre-trained (all weights; seed 0: one LM for every seed) on pretrain_texts, cached in
-    <cache_dir>/memvp under a key of its recipe.
+    """-> (LM, tokenizer) offline: a word-level tokenizer of the synthetic world (+ the ScienceQA texts) and
+    tiny_lm pre-trained (all weights; seed 0: one LM for every seed) on pretrain_texts, cached by its recipe.
     DEVIATION: the paper starts from BART-base / T5-base / LLaMA-7B (no download offline)."""
     words = data.synthetic_vocab() + [CAPTION_PROMPT, "question context options response answer is n / a"]
     if task == "mcq":
@@ -371,10 +367,9 @@ TASKS = {"shapes_vqa": "vqa", "vqav2": "vqa", "gqa": "vqa", "shapes_caption": "c
 
 
 def texts(rec: dict, task: str, train: bool) -> tuple:
-    """(source, target) as Table 6. ScienceQA: the official code's QCM-A prompt (data.scienceqa_prompt); its
-    evaluation appends 'The answer is' and reads the letter of the next token. DEVIATION: the image captions
-    (captions.json, if present) are in the context for training and evaluation; the official script trains
-    without them and evaluates with them."""
+    """(source, target) as Table 6. ScienceQA: the official QCM-A prompt (data.scienceqa_prompt), evaluated by
+    the letter after 'The answer is'. DEVIATION: the image captions (captions.json, if present) are in the
+    context for training too; the official script uses them only in evaluation."""
     if task == "vqa":
         return rec["question"], rec["answer"] if train else ""
     if task == "caption":
@@ -455,8 +450,7 @@ class Collator:
 
 # ------------------------------------------------------------------------------------------ train, evaluate
 def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, world: int, out_dir: str):
-    """One plain loop: forward, loss, backward, AdamW step, schedule, log, checkpoint (exactly resumable).
-    --eval_only: resume from the checkpoint and take no step."""
+    """One plain loop, exactly resumable from its checkpoint; --eval_only: load it and take no step."""
     ckpt, params = os.path.join(out_dir, "checkpoint.pt"), [p for p in model.parameters() if p.requires_grad]
     # official LLaMA recipe: AdamW betas (0.9, 0.95), no weight decay on biases and norms (timm param groups)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
@@ -569,8 +563,6 @@ def answer_prior(task: str, train_recs: list, eval_recs: list) -> Optional[dict]
 
 
 # -------------------------------- benchmark: MemVP vs input-space prompting + LoRA on one LM of a real shape
-
-
 def eq13_15(d: int, n: int, L: int) -> dict:
     """FLOPs of a layer: LM 4Ld(6d+L) (Eq. 13), + 4nd(6d+n+2L) input space (Eq. 14), + 4ndL MemVP (Eq. 15)."""
     lm = 4 * L * d * (6 * d + L)
@@ -579,10 +571,9 @@ def eq13_15(d: int, n: int, L: int) -> dict:
 
 def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int = 0, head: int = -1) -> float:
     """Forward FLOPs of the whole LM per sample (2 per multiply-add): Eq. 13-15 with the real layer shapes
-    (GQA, gated FFN); MemVP's n_mem entries (n_pos, padding included); the input side's LoRA r on every q/v
-    projection (decoder self- and cross-attention too); the LM head on `head` positions (-1: every text /
-    target position, as in training; 1: prefill). Eq. 13 counts attention as a full T x T square; causal
-    self-attention (decoder-only LMs, BART/T5 decoders) counts the T(T+1)/2 pairs a causal kernel computes."""
+    (GQA, gated FFN), MemVP's n_mem entries (padding included), LoRA r on every q/v (decoders too), the LM
+    head on `head` positions (-1: every text / target position; 1: prefill). Causal self-attention (LLaMA,
+    BART/T5 decoders) counts the T(T+1)/2 pairs a causal kernel computes, not Eq. 13's T x T square."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     dq = h * (getattr(cfg, "head_dim", None) or d // h)
     dkv = dq // h * (getattr(cfg, "num_key_value_heads", None) or h)
@@ -615,8 +606,8 @@ def saved_activations_mb(fn) -> float:
 
 
 def run_benchmark(args: Args, device) -> dict:
-    """Both sides on one LM (random weights at SmolLM2-135M's shape, or --model) with its family's values from
-    the paper (n_pos, LoRA rank): FLOPs, training step, prefill, decoding, activations."""
+    """Both sides on one LM (random weights at SmolLM2-135M's shape, or --model) with the paper's n_pos and
+    LoRA rank of its family: FLOPs, training step, prefill, decoding, activations."""
     from torch.utils.flop_counter import FlopCounterMode
     seed_everything(args.seed)
     # SmolLM2-135M: 9 heads, 3 key/value heads; CLIP ViT-L/14 features (d_v 1024)
@@ -822,8 +813,7 @@ def run(args: Args) -> dict:
         write_json(os.path.join(args.out_dir, "results.json"), res)
         return res
     seed_everything(args.seed)
-    task = TASKS[args.dataset]
-    recs = {}
+    task, recs = TASKS[args.dataset], {}
     for split, n in (("train", args.train_limit), (args.eval_split, args.eval_limit)):
         # synthetic world: build only the first n images (each has >= 1 question), not the whole split
         sizes = {split: n} if n and args.dataset.startswith("shapes_") else None
