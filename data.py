@@ -68,6 +68,15 @@ def cache_dir(*parts: str) -> str:
 _cache_folder = cache_dir  # extract_features' argument of the same name hides the function
 
 
+def stand_in(path: str) -> str:
+    """Where to load the offline stand-in cached at `path` (<cache>/<script>/<recipe>.pt) from: the copy in
+    stand_ins/<script>/ when the repository ships one, else `path` (pre-trained there on first use).
+    Pre-training on another CPU gives other weights; the shipped copies give every machine the same ones."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    shipped = os.path.join(here, "stand_ins", os.path.basename(os.path.dirname(path)), os.path.basename(path))
+    return shipped if os.path.isfile(shipped) else path
+
+
 class DataError(Exception):
     """Bad data or arguments; the message names the file / key and where to get the data (scripts: exit 2)."""
 
@@ -865,9 +874,10 @@ class TinyCNN(torch.nn.Module):
 def tiny_cnn() -> TinyCNN:
     """The frozen pre-trained "tiny-cnn", cached in cache_dir("tiny_cnn") by its recipe (the first call
     pre-trains it, ~17 s CPU). Deterministic: seeded, one thread (the caller's threads and RNG are kept)."""
-    path = Path(cache_dir("tiny_cnn")) / f"tiny-cnn-{_digest(_TINY_CNN_RECIPE)[:12]}.pt"
+    path = Path(stand_in(cache_dir("tiny_cnn", f"tiny-cnn-{_digest(_TINY_CNN_RECIPE)[:12]}.pt")))
     if path.is_file():
-        model = TinyCNN()
+        with torch.random.fork_rng(devices=[]):  # the init that the loaded weights replace draws no numbers
+            model = TinyCNN()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
         with _one_thread(), torch.random.fork_rng(devices=[]):

@@ -326,7 +326,7 @@ def pretrained_tiny_lm(args: Args, recs: dict, task: str, device, rank: int):
                            max(1, d // 32), args.t5_ffn)
     key = json.dumps([make().config.to_dict(), task, tok.get_vocab(), steps, 2], sort_keys=True, default=str)
     key = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = os.path.join(args.cache_dir, "memvp", f"tiny-{args.arch}-{key}.pt")
+    path = data.stand_in(os.path.join(args.cache_dir, "memvp", f"tiny-{args.arch}-{key}.pt"))
     if rank == 0 and not os.path.exists(path):
         seed_everything(0)
         lm, enc = make().to(device).train(), lambda t: tok(t, add_special_tokens=False)["input_ids"]

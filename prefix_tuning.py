@@ -290,7 +290,7 @@ def pretrain_tiny(tok, steps: int, init: str, cache_dir: str, device, log=print)
     recipe = json.dumps([r, model.config.to_dict(), tok.get_vocab(), data.DATA_VERSION], sort_keys=True,
                         default=str)
     key = hashlib.sha1(recipe.encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir, "prefix_tuning", f"tiny_blip2_{key}.pt")
+    path = data.stand_in(os.path.join(cache_dir, "prefix_tuning", f"tiny_blip2_{key}.pt"))
     ddp = dist.is_available() and dist.is_initialized()
     if not os.path.exists(path) and (not ddp or dist.get_rank() == 0):
         recs = mix_records("train", data.PRETRAIN_WORLD)

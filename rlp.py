@@ -231,7 +231,8 @@ def load_clip(a: Args, device, rank: int):
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=w))
     recipe = [TINY_CLIP, a.clip_seed, data.PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab())]
     key = json.dumps(recipe)
-    path = os.path.join(a.cache_dir, "rlp", f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+    name = f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    path = data.stand_in(os.path.join(a.cache_dir, "rlp", name))  # the shipped copy, else the cache
     if rank == 0 and not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_checkpoint(path, {"state_dict": pretrain(clip, tok, a.clip_seed).state_dict()})

@@ -483,6 +483,18 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
         data.extract_features(recs["test"], "tiny-cnn", split="test", image_size=64, **kw)
 
 
+def test_shipped_stand_ins_are_preferred_to_the_cache(tmp_path):
+    own = tmp_path / "memvp" / "tiny-llama-000000000000.pt"
+    assert data.stand_in(str(own)) == str(own)  # nothing shipped under this name: pre-train into the cache
+    shipped = sorted((Path(data.__file__).parent / "stand_ins").rglob("*.pt"))
+    scripts = {"tiny_cnn", "memvp", "routing_bottleneck", "prefix_tuning", "rlp"}
+    assert {p.parent.name for p in shipped} >= scripts
+    for p in shipped:  # the same recipe's file in any cache resolves to the shipped copy
+        assert data.stand_in(str(tmp_path / p.parent.name / p.name)) == str(p)
+    cnn = data.cache_dir("tiny_cnn", f"tiny-cnn-{data._digest(data._TINY_CNN_RECIPE)[:12]}.pt")
+    assert Path(data.stand_in(cnn)).parent.parent.name == "stand_ins"  # the default tiny-cnn is shipped
+
+
 # ----------------------------------------------------------------------------------- official formats
 def jpeg(path, color=(200, 30, 30), size=(40, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
