@@ -483,6 +483,16 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
         data.extract_features(recs["test"], "tiny-cnn", split="test", image_size=64, **kw)
 
 
+def test_tiny_cnn_pretraining_moves_every_layer():
+    torch.manual_seed(0)
+    model = data.TinyCNN()
+    before = [p.detach().clone() for p in model.parameters()]
+    data._pretrain_tiny_cnn(model, **dict(data._TINY_CNN_RECIPE, images=64, steps=5, batch=16))
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert all(not torch.equal(a, b) for a, b in zip(before, after) if b.requires_grad)
+
+
 def test_shipped_stand_ins_are_preferred_to_the_cache(tmp_path):
     own = tmp_path / "memvp" / "tiny-llama-000000000000.pt"
     assert data.stand_in(str(own)) == str(own)  # nothing shipped under this name: pre-train into the cache
