@@ -872,8 +872,9 @@ class TinyCNN(torch.nn.Module):
 
 
 def tiny_cnn() -> TinyCNN:
-    """The frozen pre-trained "tiny-cnn", cached in cache_dir("tiny_cnn") by its recipe (the first call
-    pre-trains it, ~17 s CPU). Deterministic: seeded, one thread (the caller's threads and RNG are kept)."""
+    """The frozen pre-trained "tiny-cnn" of its recipe: the copy in stand_ins/ (stand_in), else cached in
+    cache_dir("tiny_cnn") (the first call pre-trains it, ~17 s CPU). Deterministic: seeded, one thread (the
+    caller's threads and RNG are kept)."""
     path = Path(stand_in(cache_dir("tiny_cnn", f"tiny-cnn-{_digest(_TINY_CNN_RECIPE)[:12]}.pt")))
     if path.is_file():
         with torch.random.fork_rng(devices=[]):  # the init that the loaded weights replace draws no numbers
