@@ -168,7 +168,10 @@ def merge_lora(lm: nn.Module) -> nn.Module:
 
 
 def in_out(m: nn.Module) -> tuple[int, int]:
-    return (m.nx, m.nf) if isinstance(m, Conv1D) else (m.in_features, m.out_features)     # Conv1D: GPT-2
+    """(d_in, d_out) of an nn.Linear, or of GPT-2's Conv1D (a Linear with its weight stored as (in, out))."""
+    if isinstance(m, Conv1D):
+        return m.nx, m.nf
+    return m.in_features, m.out_features
 
 
 # --- 2. Patching a Hugging Face LM (module names as in transformers' sources) -------------------------------
@@ -325,9 +328,10 @@ def pretrained_tiny_lm(a: Args, task: str, tok, device) -> dict:
         opt.step()
         sched.step()
     print(f"{recipe}: pre-trained, loss {loss.item():.3f}", file=sys.stderr)
-    if mlm:                    # the encoder + a seeded frozen pooler (RoBERTa's is not pre-trained either)
-        lm, mlm_lm = tiny_lm(a.model, tok, a.tiny_hidden, a.tiny_layers), lm
-        lm.load_state_dict(mlm_lm.roberta.state_dict(), strict=False)
+    if mlm:   # keep the encoder; the pooler keeps its seeded init (RoBERTa's is not pre-trained either)
+        encoder = tiny_lm(a.model, tok, a.tiny_hidden, a.tiny_layers)
+        encoder.load_state_dict(lm.roberta.state_dict(), strict=False)
+        lm = encoder
     state = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_checkpoint(path, state)
