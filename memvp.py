@@ -756,7 +756,6 @@ FAMILY = {
 }
 TINY = {  # DEVIATION: the offline stand-in's overrides, each with its reason
     "vision": "tiny-cnn",  # data.py's frozen CNN pre-trained on another synthetic world: 3x3 grid tokens
-    "epochs": 3,  # the CPU budget: a few minutes for both sides
     "batch_size": 32,  # Table 7's total batch
     "n_pos": 0,  # = n: nothing to pad
 }
