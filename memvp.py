@@ -38,12 +38,16 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -484,7 +488,8 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
                                                  if p.requires_grad}, "step": step, "rng": rng_state(),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                    "train_time_s": spent + time.perf_counter() - t0, "recent_losses": recent})
-    bar = tqdm(total=target, initial=step, desc=f"train {model.mode}", disable=rank != 0, file=sys.stderr)
+    bar = tqdm(total=target, initial=step, desc=f"train {model.mode}", disable=rank != 0, file=sys.stderr,
+               position=int(model.mode == "input"))  # one line per side: they may train side by side
     model.train()
     try:
         while step < target:
@@ -492,27 +497,28 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
             for b, batch in enumerate(loader):
                 if b < step % len(loader):
                     continue  # resumed mid-epoch: skip what was seen
-                with autocast(device):
-                    loss = ddp(*(batch[k].to(device) for k in ("feats", "input_ids", "attention_mask",
-                                                                "labels")))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                        f"{ckpt if saved else 'none'}")
-                loss.backward()
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step, losses = step + 1, losses + [loss.item()]
-                recent = (recent + losses[-1:])[-len(loader):]  # the last epoch's losses
-                bar.update(1)
-                if rank == 0 and (step % args.log_every == 0 or step == target):
-                    rec = {"step": step, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
-                    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    losses = []
-                if step % args.ckpt_every == 0 or step == target:
-                    save()
-                    saved = True
+                with whole_step():
+                    with autocast(device):
+                        loss = ddp(*(batch[k].to(device) for k in ("feats", "input_ids", "attention_mask",
+                                                                    "labels")))
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                            f"{ckpt if saved else 'none'}")
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                    step, losses = step + 1, losses + [loss.item()]
+                    recent = (recent + losses[-1:])[-len(loader):]  # the last epoch's losses
+                    bar.update(1)
+                    if rank == 0 and (step % args.log_every == 0 or step == target):
+                        rec = {"step": step, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0]}
+                        with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                        losses = []
+                    if step % args.ckpt_every == 0 or step == target:
+                        save()
+                        saved = True
                 if step == target:
                     break
     except KeyboardInterrupt:
@@ -826,12 +832,20 @@ def run(args: Args) -> dict:
     evalset = load_split(args, args.eval_split, recs[args.eval_split], tok, False, llama, device)
     args.n_pos = max(args.n_pos, trainset.feats.shape[1])
     name = f"tiny {args.arch} ({args.tiny_layers}x{args.tiny_d})" if args.model == "tiny" else args.model
-    res = {"task": task, "enc_dec": not llama, "modes": {}, "args": dataclasses.asdict(args),
+    res = {"task": task, "enc_dec": not llama, "args": dataclasses.asdict(args),
            "answer_prior": answer_prior(task, trainset.records, evalset.records),
            "setting": f"{args.dataset} {args.eval_split}, frozen {name}, {args.vision}: {args.epochs} "
                       f"epochs, batch {args.batch_size * world}, lr {args.lr:.2g}"}
-    for mode in ("memvp", "input") if args.prompting == "both" else (args.prompting,):
-        res["modes"][mode] = run_mode(args, mode, lm, tok, trainset, evalset, device, rank, world)
+    modes = ("memvp", "input") if args.prompting == "both" else (args.prompting,)
+    jobs = [(args, mode, lm, tok, trainset, evalset, device, rank, world) for mode in modes]
+    cores = os.cpu_count() or 1
+    if len(jobs) > 1 and args.model == "tiny" and device.type == "cpu" and world == 1 and cores > 1:
+        # the two sides are independent and the tiny LM runs on one thread: one process (and core) per side
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(len(jobs), spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            res["modes"] = dict(zip(modes, pool.map(run_mode, *zip(*jobs))))
+    else:
+        res["modes"] = {mode: run_mode(*job) for mode, job in zip(modes, jobs)}
     if rank == 0:
         print(format_table([res]))
         write_json(os.path.join(args.out_dir, "results.json"), res)
@@ -847,9 +861,9 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     model = build_vl(args, lm, mode, d_vis, tok.bos_token_id is not None).to(device)
     freeze(model)
     if rank == 0:
-        print(f"[{mode}]")
         tables = len(find_ffns(lm)) if model.enc_dec else 1
-        count_trainable(model, expected_trainable(model, d_vis, d, args.proj_hidden, args.n_pos, tables))
+        count_trainable(model, expected_trainable(model, d_vis, d, args.proj_hidden, args.n_pos, tables),
+                        log=lambda line: print(f"[{mode}] {line}"))
     res = train(args, model, trainset, tok, device, rank, world, out_dir)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
@@ -950,9 +964,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -975,11 +988,26 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def whole_step():
+    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+    held, old = [], signal.getsignal(signal.SIGINT)
+    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp-{os.getpid()}")
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
 def load_checkpoint(path: str) -> dict:

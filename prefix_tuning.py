@@ -40,7 +40,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -476,22 +478,24 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
             for batch in itertools.islice(loader, skip, None):       # a resumed epoch skips what it has seen
                 if step >= stop:
                     break
-                with autocast(device):
-                    loss = net(batch)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss at step {step}; last good checkpoint: {last_good}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                bar.update(1)
-                if step % 50 == 0 or step == stop:
-                    lr = sched.get_last_lr()[0]
-                    log(json.dumps({"step": step, "loss": round(loss.item(), 4), "lr": lr}), file=sys.stderr)
-                if step % 500 == 0 or step == stop:
-                    save()
-                    last_good = path
+                with whole_step():
+                    with autocast(device):
+                        loss = net(batch)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss at step {step}; last good checkpoint: "
+                                            f"{last_good}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    bar.update(1)
+                    if step % 50 == 0 or step == stop:
+                        rec = {"step": step, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0]}
+                        log(json.dumps(rec), file=sys.stderr)
+                    if step % 500 == 0 or step == stop:
+                        save()
+                        last_good = path
     except KeyboardInterrupt:
         save()
         raise
@@ -757,9 +761,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -782,11 +785,26 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def whole_step():
+    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+    held, old = [], signal.getsignal(signal.SIGINT)
+    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp-{os.getpid()}")
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -31,7 +31,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +180,7 @@ def add_lora(lmm: nn.Module, target: str, r: int, alpha: float, dropout: float) 
     if not hits:
         raise UsageError(f"cannot patch {type(lmm).__name__}: no nn.Linear matches {LORA_TARGETS[target]!r}")
     for n, m in hits:
-        parent, child = n.rsplit(".", 1)
-        setattr(lmm.get_submodule(parent), child, LoRALinear(m, r, alpha, dropout))
+        lmm.set_submodule(n, LoRALinear(m, r, alpha, dropout))
     return [n for n, _ in hits]
 
 
@@ -243,9 +244,8 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
     if ck is not None and set(names) - set(ck["trainable"]):
         raise UsageError(f"{path} does not match this --order / --peft / --peft_target")
     si0, step0, gstep = (ck["stage"], ck["step"], ck["global_step"]) if ck else (0, 0, 0)
-    with torch.no_grad():
-        for n in names if ck else []:
-            params[n].copy_(ck["trainable"][n])
+    if ck is not None:
+        model.load_state_dict({n: ck["trainable"][n] for n in names}, strict=False)
     model.vision_cache.clear()                     # the ViT may have trained: its cached outputs are stale
     if a.eval_only:
         return {"finished": si0 >= len(plan), "global_step": gstep}
@@ -280,25 +280,25 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
         model.train()
         try:
             while step < total and gstep < stop:
-                epoch, skip = divmod(step, len(loader))
-                data.set_epoch(loader, epoch)
-                for batch in itertools.islice(loader, skip, None):
+                data.set_epoch(loader, step // len(loader))                 # resumed: skip what it saw
+                for batch in itertools.islice(loader, step % len(loader), None):
                     if gstep >= stop:
                         break
-                    with autocast(device):
-                        loss = net(batch)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at step {gstep}; last good checkpoint: "
-                                            f"{last_good}")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    step, gstep = step + 1, gstep + 1
-                    if rank == 0 and step % len(loader) == 0:                    # one line per epoch
-                        print(f"stage {si + 1} step {step} loss {loss.item():.4f}", file=sys.stderr)
-                    if gstep % a.save_every == 0 and step < total:
-                        last_good = save(si, step, opt, sched)
+                    with whole_step():
+                        with autocast(device):
+                            loss = net(batch)
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLoss(f"non-finite loss at step {gstep}; last good checkpoint: "
+                                                f"{last_good}")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        sched.step()
+                        step, gstep = step + 1, gstep + 1
+                        if rank == 0 and step % len(loader) == 0:                    # one line per epoch
+                            print(f"stage {si + 1} step {step} loss {loss.item():.4f}", file=sys.stderr)
+                        if gstep % a.save_every == 0 and step < total:
+                            last_good = save(si, step, opt, sched)
         except KeyboardInterrupt:
             save(si, step, opt, sched)
             raise
@@ -544,9 +544,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -569,11 +568,26 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def whole_step():
+    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+    held, old = [], signal.getsignal(signal.SIGINT)
+    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp-{os.getpid()}")
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
 def load_checkpoint(path: str) -> dict:

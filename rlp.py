@@ -35,7 +35,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -309,19 +311,20 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
             epoch, skip = divmod(step, spe)
             data.set_epoch(loader, epoch)            # order = f(seed, epoch): a resumed run skips what it saw
             for x, y in itertools.islice(loader, skip, None):
-                with autocast(env.device):
-                    logits = net(prompts, x.to(env.device))                                    # (B, C)
-                loss = F.cross_entropy(logits.float(), y.to(env.device))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                        f"{ckpt if os.path.exists(ckpt) else 'none'}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                if step % spe == 0:                  # a checkpoint per epoch
-                    save()
+                with whole_step():
+                    with autocast(env.device):
+                        logits = net(prompts, x.to(env.device))                                    # (B, C)
+                    loss = F.cross_entropy(logits.float(), y.to(env.device))
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                            f"{ckpt if os.path.exists(ckpt) else 'none'}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    if step % spe == 0:                  # a checkpoint per epoch
+                        save()
                 if step == stop:
                     break
     except KeyboardInterrupt:
@@ -538,9 +541,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -563,11 +565,26 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def whole_step():
+    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+    held, old = [], signal.getsignal(signal.SIGINT)
+    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp-{os.getpid()}")
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -39,7 +39,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,23 +493,24 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
             epoch, skip = divmod(step, len(loader))
             data.set_epoch(loader, epoch)      # order = f(seed, epoch): a resumed run skips the seen batches
             for items in itertools.islice(loader, skip, None):
-                with autocast(device):
-                    loss = loss_fn(net, p, items, device)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss at step {step}; last good checkpoint: "
-                                        f"{ckpt if os.path.isfile(ckpt) else 'none'}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                bar.update(1)
-                if rank == 0:
-                    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                        print(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}),
-                              file=f)
-                if step % 500 == 0 or step == stop:
-                    save()
+                with whole_step():
+                    with autocast(device):
+                        loss = loss_fn(net, p, items, device)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLoss(f"non-finite loss at step {step}; last good checkpoint: "
+                                            f"{ckpt if os.path.isfile(ckpt) else 'none'}")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    bar.update(1)
+                    if rank == 0:
+                        rec = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
+                        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                            print(json.dumps(rec), file=f)
+                    if step % 500 == 0 or step == stop:
+                        save()
                 if step == stop:
                     break
     except KeyboardInterrupt:
@@ -774,9 +777,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -799,11 +801,26 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextlib.contextmanager
+def whole_step():
+    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+    held, old = [], signal.getsignal(signal.SIGINT)
+    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if hold:
+        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        if hold:
+            signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp-{os.getpid()}")
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
 def load_checkpoint(path: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations  # parse_cli reads field types as strings, as
 import importlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -109,3 +110,24 @@ def test_tiny_models_run_single_threaded(infra):
         assert torch.get_num_threads() == 2  # a real model keeps every core
     finally:
         torch.set_num_threads(threads)
+
+
+def test_ctrl_c_takes_effect_at_the_end_of_a_step(infra):
+    """A Ctrl-C inside whole_step() is held until the block ends, then raised as KeyboardInterrupt."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C behaviour
+    try:
+        finished = []
+        with pytest.raises(KeyboardInterrupt):
+            with infra.whole_step():
+                os.kill(os.getpid(), signal.SIGINT)
+                finished += [sum(range(1000))]  # Python runs the handler between these bytecodes
+                finished += ["the rest of the step"]
+        assert finished == [499500, "the rest of the step"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with infra.whole_step():  # no Ctrl-C: nothing happens
+            pass
+        with pytest.raises(KeyboardInterrupt):  # outside a step: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            sum(range(1000))
+    finally:
+        signal.signal(signal.SIGINT, old)

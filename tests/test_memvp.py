@@ -4,6 +4,7 @@ eval_only, ScienceQA and VQAv2 fixtures in the official layouts, the benchmark, 
 import copy
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -262,19 +263,29 @@ def test_scienceqa_prompt_official_format():
 
 
 # ------------------------------------------------------------------------------------- runs
-def test_main_smoke_default_path(tmp_path, capsys):
-    """The offline default (tiny LLaMA, tiny-cnn grid tokens, both sides), small."""
+def test_main_smoke_default_path(tmp_path, capfd):
+    """The offline default (tiny LLaMA, tiny-cnn grid tokens, both sides: one process each), small."""
     res = memvp.main(small(tmp_path))
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert out.count("trainable: ") == 2 and "MemVP: f, p_k, p_v " in out and "input: f, LoRA q,v r=6 " in out
     assert "answer prior" in out and "training time, input space / MemVP: " in out
-    assert all(len(line) <= 100 for line in out.splitlines()[out.splitlines().index("[input]") + 2:])
+    assert "[memvp] trainable: " in out and "[input] trainable: " in out
+    assert all(len(line) <= 100 for line in out.splitlines() if "trainable: " not in line)
     for mode in ("memvp", "input"):
         r = res["modes"][mode]
         assert r["steps"] == 2 and 0 <= r["metrics"]["overall"] <= 100
         assert [x["step"] for x in map(json.loads, open(tmp_path / mode / "metrics.jsonl"))] == [1, 2]
     assert res["args"]["lr"] == pytest.approx(9e-3 * 8 / 256) and res["args"]["vision"] == "tiny-cnn"
     assert set(json.load(open(tmp_path / "results.json"))["modes"]) == {"memvp", "input"}
+    with pytest.MonkeyPatch.context() as mp:  # one core: the sides one after the other, the same numbers
+        mp.setattr(os, "cpu_count", lambda: 1)
+        one = memvp.main(small(tmp_path / "one_core"))
+    for mode in ("memvp", "input"):
+        assert one["modes"][mode]["train_loss"] == res["modes"][mode]["train_loss"]
+        assert one["modes"][mode]["metrics"] == res["modes"][mode]["metrics"]
+        a, b = (memvp.load_checkpoint(p / mode / "checkpoint.pt")["trainable"]
+                for p in (tmp_path, tmp_path / "one_core"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
@@ -306,17 +317,37 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert r.stdout.count("trainable: ") == 1  # only rank 0 prints
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    """Stopped by --max_steps or by a Ctrl-C that arrives inside an optimizer step, then resumed."""
     # 5 steps an epoch
     base = ["--prompting", "memvp", "--epochs", "2", "--mem_dropout", "0.1", "--train_limit", "40"]
     full = small(tmp_path / "a", *base) + ["--max_steps", "7"]
     memvp.main(full)
     memvp.main(small(tmp_path / "b", *base, "--max_steps", "3"))
     memvp.main(small(tmp_path / "b", *base, "--max_steps", "7", "--resume"))
-    a, b = (torch.load(tmp_path / x / "memvp" / "checkpoint.pt", weights_only=False) for x in "ab")
-    assert a["step"] == b["step"] == 7 and a["scheduler"] == b["scheduler"]
-    assert a["recent_losses"] == b["recent_losses"]
-    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+    adamw_step, calls = torch.optim.AdamW.step, []
+
+    def ctrl_c_in_step_4(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return adamw_step(self, *args, **kwargs)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own Ctrl-C behaviour
+    monkeypatch.setattr(torch.optim.AdamW, "step", ctrl_c_in_step_4)
+    try:
+        with pytest.raises(SystemExit) as e:
+            memvp.main(small(tmp_path / "c", *base, "--max_steps", "7"))
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, old)
+    assert e.value.code == 130  # the step that was running finished and was saved: resume from step 4
+    assert memvp.load_checkpoint(tmp_path / "c" / "memvp" / "checkpoint.pt")["step"] == 4
+    memvp.main(small(tmp_path / "c", *base, "--max_steps", "7", "--resume"))
+    a, b, c = (torch.load(tmp_path / x / "memvp" / "checkpoint.pt", weights_only=False) for x in "abc")
+    for other in (b, c):
+        assert a["step"] == other["step"] == 7 and a["scheduler"] == other["scheduler"]
+        assert a["recent_losses"] == other["recent_losses"]
+        assert all(torch.equal(a["trainable"][k], other["trainable"][k]) for k in a["trainable"])
 
 
 def test_seeds_table_and_eval_only(tmp_path, capsys):
