@@ -524,7 +524,8 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     except KeyboardInterrupt:
         save()
         raise
-    bar.close()
+    finally:
+        bar.close()  # the bar's line ends before any message
     return {"steps": step, "train_time_s": spent + time.perf_counter() - t0,
             "train_loss": float(np.mean(recent))}
 
@@ -1057,7 +1058,7 @@ def run_cli(run, args):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:
-        print("interrupted: the checkpoint is saved; continue with --resume", file=sys.stderr)
+        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)

@@ -482,7 +482,7 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
                     with autocast(device):
                         loss = net(batch)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at step {step}; last good checkpoint: "
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
                                             f"{last_good}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -499,7 +499,8 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
     except KeyboardInterrupt:
         save()
         raise
-    bar.close()
+    finally:
+        bar.close()  # the bar's line ends before any message
     model.eval()
     return {"steps": step, "train_loss": round(loss.item(), 4), "seconds": round(time.time() - t0, 1)}
 
@@ -854,7 +855,7 @@ def run_cli(run, args):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:
-        print("interrupted: the checkpoint is saved; continue with --resume", file=sys.stderr)
+        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)

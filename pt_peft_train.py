@@ -288,7 +288,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
                         with autocast(device):
                             loss = net(batch)
                         if not torch.isfinite(loss):
-                            raise NonFiniteLoss(f"non-finite loss at step {gstep}; last good checkpoint: "
+                            raise NonFiniteLoss(f"non-finite loss at step {gstep + 1}; last good checkpoint: "
                                                 f"{last_good}")
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
@@ -637,7 +637,7 @@ def run_cli(run, args):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:
-        print("interrupted: the checkpoint is saved; continue with --resume", file=sys.stderr)
+        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)

@@ -634,7 +634,7 @@ def run_cli(run, args):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:
-        print("interrupted: the checkpoint is saved; continue with --resume", file=sys.stderr)
+        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)

@@ -497,7 +497,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
                     with autocast(device):
                         loss = loss_fn(net, p, items, device)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at step {step}; last good checkpoint: "
+                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
                                             f"{ckpt if os.path.isfile(ckpt) else 'none'}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -516,7 +516,8 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     except KeyboardInterrupt:
         save()
         raise
-    bar.close()
+    finally:
+        bar.close()  # the bar's line ends before any message
     res = {"method": method, "routing": kind, "seed": a.seed, "trainable": n_train, "steps": step,
            "final_loss": loss.item(), "train_time": time.time() - t0}
     res.update(evaluate(model, a, p, device, rank, world))
@@ -870,7 +871,7 @@ def run_cli(run, args):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:
-        print("interrupted: the checkpoint is saved; continue with --resume", file=sys.stderr)
+        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)

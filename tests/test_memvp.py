@@ -446,3 +446,18 @@ def test_bad_inputs(tmp_path, capsys):
     assert "no checkpoint" in run_bad(small(tmp_path / "o3", "--eval_only"), capsys)
     memvp.main(small(tmp_path / "o4", "--prompting", "memvp", "--max_steps", "1"))
     assert "--overwrite" in run_bad(small(tmp_path / "o4", "--prompting", "memvp"), capsys)
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run = small(tmp_path, "--prompting", "memvp", "--epochs", "2", "--train_limit", "40")  # 5 steps an epoch
+    memvp.main(run)
+    ckpt = tmp_path / "memvp" / "checkpoint.pt"
+    good = memvp.load_checkpoint(ckpt)
+    forward = memvp.VLModel.forward
+    monkeypatch.setattr(memvp.VLModel, "forward", lambda self, *a: forward(self, *a) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        memvp.main(run + ["--max_steps", "5", "--resume"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 1 and err == [f"error: non-finite loss at step 3; last good checkpoint: {ckpt}"]
+    kept = memvp.load_checkpoint(ckpt)
+    assert kept["step"] == 2 and all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())

@@ -292,3 +292,18 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("trainable:") == 1 and r.stdout.count("| prefix-tuned") == 1
     assert json.load(open(tmp_path / "d" / "results.json"))["rows"]["prefix-tuned"][0]["steps"] == 2
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run = SMALL + ["--epochs", "2", "--out_dir", str(tmp_path)]  # 4 steps
+    pt.main(run + ["--max_steps", "2"])
+    good = pt.load_checkpoint(tmp_path / "ckpt.pt")
+    forward = pt.PrefixBlip2.forward
+    monkeypatch.setattr(pt.PrefixBlip2, "forward", lambda self, *a: forward(self, *a) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        pt.main(run + ["--resume"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    ckpt = os.path.join(str(tmp_path), "ckpt.pt")
+    assert e.value.code == 1 and err == [f"error: non-finite loss at step 3; last good checkpoint: {ckpt}"]
+    kept = pt.load_checkpoint(ckpt)
+    assert kept["step"] == 2 and all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())

@@ -288,3 +288,19 @@ def test_ddp_two_gloo_processes(tmp_path):
     res = json.load(open(tmp_path / "results.json"))["rows"]["Prefix -> LoRA-QF"][0]
     assert res["finished"] and res["global_step"] == 2       # 8 records / (4 x 2 processes): 1 step per stage
     assert math.isfinite(res["rank"]["text"])
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run = TINY + ["--out_dir", str(tmp_path)]             # 2 steps per stage
+    P.main(run + ["--max_steps", "3"])
+    good = _ckpt(tmp_path)
+    forward = P.pt.PrefixBlip2.forward
+    monkeypatch.setattr(P.pt.PrefixBlip2, "forward", lambda self, *a: forward(self, *a) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        P.main(run + ["--resume"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    ckpt = os.path.join(str(tmp_path), "ckpt.pt")
+    assert e.value.code == 1 and err == [f"error: non-finite loss at step 4; last good checkpoint: {ckpt}"]
+    kept = _ckpt(tmp_path)
+    assert (kept["stage"], kept["step"], kept["global_step"]) == (1, 1, 3)
+    assert all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())

@@ -370,3 +370,18 @@ def test_real_formats_local_gpt2_and_vit(tmp_path):
                    "--r_bottleneck", "4", "--num_beams", "2", "--device", "cpu"])
     assert [r["routing"] for r in out["runs"]] == ["none", "xtxvTxv"] and out["task"] == "caption"
     assert out["runs"][0]["trainable"] == out["runs"][1]["trainable"] == 2 * 4 * 32 + 2 * 32 * 4   # 1 layer
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    run = ["--out_dir", str(tmp_path), *TINY, "--epochs", "2", "--kinds", "mul", "--eval_limit", "2"]
+    rb.main(run + ["--max_steps", "2"])
+    ckpt = tmp_path / "lora-mul" / "checkpoint.pt"
+    good = rb.load_checkpoint(ckpt)
+    loss_fn = rb.loss_fn
+    monkeypatch.setattr(rb, "loss_fn", lambda *a: loss_fn(*a) * float("nan"))
+    with pytest.raises(SystemExit) as e:
+        rb.main(run + ["--max_steps", "4", "--resume"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 1 and err == [f"error: non-finite loss at step 3; last good checkpoint: {ckpt}"]
+    kept = rb.load_checkpoint(ckpt)
+    assert kept["step"] == 2 and all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())
