@@ -471,8 +471,9 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     step, spent, recent, saved = 0, 0.0, [], args.eval_only or (args.resume and os.path.exists(ckpt))
     if saved:
         state = load_checkpoint(ckpt)
-        if set(state["trainable"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
-            raise UsageError(f"checkpoint {ckpt} does not match this model / configuration")
+        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        if {n: t.shape for n, t in state["trainable"].items()} != want:  # names and sizes
+            raise UsageError(f"checkpoint {ckpt} was trained with other flags (model, prompting or sizes)")
         model.load_state_dict(state["trainable"], strict=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

@@ -460,8 +460,7 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
                                    "train_loss": loss.item()})
 
     if a.resume and os.path.exists(path):
-        ck = load_checkpoint(path)
-        model.load_state_dict(ck["trainable"], strict=False)
+        ck = load_trainable(model, path)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
@@ -639,14 +638,22 @@ def resolve(a: Args) -> Args:
                                out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
 
 
+def load_trainable(model: nn.Module, path: str) -> dict:
+    """The checkpoint at `path`, its prefixes loaded into `model`; other flags (names, sizes): UsageError."""
+    ck, want = load_checkpoint(path), {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+    if {n: t.shape for n, t in ck["trainable"].items()} != want:
+        raise UsageError(f"{path} was trained with other flags (prefix placement or sizes)")
+    model.load_state_dict(ck["trainable"], strict=False)
+    return ck
+
+
 def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
     """Prefix-tune one model (--eval_only: load it) and evaluate its exported prefixes."""
     seed_everything(a.seed)
     model = build(s).to(device)
     count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
     if a.eval_only:
-        ck = load_checkpoint(os.path.join(a.out_dir, "ckpt.pt"))
-        model.load_state_dict(ck["trainable"], strict=False)
+        ck = load_trainable(model, os.path.join(a.out_dir, "ckpt.pt"))
         res = {"steps": ck["step"], "train_loss": round(ck["train_loss"], 4)}
     else:
         res = train(a, model, s, device, rank, world, log)

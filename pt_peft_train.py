@@ -241,11 +241,11 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
     path, names = os.path.join(a.out_dir, "ckpt.pt"), groups["prefix"] + groups["peft"]
     params, stop = dict(model.named_parameters()), math.inf if a.max_steps is None else a.max_steps
     ck = load_checkpoint(path) if a.eval_only or a.resume and os.path.exists(path) else None
-    if ck is not None and set(names) - set(ck["trainable"]):
-        raise UsageError(f"{path} does not match this --order / --peft / --peft_target")
-    si0, step0, gstep = (ck["stage"], ck["step"], ck["global_step"]) if ck else (0, 0, 0)
     if ck is not None:
-        model.load_state_dict({n: ck["trainable"][n] for n in names}, strict=False)
+        if {n: t.shape for n, t in ck["trainable"].items()} != {n: params[n].shape for n in names}:
+            raise UsageError(f"{path} was trained with other flags (--order, --peft, --peft_target or sizes)")
+        model.load_state_dict(ck["trainable"], strict=False)
+    si0, step0, gstep = (ck["stage"], ck["step"], ck["global_step"]) if ck else (0, 0, 0)
     model.vision_cache.clear()                     # the ViT may have trained: its cached outputs are stale
     if a.eval_only:
         return {"finished": si0 >= len(plan), "global_step": gstep}

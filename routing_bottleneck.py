@@ -527,9 +527,11 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
 
 
 def load_trainable(model: nn.Module, state: dict) -> None:
-    names = {n for n, q in model.named_parameters() if q.requires_grad}
-    if names != set(state):
-        raise UsageError(f"checkpoint parameters {sorted(set(state) ^ names)[:3]} do not fit these flags")
+    want = {n: q.shape for n, q in model.named_parameters() if q.requires_grad}
+    got = {n: t.shape for n, t in state.items()}
+    bad = sorted(n for n in want.keys() | got.keys() if want.get(n) != got.get(n))     # names and sizes
+    if bad:
+        raise UsageError(f"checkpoint parameters {bad[:3]} do not fit these flags")
     model.load_state_dict(state, strict=False)                  # the frozen weights are not in `state`
 
 

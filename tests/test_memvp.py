@@ -448,11 +448,16 @@ def test_bad_inputs(tmp_path, capsys):
     assert "--overwrite" in run_bad(small(tmp_path / "o4", "--prompting", "memvp"), capsys)
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
     run = small(tmp_path, "--prompting", "memvp", "--epochs", "2", "--train_limit", "40")  # 5 steps an epoch
     memvp.main(run)
     ckpt = tmp_path / "memvp" / "checkpoint.pt"
     good = memvp.load_checkpoint(ckpt)
+    with pytest.raises(SystemExit) as e:  # the same parameter names, another projector width
+        memvp.main(run + ["--max_steps", "5", "--resume", "--proj_hidden", "64"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and err == [f"error: checkpoint {ckpt} was trained with other flags (model, "
+                                         "prompting or sizes)"]
     forward = memvp.VLModel.forward
     monkeypatch.setattr(memvp.VLModel, "forward", lambda self, *a: forward(self, *a) * float("nan"))
     with pytest.raises(SystemExit) as e:

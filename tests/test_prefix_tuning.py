@@ -294,10 +294,15 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert json.load(open(tmp_path / "d" / "results.json"))["rows"]["prefix-tuned"][0]["steps"] == 2
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
     run = SMALL + ["--epochs", "2", "--out_dir", str(tmp_path)]  # 4 steps
     pt.main(run + ["--max_steps", "2"])
     good = pt.load_checkpoint(tmp_path / "ckpt.pt")
+    for other in (["--resume", "--prefix_hidden", "8"], ["--eval_only", "--lm_prefix", "none"]):
+        with pytest.raises(SystemExit) as e:                     # other sizes; fewer prefixes
+            pt.main(run + other)
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert e.value.code == 2 and len(err) == 1 and "was trained with other flags" in err[0]
     forward = pt.PrefixBlip2.forward
     monkeypatch.setattr(pt.PrefixBlip2, "forward", lambda self, *a: forward(self, *a) * float("nan"))
     with pytest.raises(SystemExit) as e:

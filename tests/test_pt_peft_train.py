@@ -290,10 +290,14 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert math.isfinite(res["rank"]["text"])
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
     run = TINY + ["--out_dir", str(tmp_path)]             # 2 steps per stage
     P.main(run + ["--max_steps", "3"])
     good = _ckpt(tmp_path)
+    with pytest.raises(SystemExit) as e:                  # the same parameter names, another LoRA rank
+        P.main(run + ["--resume", "--lora_r", "2"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert e.value.code == 2 and len(err) == 1 and "was trained with other flags" in err[0]
     forward = P.pt.PrefixBlip2.forward
     monkeypatch.setattr(P.pt.PrefixBlip2, "forward", lambda self, *a: forward(self, *a) * float("nan"))
     with pytest.raises(SystemExit) as e:

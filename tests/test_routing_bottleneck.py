@@ -372,11 +372,16 @@ def test_real_formats_local_gpt2_and_vit(tmp_path):
     assert out["runs"][0]["trainable"] == out["runs"][1]["trainable"] == 2 * 4 * 32 + 2 * 32 * 4   # 1 layer
 
 
-def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
     run = ["--out_dir", str(tmp_path), *TINY, "--epochs", "2", "--kinds", "mul", "--eval_limit", "2"]
     rb.main(run + ["--max_steps", "2"])
     ckpt = tmp_path / "lora-mul" / "checkpoint.pt"
     good = rb.load_checkpoint(ckpt)
+    for other in (["--resume", "--r_bottleneck", "2"], ["--eval_only", "--r_bottleneck", "2"]):
+        with pytest.raises(SystemExit) as e:                       # the same parameter names, another rank
+            rb.main(run + ["--max_steps", "4", *other])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+        assert e.value.code == 2 and len(err) == 1 and "do not fit these flags" in err[0] and "lora_A" in err[0]
     loss_fn = rb.loss_fn
     monkeypatch.setattr(rb, "loss_fn", lambda *a: loss_fn(*a) * float("nan"))
     with pytest.raises(SystemExit) as e:
