@@ -70,7 +70,7 @@ def test_checkpoint_and_out_dir(infra, tmp_path):
     assert sorted(os.listdir(out)) == ["notes.txt"]  # only the script's own outputs are removed
 
 
-def test_parse_cli_and_exit_codes(infra, capsys):
+def test_parse_cli_and_exit_codes(infra, capsys, tmp_path):
     from dataclasses import dataclass, field
     from typing import Optional
 
@@ -88,6 +88,14 @@ def test_parse_cli_and_exit_codes(infra, capsys):
     with pytest.raises(SystemExit) as e:
         infra.run_cli(bad, None)
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: unknown --dataset 'x'"
+
+    def unwritable(_):  # an --out_dir below a file
+        (tmp_path / "file").write_text("")
+        os.makedirs(tmp_path / "file" / "run")
+    with pytest.raises(SystemExit) as e:
+        infra.run_cli(unwritable, None)
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
+        f"error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'run'}'"]
 
     def nan(_):
         raise infra.NonFiniteLoss("non-finite loss at step 4")
