@@ -778,6 +778,9 @@ def resolve(args: Args) -> Args:
             raise UsageError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(ok)}")
     if args.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", args.seeds):
         raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "ckpt_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be >= 1")
     args.cache_dir = args.cache_dir or data.cache_dir()
     args.max_new_tokens = args.max_new_tokens or {"vqa": 8, "caption": 30, "mcq": 1}[TASKS[args.dataset]]
     name = f"tiny-{args.arch}" if args.model == "tiny" else os.path.basename(args.model.rstrip("/"))

@@ -409,6 +409,8 @@ def setup(a, device) -> Setup:
     split = "val" if a.dataset == "vqav2" else "test"                    # Karpathy test; VQAv2 val
     recs = {"train": task_records(a.dataset, "train", a.data_root, a.train_limit),
             "eval": task_records(a.dataset, split, a.data_root, a.eval_limit), "mix": []}
+    if not recs["train"]:
+        raise UsageError(f"{a.dataset}/train: no records (--train_limit {a.train_limit})")
     if a.model == "tiny":
         tok = data.build_tokenizer(data.synthetic_vocab() + ["question", "answer", "caption", ":"])
         base = pretrain_tiny(tok, a.pretrain_steps, a.tiny_init, a.cache_dir or data.cache_dir(), device)

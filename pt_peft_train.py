@@ -43,8 +43,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import prefix_tuning as pt
@@ -134,11 +132,10 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
-        self.base, self.scaling, w = base, alpha / r, base.weight
+        self.base, self.scaling, self.dropout, w = base, alpha / r, nn.Dropout(dropout), base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):                                    # (..., in) -> (..., out)
         return self.base(x) + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
@@ -159,7 +156,7 @@ class Adapter(nn.Module):
             ffn_in.register_forward_pre_hook(lambda mod, args: setattr(self, "x", args[0]))
 
     def forward(self, h):                                    # (B, L, d) -> (B, L, d)
-        return self.up(F.relu(self.down(h)))
+        return self.up(torch.relu(self.down(h)))
 
 
 LORA_TARGETS = {   # --peft_target -> the nn.Linear modules of a Hugging Face BLIP-2 that get LoRA
@@ -276,7 +273,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
                 sched.load_state_dict(ck["scheduler"])
                 step = step0
             set_rng_state(ck["rng"])
-        net = DDP(model) if world > 1 else model
+        net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
         try:
             while step < total and gstep < stop:
@@ -469,7 +466,10 @@ def run(a: Args) -> dict:
     device, rank, world = setup_device(a.device, tiny=a.model == "tiny")
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     shared = {k: v for k, v in dataclasses.asdict(runs[0][1]).items() if v is not None}   # None: pt's default
-    t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)   # one LMM + data for all runs
+    try:                                                  # one LMM + data for all runs
+        t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)
+    except pt.UsageError as e:                            # stage 1's bad input: reported as this script's
+        raise UsageError(e) from None
     rows = {name: [run_variant(dataclasses.replace(v, seed=s, out_dir=os.path.join(v.out_dir, f"seed{s}")
                                                    if a.seeds else v.out_dir), setup, device, rank, world)
                    for s in seeds] for name, v in runs}

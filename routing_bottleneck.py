@@ -664,6 +664,8 @@ def resolve(a: Args) -> Args:
                     (not bad, f"unknown routing kind(s) {bad}; choose from {','.join(ROUTINGS)}"),
                     (a.visual_tokens in ("pooled", "grid"), f"unknown --visual_tokens {a.visual_tokens!r}"),
                     (re.fullmatch(r"\d+(,\d+)*", a.seeds or "0"), f"--seeds {a.seeds!r}: expected 0,1,2"),
+                    (all(v is None or v >= 1 for v in (a.epochs, a.batch_size, a.r_bottleneck, a.num_beams)),
+                     "--epochs, --batch_size, --r_bottleneck and --num_beams must be >= 1"),
                     (not a.export_merged or (a.method != "adapter" and "none" in a.kinds.split(",")),
                      "--export_merged needs a LoRA run with routing none (a routed LoRA cannot be merged)")]:
         if not ok:

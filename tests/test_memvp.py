@@ -435,6 +435,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "unknown --arch 'gpt9'" in run_bad(["--arch", "gpt9"], capsys)
     assert "unknown --prompting" in run_bad(["--prompting", "cross"], capsys)
     assert "--seeds" in run_bad(["--seeds", "0;1"], capsys)
+    assert "--epochs 0: must be >= 1" in run_bad(["--epochs", "0"], capsys)
+    assert "--batch_size 0: must be >= 1" in run_bad(["--batch_size", "0"], capsys)
     import transformers
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)
                                  ).save_pretrained(tmp_path / "gpt2")
@@ -465,4 +467,5 @@ def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, mon
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert e.value.code == 1 and err == [f"error: non-finite loss at step 3; last good checkpoint: {ckpt}"]
     kept = memvp.load_checkpoint(ckpt)
-    assert kept["step"] == 2 and all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())
+    assert kept["step"] == 2
+    assert all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())

@@ -249,6 +249,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     (["--dataset", "coco", "--data_root", "/nonexistent/x"], "/nonexistent/x"),
     (["--model", "/nonexistent/blip2"], "/nonexistent/blip2"),
     (["--eval_only"], "no checkpoint"),
+    (["--train_limit", "0"], "no records"),
 ])
 def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, extra, msg):
     with pytest.raises(SystemExit) as e:
@@ -311,4 +312,5 @@ def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, mon
     ckpt = os.path.join(str(tmp_path), "ckpt.pt")
     assert e.value.code == 1 and err == [f"error: non-finite loss at step 3; last good checkpoint: {ckpt}"]
     kept = pt.load_checkpoint(ckpt)
-    assert kept["step"] == 2 and all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())
+    assert kept["step"] == 2
+    assert all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())

@@ -327,6 +327,7 @@ def test_cli_subprocess_export_and_bad_inputs(tmp_path, capsys):
                       (["--kinds", "none,foo"], "unknown routing"),
                       (["--method", "prefix"], "unknown --method"),
                       (["--seeds", "0,a"], "--seeds"),
+                      (["--r_bottleneck", "0"], "must be >= 1"), (["--batch_size", "0"], "must be >= 1"),
                       (["--method", "adapter", "--export_merged", str(tmp_path / "x")], "cannot be merged"),
                       (["--dataset", "shapes_vqa", "--model", "tiny-gpt2"], "does not fit"),
                       (["--model", str(tmp_path / "no_such_model")], "cannot load"),
@@ -381,7 +382,8 @@ def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, mon
         with pytest.raises(SystemExit) as e:                       # the same parameter names, another rank
             rb.main(run + ["--max_steps", "4", *other])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-        assert e.value.code == 2 and len(err) == 1 and "do not fit these flags" in err[0] and "lora_A" in err[0]
+        assert e.value.code == 2 and len(err) == 1 and "do not fit these flags" in err[0]
+        assert "lora_A" in err[0]
     loss_fn = rb.loss_fn
     monkeypatch.setattr(rb, "loss_fn", lambda *a: loss_fn(*a) * float("nan"))
     with pytest.raises(SystemExit) as e:
@@ -389,4 +391,5 @@ def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, mon
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert e.value.code == 1 and err == [f"error: non-finite loss at step 3; last good checkpoint: {ckpt}"]
     kept = rb.load_checkpoint(ckpt)
-    assert kept["step"] == 2 and all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())
+    assert kept["step"] == 2
+    assert all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())
