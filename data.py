@@ -77,7 +77,11 @@ def stand_in(path: str) -> str:
     return shipped if os.path.isfile(shipped) else path
 
 
-class DataError(Exception):
+class UsageError(Exception):
+    """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2, in every script."""
+
+
+class DataError(UsageError):
     """Bad data or arguments; the message names the file / key and where to get the data (scripts: exit 2)."""
 
 
@@ -966,7 +970,7 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device):
@@ -989,8 +993,8 @@ def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device):
     dev = torch.device(device)
     model = model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval()
     patch = getattr(getattr(model.config, "vision_config", model.config), "patch_size", None)
-    mean = torch.tensor(getattr(image_processor, "image_mean", None) or _CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(getattr(image_processor, "image_std", None) or _CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(getattr(image_processor, "image_mean", None) or CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(getattr(image_processor, "image_std", None) or CLIP_STD).view(3, 1, 1)
 
     @torch.no_grad()
     def encode(images):

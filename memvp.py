@@ -470,11 +470,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     sched = lr_schedule(opt, int(args.warmup_ratio * total), total)  # official: linear warm-up, cosine to 0
     step, spent, recent, saved = 0, 0.0, [], args.eval_only or (args.resume and os.path.exists(ckpt))
     if saved:
-        state = load_checkpoint(ckpt)
-        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-        if {n: t.shape for n, t in state["trainable"].items()} != want:  # names and sizes
-            raise UsageError(f"checkpoint {ckpt} was trained with other flags (model, prompting or sizes)")
-        model.load_state_dict(state["trainable"], strict=False)
+        state = load_checkpoint(ckpt, model)  # checked: the same trained tensors and sizes
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, spent, recent = state["step"], state["train_time_s"], state["recent_losses"]
@@ -917,8 +913,7 @@ def main(argv=None) -> dict:
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-class UsageError(Exception):
-    """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -1015,11 +1010,20 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own)."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
+    that require grad are checked against `trainable` by name and size, then loaded."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if model is not None:
+        got = {n: t.shape for n, t in state["trainable"].items()}
+        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
+        if bad:
+            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+    return state
 
 
 def write_json(path: str, obj) -> None:
@@ -1058,7 +1062,7 @@ def run_cli(run, args):
     threads = torch.get_num_threads()
     try:
         return run(args)
-    except (UsageError, data.DataError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:

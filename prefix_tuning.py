@@ -462,7 +462,7 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
                                    "train_loss": loss.item()})
 
     if a.resume and os.path.exists(path):
-        ck = load_trainable(model, path)
+        ck = load_checkpoint(path, model)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
@@ -640,22 +640,13 @@ def resolve(a: Args) -> Args:
                                out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
 
 
-def load_trainable(model: nn.Module, path: str) -> dict:
-    """The checkpoint at `path`, its prefixes loaded into `model`; other flags (names, sizes): UsageError."""
-    ck, want = load_checkpoint(path), {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-    if {n: t.shape for n, t in ck["trainable"].items()} != want:
-        raise UsageError(f"{path} was trained with other flags (prefix placement or sizes)")
-    model.load_state_dict(ck["trainable"], strict=False)
-    return ck
-
-
 def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
     """Prefix-tune one model (--eval_only: load it) and evaluate its exported prefixes."""
     seed_everything(a.seed)
     model = build(s).to(device)
     count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
     if a.eval_only:
-        ck = load_trainable(model, os.path.join(a.out_dir, "ckpt.pt"))
+        ck = load_checkpoint(os.path.join(a.out_dir, "ckpt.pt"), model)
         res = {"steps": ck["step"], "train_loss": round(ck["train_loss"], 4)}
     else:
         res = train(a, model, s, device, rank, world, log)
@@ -719,8 +710,7 @@ def main(argv=None) -> dict:
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-class UsageError(Exception):
-    """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -817,11 +807,20 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own)."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
+    that require grad are checked against `trainable` by name and size, then loaded."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if model is not None:
+        got = {n: t.shape for n, t in state["trainable"].items()}
+        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
+        if bad:
+            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+    return state
 
 
 def write_json(path: str, obj) -> None:
@@ -860,7 +859,7 @@ def run_cli(run, args):
     threads = torch.get_num_threads()
     try:
         return run(args)
-    except (UsageError, data.DataError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:

@@ -127,8 +127,7 @@ def rank_report(text: list, image: list) -> dict:
 
 # === The method: LoRA (Hu et al. 2022; App. B.5) and S-/P-Adapters (Hu et al. 2023) ===
 class LoRALinear(nn.Module):
-    """y = W x + b + (alpha/r) B A dropout(x). A (r, in) Kaiming-uniform, B (out, r) zero -- peft's layout and
-    init, so the wrapped model starts equal to the base model and the weights map one-to-one."""
+    """y = W x + b + (alpha/r) B A dropout(x); peft's layout and init (A (r, in) Kaiming, B (out, r) zero)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
@@ -237,11 +236,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
     """AdamW (0.9, 0.99), per stage linear warm-up + decay (B.4); exact resume across stages; --eval_only."""
     path, names = os.path.join(a.out_dir, "ckpt.pt"), groups["prefix"] + groups["peft"]
     params, stop = dict(model.named_parameters()), math.inf if a.max_steps is None else a.max_steps
-    ck = load_checkpoint(path) if a.eval_only or a.resume and os.path.exists(path) else None
-    if ck is not None:
-        if {n: t.shape for n, t in ck["trainable"].items()} != {n: params[n].shape for n in names}:
-            raise UsageError(f"{path} was trained with other flags (--order, --peft, --peft_target or sizes)")
-        model.load_state_dict(ck["trainable"], strict=False)
+    ck = load_checkpoint(path, model) if a.eval_only or a.resume and os.path.exists(path) else None
     si0, step0, gstep = (ck["stage"], ck["step"], ck["global_step"]) if ck else (0, 0, 0)
     model.vision_cache.clear()                     # the ViT may have trained: its cached outputs are stale
     if a.eval_only:
@@ -466,10 +461,7 @@ def run(a: Args) -> dict:
     device, rank, world = setup_device(a.device, tiny=a.model == "tiny")
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     shared = {k: v for k, v in dataclasses.asdict(runs[0][1]).items() if v is not None}   # None: pt's default
-    try:                                                  # one LMM + data for all runs
-        t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)
-    except pt.UsageError as e:                            # stage 1's bad input: reported as this script's
-        raise UsageError(e) from None
+    t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)   # one LMM + data for all runs
     rows = {name: [run_variant(dataclasses.replace(v, seed=s, out_dir=os.path.join(v.out_dir, f"seed{s}")
                                                    if a.seeds else v.out_dir), setup, device, rank, world)
                    for s in seeds] for name, v in runs}
@@ -492,8 +484,7 @@ def main(argv=None) -> dict:
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-class UsageError(Exception):
-    """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -590,11 +581,20 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own)."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
+    that require grad are checked against `trainable` by name and size, then loaded."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if model is not None:
+        got = {n: t.shape for n, t in state["trainable"].items()}
+        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
+        if bad:
+            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+    return state
 
 
 def write_json(path: str, obj) -> None:
@@ -633,7 +633,7 @@ def run_cli(run, args):
     threads = torch.get_num_threads()
     try:
         return run(args)
-    except (UsageError, data.DataError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:

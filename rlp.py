@@ -167,7 +167,6 @@ def tokenize(tok, texts, clip: CLIPModel):
 # half with 1 object, half with 1-3, captioned "a photo of a red circle.", ... (so CoOp's init is meaningful).
 TINY_CLIP = dict(width=64, layers=2, heads=4, image_size=48, patch=16, scenes=2000, steps=1000, batch=64,
                  lr=2e-3, weight_decay=0.05, warmup=50)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 SHAPES_TEST_IMAGES = 1920  # 40 per class (data.py's default 500 leaves ~10: one image would be 0.4 points)
 
 
@@ -192,7 +191,7 @@ def pretrain(clip: CLIPModel, tok, seed: int) -> CLIPModel:
     objects = [str(sorted((o["color"], o["shape"]) for o in r["meta"]["scene"]["objects"])) for r in recs]
     key = torch.from_numpy(np.unique(objects, return_inverse=True)[1])               # same key: positives
     x = torch.from_numpy(np.stack([np.asarray(data.load_image(r, rc["image_size"])) for r in recs])) / 255
-    images = ((x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+    images = ((x - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)).permute(0, 3, 1, 2)  # NCHW
     opt = torch.optim.AdamW(clip.parameters(), lr=rc["lr"], weight_decay=rc["weight_decay"])
     sched = lr_schedule(opt, rc["warmup"], rc["steps"])
     for _ in tqdm(range(rc["steps"]), desc="pre-train the tiny CLIP", mininterval=10):
@@ -231,8 +230,7 @@ def load_clip(a: Args, device, rank: int):
     vision = dict(image_size=rc["image_size"], patch_size=rc["patch"], **tower)
     torch.manual_seed(a.clip_seed)                                   # the tiny CLIP's init and batches
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=w))
-    recipe = [TINY_CLIP, a.clip_seed, data.PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.get_vocab())]
-    key = json.dumps(recipe)
+    key = json.dumps([TINY_CLIP, a.clip_seed, data.PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.vocab)])
     name = f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     path = data.stand_in(os.path.join(a.cache_dir, "rlp", name))  # the shipped copy, else the cache
     if rank == 0 and not os.path.exists(path):
@@ -246,11 +244,9 @@ def load_clip(a: Args, device, rank: int):
 
 def load_split(a: Args, split: str, subset: str, seed: int, shots: Optional[int]):
     """-> (records, class names) of one split and class subset ("base" or "new")."""
-    kw = dict(seed=seed, num_shots=shots)
+    kw = dict(seed=seed, num_shots=shots, shapes_split=a.shapes_split)  # shapes_split: shapes_cls only
     if a.dataset == "shapes_cls" and split == "test":
         kw["split_sizes"] = {"train": 2000, "val": 200, "test": SHAPES_TEST_IMAGES}
-    if a.dataset == "shapes_cls":
-        kw["shapes_split"] = a.shapes_split
     recs = data.load_records(a.dataset, split, a.data_root, subset=subset, **kw)
     return recs, data.classnames_of(recs)
 
@@ -464,8 +460,7 @@ def run(a: Args) -> dict:
         if tr != te:
             raise data.DataError(f"class name mismatch: train has {sorted(set(tr) - set(te))} where test has "
                                  f"{sorted(set(te) - set(tr))}")
-    if not a.eval_only:
-        prepare_out_dir(a.out_dir, a.resume, a.overwrite, rank)
+    prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     env = Env(*load_clip(a, device, rank), device, rank)
     for s, (recs, names) in test.items():
         env.test[s] = (*image_features(a, env, recs, f"test-{s}", train=False), names)
@@ -489,8 +484,7 @@ def main(argv=None) -> dict:
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-class UsageError(Exception):
-    """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -587,11 +581,20 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own)."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
+    that require grad are checked against `trainable` by name and size, then loaded."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if model is not None:
+        got = {n: t.shape for n, t in state["trainable"].items()}
+        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
+        if bad:
+            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+    return state
 
 
 def write_json(path: str, obj) -> None:
@@ -630,7 +633,7 @@ def run_cli(run, args):
     threads = torch.get_num_threads()
     try:
         return run(args)
-    except (UsageError, data.DataError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:

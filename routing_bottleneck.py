@@ -458,8 +458,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     seed_everything(a.seed)
     model = build_model(a, p, method, kind).to(device)
     if a.eval_only:
-        state = load_checkpoint(ckpt)
-        load_trainable(model, state["trainable"])
+        state = load_checkpoint(ckpt, model)
         return {"method": method, "routing": kind, "seed": a.seed, "trainable": expected_trainable(model),
                 "steps": state["step"], **evaluate(model, a, p, device, rank, world)}, model
     log = print if rank == 0 else lambda *_: None                        # only rank 0 prints
@@ -472,8 +471,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     sched = lr_schedule(opt, int(a.warmup if a.warmup >= 1 else a.warmup * total), total, decay="linear")
     step, loss = 0, torch.zeros(())
     if a.resume and os.path.isfile(ckpt):
-        state = load_checkpoint(ckpt)
-        load_trainable(model, state["trainable"])
+        state = load_checkpoint(ckpt, model)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -524,15 +522,6 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     if rank == 0 and step == total:
         write_json(done, res)                                      # the run is complete: --resume skips it
     return res, model
-
-
-def load_trainable(model: nn.Module, state: dict) -> None:
-    want = {n: q.shape for n, q in model.named_parameters() if q.requires_grad}
-    got = {n: t.shape for n, t in state.items()}
-    bad = sorted(n for n in want.keys() | got.keys() if want.get(n) != got.get(n))     # names and sizes
-    if bad:
-        raise UsageError(f"checkpoint parameters {bad[:3]} do not fit these flags")
-    model.load_state_dict(state, strict=False)                  # the frozen weights are not in `state`
 
 
 @torch.no_grad()
@@ -730,8 +719,7 @@ def main(argv=None) -> dict:
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-class UsageError(Exception):
-    """Bad input (a flag, path, model or checkpoint): one 'error: ...' line, exit code 2."""
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -828,11 +816,20 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own)."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
+    that require grad are checked against `trainable` by name and size, then loaded."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if model is not None:
+        got = {n: t.shape for n, t in state["trainable"].items()}
+        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
+        if bad:
+            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+    return state
 
 
 def write_json(path: str, obj) -> None:
@@ -871,7 +868,7 @@ def run_cli(run, args):
     threads = torch.get_num_threads()
     try:
         return run(args)
-    except (UsageError, data.DataError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
     except KeyboardInterrupt:

@@ -407,7 +407,7 @@ def test_hf_clip_tower_features(tmp_path):
     # reference: simple resize + CLIP normalisation (no image processor saved)
     px = torch.stack([torch.from_numpy(np.asarray(data.load_image(r, 32), np.float32) / 255).permute(2, 0, 1)
                       for r in recs])
-    px = (px - torch.tensor(data._CLIP_MEAN).view(3, 1, 1)) / torch.tensor(data._CLIP_STD).view(3, 1, 1)
+    px = (px - torch.tensor(data.CLIP_MEAN).view(3, 1, 1)) / torch.tensor(data.CLIP_STD).view(3, 1, 1)
     with torch.no_grad():
         out = model(pixel_values=px, output_hidden_states=True)
     assert torch.allclose(feats.float(), out.hidden_states[-2][:, 1:], atol=2e-2)

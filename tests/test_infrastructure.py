@@ -28,9 +28,16 @@ def test_same_block_in_every_method_file():
     ref = blocks[METHOD_FILES[0]]
     for name, b in blocks.items():
         assert b == ref, f"{name}: infrastructure block differs from {METHOD_FILES[0]}"
-    names = set(re.findall(r"^(?:def|class) (\w+)", ref, re.M))
+    names = {a or b for a, b in re.findall(r"^(?:def|class) (\w+)|^(\w+) = ", ref, re.M)}
     assert {"UsageError", "NonFiniteLoss", "setup_device", "seed_everything", "lr_schedule",
             "save_checkpoint", "load_checkpoint", "run_cli"} <= names
+
+
+def test_one_bad_input_class_for_every_script():
+    """pt_peft_train runs prefix_tuning's code: an error raised there is reported as any other bad input."""
+    import data
+    assert issubclass(data.DataError, data.UsageError)
+    assert all(importlib.import_module(n[:-3]).UsageError is data.UsageError for n in METHOD_FILES)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +67,16 @@ def test_checkpoint_and_out_dir(infra, tmp_path):
     assert infra.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path) == ["ck.pt"]
     with pytest.raises(infra.UsageError, match="no checkpoint"):
         infra.load_checkpoint(str(tmp_path / "missing.pt"))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
+    model[1].requires_grad_(False)  # frozen: not in the checkpoint, left as it is
+    frozen = model[1].weight.detach().clone()
+    infra.save_checkpoint(path, {"trainable": {"0.weight": torch.ones(3, 2), "0.bias": torch.zeros(3)}})
+    infra.load_checkpoint(path, model)
+    assert model[0].weight.eq(1).all() and model[0].bias.eq(0).all() and model[1].weight.equal(frozen)
+    for other in ({"0.weight": torch.ones(4, 2), "0.bias": torch.zeros(3)}, {"0.bias": torch.zeros(3)}):
+        infra.save_checkpoint(path, {"trainable": other})  # another size; a tensor missing
+        with pytest.raises(infra.UsageError, match=r"other flags \(tensor 0\.weight: absent here or resized"):
+            infra.load_checkpoint(path, model)
     out = tmp_path / "run"
     infra.prepare_out_dir(str(out), resume=False, overwrite=False)
     infra.write_json(str(out / "results.json"), {"a": 1})

@@ -382,7 +382,7 @@ def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, mon
         with pytest.raises(SystemExit) as e:                       # the same parameter names, another rank
             rb.main(run + ["--max_steps", "4", *other])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-        assert e.value.code == 2 and len(err) == 1 and "do not fit these flags" in err[0]
+        assert e.value.code == 2 and len(err) == 1 and "was trained with other flags" in err[0]
         assert "lora_A" in err[0]
     loss_fn = rb.loss_fn
     monkeypatch.setattr(rb, "loss_fn", lambda *a: loss_fn(*a) * float("nan"))
