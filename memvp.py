@@ -772,8 +772,6 @@ def resolve(args: Args) -> Args:
                      ("eval_split", ("val", "test"))):
         if getattr(args, name) not in ok:
             raise UsageError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(ok)}")
-    if args.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", args.seeds):
-        raise UsageError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
     for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "ckpt_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} {getattr(args, name)}: must be >= 1")
@@ -1058,9 +1056,15 @@ def mean_std(values) -> str:
 
 
 def run_cli(run, args):
-    """run(args) with the exit codes every script shares: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads = torch.get_num_threads()
+    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
+    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
+        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
+            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
+            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
+                raise UsageError(f"--{k} {v}: must be {rule}")
+        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)
     except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)

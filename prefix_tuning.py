@@ -633,8 +633,6 @@ def resolve(a: Args) -> Args:
         raise UsageError("no prefix to train: --lm_prefix none and --no-qformer_prefix")
     if min(a.num_prefix or 1, a.epochs, a.batch_size, a.num_beams) < 1:
         raise UsageError("--num_prefix, --epochs, --batch_size and --num_beams must be >= 1")
-    if a.seeds is not None and not all(x.strip().isdigit() for x in a.seeds.split(",")):
-        raise UsageError(f"--seeds {a.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
     name = a.dataset + "-compare" * a.compare + "-hf_init" * (a.tiny_init == "hf")
     return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if vqa else 8),
                                out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
@@ -855,9 +853,15 @@ def mean_std(values) -> str:
 
 
 def run_cli(run, args):
-    """run(args) with the exit codes every script shares: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads = torch.get_num_threads()
+    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
+    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
+        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
+            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
+            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
+                raise UsageError(f"--{k} {v}: must be {rule}")
+        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)
     except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)

@@ -381,8 +381,6 @@ def variants(a: Args) -> list[tuple[str, Args]]:
     a.pt_epochs, a.ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
     if a.pt_epochs + a.ft_epochs <= 0 or min(a.num_prefix or 1, a.lora_r, a.adapter_dim, a.batch_size) < 1:
         raise UsageError("epochs, --num_prefix, --lora_r, --adapter_dim and --batch_size must be > 0")
-    if a.seeds is not None and not re.fullmatch(r"\d+(,\d+)*", a.seeds):
-        raise UsageError(f"--seeds {a.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
     if a.export_merged and a.peft.endswith("adapter"):
         raise UsageError("--export_merged: adapters have no merged form (LoRA and full FT have)")
     out = []
@@ -629,9 +627,15 @@ def mean_std(values) -> str:
 
 
 def run_cli(run, args):
-    """run(args) with the exit codes every script shares: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads = torch.get_num_threads()
+    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
+    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
+        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
+            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
+            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
+                raise UsageError(f"--{k} {v}: must be {rule}")
+        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)
     except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)

@@ -100,8 +100,7 @@ class ClassPrompts(nn.Module):
         ids, eos = tokenize(tok, [template.format(c.replace("_", " ")) for c in classnames], clip)
         if n_ctx and not (ids[:, 1:1 + n_ctx] == ids[0, 1]).all():
             raise UsageError(f"the context placeholder does not tokenize to {n_ctx} single tokens")
-        with torch.no_grad():
-            emb = clip.text_model.embeddings.token_embedding(ids.to(clip.logit_scale.device))  # (C, L, d)
+        emb = clip.text_model.embeddings.token_embedding(ids.to(clip.logit_scale.device)).detach()  # frozen
         self.n_ctx = n_ctx
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)                 # (C, 1, d) [SOS]
         self.register_buffer("suffix", emb[:, 1 + n_ctx:].clone(), persistent=False)         # (C, L-1-n, d)
@@ -285,13 +284,12 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)              # CoOp's (Dassl's)
     # CoOp: one epoch at a constant 1e-5, then cosine to 0  # DEVIATION: stepped per iteration, not per epoch
     sched = lr_schedule(opt, spe, total, "constant", "cosine", 1e-5 / a.lr)
-    step = 0
-    if a.resume and os.path.exists(ckpt):
-        state = load_context(model, ckpt, a)
-        step = state["step"]
+    state = load_context(model, ckpt, a) if a.resume and os.path.exists(ckpt) else None
+    if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+    step = state["step"] if state is not None else 0
 
     def save():
         if env.rank == 0:
@@ -431,10 +429,9 @@ class Args:
 def resolve(a: Args) -> tuple[Args, list]:
     """Check the flags, fill in the automatic values -> (args, seeds)."""
     a.dataset = {k.replace("_", ""): k for k in TEMPLATES}.get(a.dataset.lower().replace("_", ""), a.dataset)
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip().isdigit()] if a.seeds else [a.seed]
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
     valid = {"dataset": a.dataset in TEMPLATES, "prompt": a.prompt in (None, "zeroshot", "coop", "rlp"),
-             "shapes_split": a.shapes_split in ("shape", "checker"), "rlp_dropout": 0 <= a.rlp_dropout < 1,
-             "seeds": len(set(seeds)) == len((a.seeds or "1").split(","))}
+             "shapes_split": a.shapes_split in ("shape", "checker")}
     for k in ("shots", "epochs", "batch_size", "rank", "n_ctx"):
         valid[k] = getattr(a, k) is None or getattr(a, k) >= 1
     for k in [k for k, ok in valid.items() if not ok][:1]:                    # the first bad flag
@@ -629,9 +626,15 @@ def mean_std(values) -> str:
 
 
 def run_cli(run, args):
-    """run(args) with the exit codes every script shares: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads = torch.get_num_threads()
+    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
+    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
+        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
+            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
+            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
+                raise UsageError(f"--{k} {v}: must be {rule}")
+        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)
     except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)

@@ -652,7 +652,6 @@ def resolve(a: Args) -> Args:
                     (a.method in ("lora", "adapter", "both"), f"unknown --method {a.method!r}"),
                     (not bad, f"unknown routing kind(s) {bad}; choose from {','.join(ROUTINGS)}"),
                     (a.visual_tokens in ("pooled", "grid"), f"unknown --visual_tokens {a.visual_tokens!r}"),
-                    (re.fullmatch(r"\d+(,\d+)*", a.seeds or "0"), f"--seeds {a.seeds!r}: expected 0,1,2"),
                     (all(v is None or v >= 1 for v in (a.epochs, a.batch_size, a.r_bottleneck, a.num_beams)),
                      "--epochs, --batch_size, --r_bottleneck and --num_beams must be >= 1"),
                     (not a.export_merged or (a.method != "adapter" and "none" in a.kinds.split(",")),
@@ -864,9 +863,15 @@ def mean_std(values) -> str:
 
 
 def run_cli(run, args):
-    """run(args) with the exit codes every script shares: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads = torch.get_num_threads()
+    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
+    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
+        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
+            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
+            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
+                raise UsageError(f"--{k} {v}: must be {rule}")
+        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)
     except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)

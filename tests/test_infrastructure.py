@@ -2,11 +2,13 @@
 from __future__ import annotations  # parse_cli reads field types as strings, as in the method files
 
 import importlib
+import math
 import os
 import re
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace as NS
 
 import pytest
 import torch
@@ -103,23 +105,38 @@ def test_parse_cli_and_exit_codes(infra, capsys, tmp_path):
     def bad(_):
         raise infra.UsageError("unknown --dataset 'x'")
     with pytest.raises(SystemExit) as e:
-        infra.run_cli(bad, None)
+        infra.run_cli(bad, A())
     assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: unknown --dataset 'x'"
 
     def unwritable(_):  # an --out_dir below a file
         (tmp_path / "file").write_text("")
         os.makedirs(tmp_path / "file" / "run")
     with pytest.raises(SystemExit) as e:
-        infra.run_cli(unwritable, None)
+        infra.run_cli(unwritable, A())
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
         f"error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'run'}'"]
 
     def nan(_):
         raise infra.NonFiniteLoss("non-finite loss at step 4")
     with pytest.raises(SystemExit) as e:
-        infra.run_cli(nan, None)
+        infra.run_cli(nan, A())
     assert e.value.code == 1
     assert infra.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00" and infra.mean_std([5.0]) == "5.00 ± 0.00"
+
+
+def test_rules_every_script_shares(infra, capsys):
+    """Learning rates > 0, dropout probabilities in [0, 1), distinct --seeds: one error line, exit 2."""
+    ran = []
+    assert infra.run_cli(ran.append, NS(lr=None, pt_lr=1e-4, lora_dropout=0.0, seeds="2,0,1")) is None and ran
+    for bad, msg in ((NS(lr=-1.0), "--lr -1.0: must be > 0"), (NS(pt_lr=math.nan), "--pt_lr nan: must be"),
+                     (NS(mem_dropout=1.0), "--mem_dropout 1.0: must be in [0, 1)"),
+                     (NS(seeds="0,1,0"), "--seeds '0,1,0': expected distinct integers, e.g. 0,1,2"),
+                     (NS(seeds="0;1"), "--seeds '0;1'"), (NS(seeds="-1"), "--seeds '-1'")):
+        with pytest.raises(SystemExit) as e:
+            infra.run_cli(ran.append, bad)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {msg}"), err
+    assert len(ran) == 1
 
 
 def test_tiny_models_run_single_threaded(infra):
@@ -129,7 +146,7 @@ def test_tiny_models_run_single_threaded(infra):
         def run(_):
             dev, rank, world = infra.setup_device("cpu", tiny=True)
             return dev.type, rank, world, torch.get_num_threads()
-        assert infra.run_cli(run, None) == ("cpu", 0, 1, 1)
+        assert infra.run_cli(run, NS()) == ("cpu", 0, 1, 1)
         assert torch.get_num_threads() == 2  # run_cli gives the caller its threads back
         infra.setup_device("cpu")
         assert torch.get_num_threads() == 2  # a real model keeps every core

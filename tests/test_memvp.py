@@ -435,6 +435,9 @@ def test_bad_inputs(tmp_path, capsys):
     assert "unknown --arch 'gpt9'" in run_bad(["--arch", "gpt9"], capsys)
     assert "unknown --prompting" in run_bad(["--prompting", "cross"], capsys)
     assert "--seeds" in run_bad(["--seeds", "0;1"], capsys)
+    assert "distinct" in run_bad(["--seeds", "0,0"], capsys)
+    assert "--mem_dropout 2.0: must be in [0, 1)" in run_bad(["--mem_dropout", "2"], capsys)
+    assert "--lr -0.1: must be > 0" in run_bad(["--lr", "-0.1"], capsys)
     assert "--epochs 0: must be >= 1" in run_bad(["--epochs", "0"], capsys)
     assert "--batch_size 0: must be >= 1" in run_bad(["--batch_size", "0"], capsys)
     import transformers

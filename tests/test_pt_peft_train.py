@@ -253,6 +253,8 @@ def test_resume_across_stage_boundary_equals_uninterrupted_and_eval_only(tmp_pat
                                      (["--peft_target", "decoder"], "unknown --peft_target"),
                                      (["--dataset", "nope"], "unknown --dataset"),
                                      (["--epochs", "0"], "must be > 0"), (["--seeds", "0,x"], "--seeds"),
+                                     (["--lr", "-1"], "--lr -1.0: must be > 0"),   # param groups: no check
+                                     (["--seeds", "1,0,1"], "distinct"), (["--lora_dropout", "1"], "[0, 1)"),
                                      (["--eval_only"], "no checkpoint"), (["--train_limit", "0"], "records"),
                                      (["--model", "/nonexistent/blip2"], "/nonexistent/blip2")])
 def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, bad, msg):

@@ -269,8 +269,8 @@ def expect_exit(code, tmp_path, capsys, argv, *words):
 
 @pytest.mark.parametrize("argv, words", [
     (["--dataset", "nope"], ["--dataset nope"]),
-    (["--seeds", "1,x"], ["--seeds 1,x"]),
-    (["--seeds", "1,1"], ["--seeds 1,1"]),
+    (["--seeds", "1,x"], ["--seeds '1,x'"]),
+    (["--seeds", "1,1"], ["--seeds '1,1'", "distinct"]),
     (["--rlp_dropout", "1.5"], ["--rlp_dropout"]),
     (["--prompt", "lora"], ["--prompt lora"]),
     (["--dataset", "dtd", "--model", "tiny"], ["--model tiny"]),
