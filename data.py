@@ -726,7 +726,9 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
     for r, i in zip(records, rows.tolist()):
         uniq[i] = uniq[i] or (r if r.get("image_id") is not None else None)
     settings = {"patches": patch_size, "tiny-cnn": _TINY_CNN_RECIPE}.get(encoder, [layer, keep_cls])
-    ids = _digest([r and r["image_id"] for r in uniq])
+    # image files: by path, size and time too, so that another --data_root or a changed file re-extracts
+    ids = _digest([r and (r["image_id"] if r.get("image_path") is None else [r["image_id"], *_file_stamp(r)])
+                   for r in uniq])
     key = {"version": DATA_VERSION, "dataset": dataset, "split": split, "encoder": encoder, "pooled": pooled,
            "image_size": image_size, "settings": settings, "ids": ids}
     name = f"{dataset or 'data'}-{split or 'all'}-{re.sub(r'[^A-Za-z0-9._-]+', '_', encoder)[-48:]}"
@@ -769,6 +771,14 @@ def drop_missing(records: Sequence[dict], rows: torch.Tensor, missing: torch.Ten
         print(f"dropped {len(records) - len(keep)} of {len(records)} training records whose image is "
               "unreadable", file=sys.stderr)
     return [records[i] for i in keep.tolist()], rows[keep]
+
+
+def _file_stamp(record: dict) -> list:
+    """[path, size, mtime_ns] of a record's image file ([path] if it cannot be read)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(record["image_path"])
+        return [str(record["image_path"]), st.st_size, st.st_mtime_ns]
+    return [str(record["image_path"])]
 
 
 def _digest(obj) -> str:

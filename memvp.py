@@ -456,6 +456,8 @@ class Collator:
 def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, world: int, out_dir: str):
     """One plain loop, exactly resumable from its checkpoint; --eval_only: load it and take no step."""
     ckpt, params = os.path.join(out_dir, "checkpoint.pt"), [p for p in model.parameters() if p.requires_grad]
+    setting = setting_of(args, "prompting", "eval_batch_size", "eval_limit", "eval_split", "max_new_tokens",
+                         "log_every", "ckpt_every", "export_merged")  # these change no trained weight
     # official LLaMA recipe: AdamW betas (0.9, 0.95), no weight decay on biases and norms (timm param groups)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
@@ -470,7 +472,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     sched = lr_schedule(opt, int(args.warmup_ratio * total), total)  # official: linear warm-up, cosine to 0
     step, spent, recent, saved = 0, 0.0, [], args.eval_only or (args.resume and os.path.exists(ckpt))
     if saved:
-        state = load_checkpoint(ckpt, model)  # checked: the same trained tensors and sizes
+        state = load_checkpoint(ckpt, model, setting)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, spent, recent = state["step"], state["train_time_s"], state["recent_losses"]
@@ -484,7 +486,8 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
             save_checkpoint(ckpt, {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
                                                  if p.requires_grad}, "step": step, "rng": rng_state(),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "train_time_s": spent + time.perf_counter() - t0, "recent_losses": recent})
+                                   "train_time_s": spent + time.perf_counter() - t0, "recent_losses": recent,
+                                   "setting": setting})
     bar = tqdm(total=target, initial=step, desc=f"train {model.mode}", disable=rank != 0, file=sys.stderr,
                position=int(model.mode == "input"))  # one line per side: they may train side by side
     model.train()
@@ -1008,18 +1011,26 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
-    that require grad are checked against `trainable` by name and size, then loaded."""
+def setting_of(args, *ignore: str) -> dict:
+    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
+    change only the evaluation or the logging)."""
+    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
+            "data_root", "seeds", *ignore)
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
+    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if model is not None:
-        got = {n: t.shape for n, t in state["trainable"].items()}
-        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
-        if bad:
-            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
+        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
+                if old.get(k) != setting.get(k)]
+        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
+            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
     return state
 

@@ -453,16 +453,17 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
                             weight_decay=0.05)                                          # Table 14
     sched = lr_schedule(opt, min(a.warmup_steps, total - 1), total, warmup="linear", decay="linear")
     path, step, loss = os.path.join(a.out_dir, "ckpt.pt"), 0, torch.tensor(float("nan"))
+    setting = setting_of(a, *EVAL_FLAGS)
 
     def save():
         if rank == 0:
             trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
             save_checkpoint(path, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step,
                                    "scheduler": sched.state_dict(), "rng": rng_state(),
-                                   "train_loss": loss.item()})
+                                   "train_loss": loss.item(), "setting": setting})
 
     if a.resume and os.path.exists(path):
-        ck = load_checkpoint(path, model)
+        ck = load_checkpoint(path, model, setting)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
@@ -620,6 +621,9 @@ VARIANTS = {"qformer_lm": ("Q-Former + LM input (Table 8)", "input", True),
             "qformer": ("Q-Former only", "none", True)}
 
 
+EVAL_FLAGS = ("compare", "eval_limit", "num_beams", "max_new_tokens", "vision_cache_mb")  # no trained weight
+
+
 def resolve(a: Args) -> Args:
     """None -> the paper's value (TINY's for --model tiny); P by task (Table 8); flags checked."""
     vqa = a.dataset in ("shapes_vqa", "vqav2")
@@ -644,7 +648,7 @@ def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
     model = build(s).to(device)
     count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
     if a.eval_only:
-        ck = load_checkpoint(os.path.join(a.out_dir, "ckpt.pt"), model)
+        ck = load_checkpoint(os.path.join(a.out_dir, "ckpt.pt"), model, setting_of(a, *EVAL_FLAGS))
         res = {"steps": ck["step"], "train_loss": round(ck["train_loss"], 4)}
     else:
         res = train(a, model, s, device, rank, world, log)
@@ -805,18 +809,26 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
-    that require grad are checked against `trainable` by name and size, then loaded."""
+def setting_of(args, *ignore: str) -> dict:
+    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
+    change only the evaluation or the logging)."""
+    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
+            "data_root", "seeds", *ignore)
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
+    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if model is not None:
-        got = {n: t.shape for n, t in state["trainable"].items()}
-        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
-        if bad:
-            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
+        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
+                if old.get(k) != setting.get(k)]
+        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
+            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
     return state
 

@@ -236,7 +236,8 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
     """AdamW (0.9, 0.99), per stage linear warm-up + decay (B.4); exact resume across stages; --eval_only."""
     path, names = os.path.join(a.out_dir, "ckpt.pt"), groups["prefix"] + groups["peft"]
     params, stop = dict(model.named_parameters()), math.inf if a.max_steps is None else a.max_steps
-    ck = load_checkpoint(path, model) if a.eval_only or a.resume and os.path.exists(path) else None
+    setting = setting_of(a, "compare", "eval_limit", "num_beams", "export_merged", "save_every")
+    ck = load_checkpoint(path, model, setting) if a.eval_only or a.resume and os.path.exists(path) else None
     si0, step0, gstep = (ck["stage"], ck["step"], ck["global_step"]) if ck else (0, 0, 0)
     model.vision_cache.clear()                     # the ViT may have trained: its cached outputs are stale
     if a.eval_only:
@@ -249,7 +250,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
             save_checkpoint(path, {"trainable": {n: params[n].detach().cpu().clone() for n in names},
                                    "optimizer": opt and opt.state_dict(), "stage": si, "step": step,
                                    "scheduler": sched and sched.state_dict(), "rng": rng_state(),
-                                   "global_step": gstep})
+                                   "global_step": gstep, "setting": setting})
         return path
 
     last_good = path if ck else "none"
@@ -579,18 +580,26 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
-    that require grad are checked against `trainable` by name and size, then loaded."""
+def setting_of(args, *ignore: str) -> dict:
+    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
+    change only the evaluation or the logging)."""
+    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
+            "data_root", "seeds", *ignore)
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
+    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if model is not None:
-        got = {n: t.shape for n, t in state["trainable"].items()}
-        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
-        if bad:
-            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
+        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
+                if old.get(k) != setting.get(k)]
+        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
+            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
     return state
 

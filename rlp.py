@@ -146,6 +146,8 @@ def build_prompt_model(kind: str, clip: CLIPModel, tok, a: Args) -> tuple[Prompt
     p_init = torch.randn(a.n_ctx, clip.config.text_config.hidden_size) * 0.02                 # (n, d)
     if a.ctx_init:
         ids, eos = tokenize(tok, [a.ctx_init], clip)
+        if tok.unk_token_id in ids[0, 1:eos[0]].tolist():
+            raise UsageError(f"--ctx_init {a.ctx_init!r}: a word the tokenizer does not know")
         p_init = clip.text_model.embeddings.token_embedding(ids[0, 1:eos[0]]).detach()   # no [SOS], [EOS]
     (n, d), r, p_init = p_init.shape, a.rank, p_init.to(clip.logit_scale.device)
     if kind == "coop":
@@ -284,7 +286,7 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)              # CoOp's (Dassl's)
     # CoOp: one epoch at a constant 1e-5, then cosine to 0  # DEVIATION: stepped per iteration, not per epoch
     sched = lr_schedule(opt, spe, total, "constant", "cosine", 1e-5 / a.lr)
-    state = load_context(model, ckpt, a) if a.resume and os.path.exists(ckpt) else None
+    state = load_checkpoint(ckpt, model, setting_of(a)) if a.resume and os.path.exists(ckpt) else None
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -328,21 +330,6 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
     return step
 
 
-def setting_of(a: Args) -> dict:
-    """The flags that a checkpoint must agree with, to be resumed or evaluated."""
-    return {k: v for k, v in dataclasses.asdict(a).items() if k not in (
-        "max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir")}
-
-
-def load_context(model: PromptCLIP, ckpt: str, a: Args) -> dict:
-    """Load the context of a checkpoint trained with the same flags into the model -> the checkpoint."""
-    state = load_checkpoint(ckpt)
-    if state["setting"] != setting_of(a):
-        raise UsageError(f"{ckpt} was trained with other flags: {state['setting']}")
-    model.load_state_dict(state["trainable"], strict=False)
-    return state
-
-
 def run_one(kind: str, a: Args, seed: int, tag: str, env: Env, log) -> dict:
     """Train (unless zero-shot or --eval_only) and evaluate one prompt learner with one seed."""
     seed_everything(seed)
@@ -354,7 +341,7 @@ def run_one(kind: str, a: Args, seed: int, tag: str, env: Env, log) -> dict:
     ckpt = os.path.join(a.out_dir, f"seed{seed}", tag, "ckpt.pt")
     res = dict(seed=seed, tunable=expected, steps=0)
     if kind != "zeroshot" and a.eval_only:
-        res["steps"] = load_context(model, ckpt, a)["step"]
+        res["steps"] = load_checkpoint(ckpt, model, setting_of(a))["step"]
     elif kind != "zeroshot":
         prompts = ClassPrompts(env.clip, env.tok, env.test["base"][2], template, n_ctx)
         res["steps"] = train(a, model, prompts, x, y, seed, ckpt, env)
@@ -408,7 +395,7 @@ class Args:
     shots: int = arg(16, "training images per base class (CoCoOp: 16)")
     seed: int = arg(1, "seed of a single run")
     seeds: Optional[str] = arg(None, "comma-separated seeds, e.g. 1,2,3 (the paper's): mean ± std")
-    n_ctx: int = arg(4, "context length n of a random init (--ctx_init '')")
+    n_ctx: Optional[int] = arg(None, "context length n; auto: the words of --ctx_init, else 4 (random P)")
     ctx_init: str = arg("a photo of a", "words that initialise P (n = their count); '': random")
     rank: int = arg(1, "RLP rank r (not in the summary; 1 gives the paper's 0.5K parameters)")
     rlp_dropout: float = arg(0.1, "RLP dropout ratio p on P_A P_B (not in the summary)")
@@ -436,6 +423,10 @@ def resolve(a: Args) -> tuple[Args, list]:
         valid[k] = getattr(a, k) is None or getattr(a, k) >= 1
     for k in [k for k, ok in valid.items() if not ok][:1]:                    # the first bad flag
         raise UsageError(f"--{k} {getattr(a, k)}: not a valid value (see --help)")
+    a.ctx_init, words = a.ctx_init.strip(), len(a.ctx_init.split())
+    if a.n_ctx is not None and words and a.n_ctx != words:
+        raise UsageError(f"--n_ctx {a.n_ctx}: --ctx_init has {words} words; add --ctx_init '' for a random P")
+    a.n_ctx = a.n_ctx or words or 4
     if a.model == "auto":
         a.model = "tiny" if a.dataset == "shapes_cls" else "openai/clip-vit-base-patch16"
     if a.model == "tiny" and a.dataset != "shapes_cls":
@@ -443,7 +434,8 @@ def resolve(a: Args) -> tuple[Args, list]:
     a.epochs = a.epochs or (50 if a.dataset == "imagenet" else 200)
     a.cache_dir = a.cache_dir or data.cache_dir()
     if a.out_dir is None:
-        digest = hashlib.sha1(json.dumps(setting_of(a), sort_keys=True).encode()).hexdigest()[:8]
+        flags = dict(setting_of(a), data_root=a.data_root, seeds=a.seeds)   # a folder per setting and seeds
+        digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
         a.out_dir = f"runs/rlp/{a.dataset}-{'sweep' if a.sweep else a.prompt or 'compare'}-{digest}"
     return a, seeds
 
@@ -578,18 +570,26 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
-    that require grad are checked against `trainable` by name and size, then loaded."""
+def setting_of(args, *ignore: str) -> dict:
+    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
+    change only the evaluation or the logging)."""
+    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
+            "data_root", "seeds", *ignore)
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
+    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if model is not None:
-        got = {n: t.shape for n, t in state["trainable"].items()}
-        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
-        if bad:
-            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
+        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
+                if old.get(k) != setting.get(k)]
+        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
+            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
     return state
 

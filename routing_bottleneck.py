@@ -402,7 +402,10 @@ def prepare(a: Args, device, rank: int) -> Prepared:
         tok, width = data.build_tokenizer(), a.tiny_hidden
     else:
         from transformers import AutoConfig, AutoTokenizer
-        tok, width = from_hf(AutoTokenizer, a.model), from_hf(AutoConfig, a.model).hidden_size
+        tok, cfg = from_hf(AutoTokenizer, a.model), from_hf(AutoConfig, a.model)
+        width = getattr(cfg, "hidden_size", None)
+        if not isinstance(width, int):
+            raise UsageError(f"--model {a.model!r} is not a language model (no hidden_size in its config)")
         tok.pad_token = tok.pad_token or tok.eos_token
     if task == "caption":
         train = data.caption_pairs(train)                    # one example per (image, caption)
@@ -451,14 +454,19 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     """Train one (method, routing) on the shared data and budget (--resume: continue it; --eval_only: load
     its checkpoint), then evaluate it -> (results, model)."""
     ckpt, done = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "results.json")
+    setting = setting_of(a, "compare", "method", "kinds", "eval_split", "eval_limit", "num_beams",
+                         "export_merged")                         # these change no trained weight
     os.makedirs(run_dir, exist_ok=True)
     if a.resume and os.path.isfile(done) and not a.export_merged:    # a complete run is not repeated
         with open(done) as f:
-            return json.load(f), None
+            res = json.load(f)
+        if res.get("setting") != setting:
+            raise UsageError(f"{done} is a run with other flags; resume it with them, or pass --overwrite")
+        return res, None
     seed_everything(a.seed)
     model = build_model(a, p, method, kind).to(device)
     if a.eval_only:
-        state = load_checkpoint(ckpt, model)
+        state = load_checkpoint(ckpt, model, setting)
         return {"method": method, "routing": kind, "seed": a.seed, "trainable": expected_trainable(model),
                 "steps": state["step"], **evaluate(model, a, p, device, rank, world)}, model
     log = print if rank == 0 else lambda *_: None                        # only rank 0 prints
@@ -471,7 +479,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     sched = lr_schedule(opt, int(a.warmup if a.warmup >= 1 else a.warmup * total), total, decay="linear")
     step, loss = 0, torch.zeros(())
     if a.resume and os.path.isfile(ckpt):
-        state = load_checkpoint(ckpt, model)
+        state = load_checkpoint(ckpt, model, setting)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -481,9 +489,9 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
         if rank == 0:
             trainable = {n: q.detach().cpu() for n, q in model.named_parameters() if q.requires_grad}
             save_checkpoint(ckpt, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step,
-                                   "scheduler": sched.state_dict(), "rng": rng_state(), "routing": kind})
+                                   "scheduler": sched.state_dict(), "rng": rng_state(), "setting": setting})
 
-    stop, t0 = min(total, a.max_steps or total), time.time()
+    stop, t0 = total if a.max_steps is None else min(total, a.max_steps), time.time()
     bar = tqdm(total=stop, initial=step, desc=f"{method}/{kind} seed {a.seed}", disable=rank > 0, leave=False)
     model.train()
     try:
@@ -520,7 +528,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
            "final_loss": loss.item(), "train_time": time.time() - t0}
     res.update(evaluate(model, a, p, device, rank, world))
     if rank == 0 and step == total:
-        write_json(done, res)                                      # the run is complete: --resume skips it
+        write_json(done, dict(res, setting=setting))                # the run is complete: --resume skips it
     return res, model
 
 
@@ -645,15 +653,18 @@ def resolve(a: Args) -> Args:
     tiny = a.model.startswith("tiny")
     if a.compare:
         a.method, a.kinds = "both", ",".join(ROUTINGS)
-    bad = [k for k in a.kinds.split(",") if k not in ROUTINGS]
+    kinds = a.kinds.split(",")
+    bad = [k for k in kinds if k not in ROUTINGS] + [k for i, k in enumerate(kinds) if k in kinds[:i]]
     for ok, msg in [(not tiny or a.model in ("tiny-gpt2", "tiny-roberta"), f"unknown tiny model {a.model!r}"),
                     (not tiny or a.model == f"tiny-{'gpt2' if task == 'caption' else 'roberta'}",
                      f"{a.model} does not fit {a.dataset}: captions need tiny-gpt2, VQA tiny-roberta"),
                     (a.method in ("lora", "adapter", "both"), f"unknown --method {a.method!r}"),
-                    (not bad, f"unknown routing kind(s) {bad}; choose from {','.join(ROUTINGS)}"),
+                    (not bad, f"--kinds: unknown or repeated {bad}; choose from {','.join(ROUTINGS)}"),
                     (a.visual_tokens in ("pooled", "grid"), f"unknown --visual_tokens {a.visual_tokens!r}"),
                     (all(v is None or v >= 1 for v in (a.epochs, a.batch_size, a.r_bottleneck, a.num_beams)),
                      "--epochs, --batch_size, --r_bottleneck and --num_beams must be >= 1"),
+                    (a.max_steps is None or a.max_steps >= 0, f"--max_steps {a.max_steps}: must be >= 0"),
+                    (a.warmup is None or 0 <= a.warmup < math.inf, f"--warmup {a.warmup}: must be >= 0"),
                     (not a.export_merged or (a.method != "adapter" and "none" in a.kinds.split(",")),
                      "--export_merged needs a LoRA run with routing none (a routed LoRA cannot be merged)")]:
         if not ok:
@@ -815,18 +826,26 @@ def save_checkpoint(path: str, state: dict) -> None:
     os.replace(f"{path}.tmp-{os.getpid()}", path)
 
 
-def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng (+ the script's own). With `model`: its parameters
-    that require grad are checked against `trainable` by name and size, then loaded."""
+def setting_of(args, *ignore: str) -> dict:
+    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
+    change only the evaluation or the logging)."""
+    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
+            "data_root", "seeds", *ignore)
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
+    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
+    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if model is not None:
-        got = {n: t.shape for n, t in state["trainable"].items()}
-        want = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
-        bad = sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
-        if bad:
-            raise UsageError(f"{path} was trained with other flags (tensor {bad[0]}: absent here or resized)")
+        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
+        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
+                if old.get(k) != setting.get(k)]
+        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
+            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
     return state
 

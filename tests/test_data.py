@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data  # noqa: E402
 from data import DataError  # noqa: E402
-from formats import write_scienceqa  # noqa: E402
+from formats import write_coco_karpathy, write_scienceqa  # noqa: E402
 
 SMALL = {"train": 60, "val": 20, "test": 30}
 
@@ -355,6 +355,19 @@ def test_patch_features_cache_roundtrip(tmp_path, monkeypatch):
     # a different key (image size / other images) is a different cache file
     data.extract_features(recs[:5], "patches", **kw)
     assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
+def test_feature_cache_follows_the_image_files(tmp_path):
+    """Another --data_root with the same image ids, or a changed image file, is extracted again."""
+    import shutil
+    write_coco_karpathy(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    Image.new("RGB", (48, 40), (250, 0, 0)).save(tmp_path / "b/coco/val2014/COCO_val2014_000000000004.jpg")
+    kw = dict(cache_dir=str(tmp_path / "cache"), dataset="coco", split="val", image_size=32, progress=False)
+    feats = {r: data.extract_features(data.load_records("coco", "val", str(tmp_path / r)), "patches", **kw)[0]
+             for r in "aab"}  # a twice: the second is read from the cache
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert torch.equal(feats["a"][1], feats["b"][1]) and not torch.equal(feats["a"][0], feats["b"][0])
 
 
 def test_feature_cache_interrupted_write_is_never_read(tmp_path, monkeypatch):

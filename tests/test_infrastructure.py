@@ -72,13 +72,20 @@ def test_checkpoint_and_out_dir(infra, tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
     model[1].requires_grad_(False)  # frozen: not in the checkpoint, left as it is
     frozen = model[1].weight.detach().clone()
-    infra.save_checkpoint(path, {"trainable": {"0.weight": torch.ones(3, 2), "0.bias": torch.zeros(3)}})
-    infra.load_checkpoint(path, model)
+    args = NS(lr=0.1, r=2, eval_limit=5, out_dir="a", max_steps=3)
+    setting = infra.setting_of(args, "eval_limit")
+    assert setting == {"lr": 0.1, "r": 2}  # run controls and evaluation flags are not part of it
+    trained = {"0.weight": torch.ones(3, 2), "0.bias": torch.zeros(3)}
+    infra.save_checkpoint(path, {"trainable": trained, "setting": setting})
+    same = infra.setting_of(NS(lr=0.1, r=2, eval_limit=9, out_dir="b"), "eval_limit")  # another evaluation
+    infra.load_checkpoint(path, model, same)
     assert model[0].weight.eq(1).all() and model[0].bias.eq(0).all() and model[1].weight.equal(frozen)
+    with pytest.raises(infra.UsageError, match=r"trained with other flags: --lr 0\.1 \(now 0\.2\)$"):
+        infra.load_checkpoint(path, model, dict(setting, lr=0.2))
     for other in ({"0.weight": torch.ones(4, 2), "0.bias": torch.zeros(3)}, {"0.bias": torch.zeros(3)}):
-        infra.save_checkpoint(path, {"trainable": other})  # another size; a tensor missing
-        with pytest.raises(infra.UsageError, match=r"other flags \(tensor 0\.weight: absent here or resized"):
-            infra.load_checkpoint(path, model)
+        infra.save_checkpoint(path, {"trainable": other, "setting": setting})  # a size differs; a tensor lost
+        with pytest.raises(infra.UsageError, match=r"trained with other flags: other sizes"):
+            infra.load_checkpoint(path, model, setting)
     out = tmp_path / "run"
     infra.prepare_out_dir(str(out), resume=False, overwrite=False)
     infra.write_json(str(out / "results.json"), {"a": 1})

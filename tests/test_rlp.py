@@ -58,7 +58,7 @@ def test_text_forward_with_context_equals_get_text_features(tiny):
     ids, _ = rlp.tokenize(tok, [f"a photo of a {n}." for n in names], clip)
     ref = clip.get_text_features(input_ids=ids)
     ref = ref if torch.is_tensor(ref) else ref.pooler_output                       # HF's own forward, (2, p)
-    model, n_tunable, n = rlp.build_prompt_model("coop", clip, tok, rlp.Args())
+    model, n_tunable, n = rlp.build_prompt_model("coop", clip, tok, rlp.resolve(rlp.Args())[0])
     ctx = model.context()  # = embeddings of "a photo of a"
     assert ctx.shape == (4, 32) and n_tunable == 4 * 32 and n == 4
     prompts = rlp.ClassPrompts(clip, tok, names, "X X X X {}.", 4)
@@ -88,7 +88,7 @@ def test_tunable_counts():
 
 def test_prompt_models_trainable_sets_and_init(tiny):
     clip, tok = tiny
-    a = rlp.Args(rank=2)
+    a = rlp.resolve(rlp.Args(rank=2))[0]
     coop, n_coop, _ = rlp.build_prompt_model("coop", clip, tok, a)
     r, n_rlp, _ = rlp.build_prompt_model("rlp", clip, tok, a)
     assert {k for k, p in coop.named_parameters() if p.requires_grad} == {"context.ctx"}
@@ -122,7 +122,7 @@ def test_dropout_train_only_and_only_on_low_rank_branch():
 
 def test_gradients_reach_only_PA_PB(tiny):
     clip, tok = tiny
-    m, _, _ = rlp.build_prompt_model("rlp", clip, tok, rlp.Args())
+    m, _, _ = rlp.build_prompt_model("rlp", clip, tok, rlp.resolve(rlp.Args())[0])
     with torch.no_grad():
         m.context.P_B.normal_(0, 0.1)  # so that both get gradients
     prompts = rlp.ClassPrompts(clip, tok, ["red circle", "blue star", "gray cross"], "X X X X {}.", 4)
@@ -275,6 +275,8 @@ def expect_exit(code, tmp_path, capsys, argv, *words):
     (["--prompt", "lora"], ["--prompt lora"]),
     (["--dataset", "dtd", "--model", "tiny"], ["--model tiny"]),
     (["--eval_only", "--prompt", "coop"], ["no checkpoint at"]),
+    (["--n_ctx", "8", "--prompt", "coop"], ["--n_ctx 8", "4 words"]),                  # n comes from ctx_init
+    (["--ctx_init", "a zorblax of a", "--prompt", "coop"], ["does not know"]),
 ])
 def test_bad_flags_exit_2(tmp_path, capsys, argv, words):
     expect_exit(2, tmp_path, capsys, argv, *words)
@@ -284,7 +286,7 @@ def test_finished_run_needs_overwrite_and_checkpoint_needs_its_flags(tmp_path, c
     main(tmp_path, "--prompt", "rlp", "--max_steps", "1")
     expect_exit(2, tmp_path, capsys, ["--prompt", "rlp", "--max_steps", "1"], "--overwrite")
     expect_exit(2, tmp_path, capsys, ["--prompt", "rlp", "--rank", "2", "--eval_only"],
-                "other flags", "'rank': 1")
+                "other flags: --rank 1 (now 2)")
 
 
 def test_missing_split_file(tmp_path, capsys, hf_dir):
