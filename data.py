@@ -378,6 +378,8 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, s
         raise DataError(f"unknown class subset {subset!r}; choose from all, base, new")
     if shapes_split not in ("checker", "shape"):
         raise DataError(f"unknown shapes_split {shapes_split!r}; choose from checker, shape")
+    if limit is not None and limit < 1:
+        raise DataError(f"{dataset}/{split}: no records (limit={limit}; the first N records need N >= 1)")
     if dataset.startswith("shapes_"):
         world = ShapesWorld(seed=world_seed, image_size=image_size,
                             **({"split_sizes": split_sizes} if split_sizes else {}))
@@ -514,10 +516,14 @@ def _load_real(dataset: str, split: str, data_root: Optional[str]) -> list[dict]
             root = root / sub
             break
     root = root.resolve()
-    if dataset in ("coco", "flickr30k"):
-        return _load_karpathy(dataset, root, split)
     load = {"vqav2": _load_vqav2, "gqa": _load_gqa, "scienceqa": _load_scienceqa}.get(dataset)
-    return load(root, split) if load else _load_cls(dataset, root, split)
+    try:
+        if dataset in ("coco", "flickr30k"):
+            return _load_karpathy(dataset, root, split)
+        return load(root, split) if load else _load_cls(dataset, root, split)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # an entry of another shape
+        raise DataError(f"{dataset}/{split}: a malformed entry in the files under {root} "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def _load_vqav2(root: Path, split: str) -> list[dict]:
@@ -551,6 +557,8 @@ def _load_vqav2(root: Path, split: str) -> list[dict]:
                 raise DataError(f"malformed {ap.name}: no annotation for question_id {qid} (file {ap})")
             answers = [_get(x, "answer", ap, "annotations[].answers[].")
                        for x in _get(a, "answers", ap, "annotations[].")]
+            if not answers:
+                raise DataError(f"malformed {ap.name}: question_id {qid} has no answers (file {ap})")
             out.append({"id": str(qid), "image_id": str(iid), "task": "vqa",
                         "image_path": str(img_dir / f"COCO_{cs}_{iid:012d}.jpg"),
                         "question": _get(q, "question", qp, "questions[]."), "answers": answers,
@@ -595,7 +603,11 @@ def _load_scienceqa(root: Path, split: str) -> list[dict]:
     out = []
     for pid in pids:
         p = problems[pid]
-        answer, hint = _get(p, "answer", path, f"{pid}."), p.get("hint") or ""
+        answer, hint, choices = _get(p, "answer", path, f"{pid}."), p.get("hint") or "", p.get("choices")
+        if not (isinstance(answer, int) and isinstance(choices, list) and 0 <= answer < len(choices) <= 5
+                and re.fullmatch(r"grade\d+", str(p.get("grade")))):
+            raise DataError(f"malformed {path.name}: problem {pid}: answer {answer!r} of {choices!r}, grade "
+                            f"{p.get('grade')!r} (expected an index into 2-5 choices, grade<N>; file {path})")
         image = str(root / "images" / split / pid / p["image"]) if p.get("image") else None
         meta = {k: p.get(k) for k in ("subject", "topic", "category", "skill", "lecture", "solution")}
         meta.update(grade=_get(p, "grade", path, f"{pid}."), has_context=bool(hint), has_image=bool(image),
@@ -630,6 +642,8 @@ def _load_karpathy(dataset: str, root: Path, split: str) -> list[dict]:
         iid = str(im["cocoid"]) if "cocoid" in im else Path(fname).stem
         caps = [_get(s, "raw", path, "images[].sentences[].").strip()
                 for s in _get(im, "sentences", path, "images[].")]
+        if not caps:
+            raise DataError(f"malformed {path.name}: image {iid} has no sentences (file {path})")
         out.append({"id": iid, "image_id": iid, "image_path": str(root / folder / fname), "task": "caption",
                     "captions": caps, "meta": {}})
     for d in sorted({str(Path(r["image_path"]).parent) for r in out}):

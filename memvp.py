@@ -413,6 +413,9 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
         items.append((i, src[-args.max_text_len:], tgt[:args.max_text_len]))
     post = None
     if llama and args.vision != "tiny-cnn":
+        kind = transformers.AutoConfig.from_pretrained(args.vision).model_type
+        if kind not in ("clip", "clip_vision_model"):
+            raise UsageError(f"--vision {args.vision}: the LLaMA recipe reads a CLIP tower (its ln_post)")
         tower = transformers.CLIPVisionModel.from_pretrained(args.vision)
         post = next(m for n, m in tower.named_modules() if n.endswith("post_layernorm"))
     return Split(recs, feats, rows, items, post)
@@ -775,9 +778,17 @@ def resolve(args: Args) -> Args:
                      ("eval_split", ("val", "test"))):
         if getattr(args, name) not in ok:
             raise UsageError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(ok)}")
-    for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "ckpt_every"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} {getattr(args, name)}: must be >= 1")
+    least = dict(epochs=1, batch_size=1, eval_batch_size=1, log_every=1, ckpt_every=1, proj_hidden=1,
+                 tiny_layers=1, max_text_len=1, max_new_tokens=1, lm_pretrain_steps=0, lora_rank=0,
+                 image_size=1, bench_layers=1, bench_n=1, bench_L=1, bench_batch=1, bench_iters=1)
+    for name, v in ((k, getattr(args, k)) for k in least):
+        if v is not None and not v >= least[name]:
+            raise UsageError(f"--{name} {v}: must be >= {least[name]}")
+    for bad, msg in ((args.tiny_d < 32 or args.tiny_d % 32, f"--tiny_d {args.tiny_d}: not a multiple of 32"),
+                     (not 0 <= args.warmup_ratio <= 1, f"--warmup_ratio {args.warmup_ratio}: not in [0, 1]"),
+                     (args.benchmark and args.seeds, "--benchmark measures once: drop --seeds")):
+        if bad:
+            raise UsageError(msg)
     args.cache_dir = args.cache_dir or data.cache_dir()
     args.max_new_tokens = args.max_new_tokens or {"vqa": 8, "caption": 30, "mcq": 1}[TASKS[args.dataset]]
     name = f"tiny-{args.arch}" if args.model == "tiny" else os.path.basename(args.model.rstrip("/"))
@@ -832,6 +843,8 @@ def run(args: Args) -> dict:
     llama = not lm.config.is_encoder_decoder
     trainset = load_split(args, "train", recs["train"], tok, True, llama, device)
     evalset = load_split(args, args.eval_split, recs[args.eval_split], tok, False, llama, device)
+    if args.overwrite and not (args.resume or args.eval_only):
+        clear_outputs(args.out_dir, rank)
     args.n_pos = max(args.n_pos, trainset.feats.shape[1])
     name = f"tiny {args.arch} ({args.tiny_layers}x{args.tiny_d})" if args.model == "tiny" else args.model
     res = {"task": task, "enc_dec": not llama, "args": dataclasses.asdict(args),
@@ -940,6 +953,8 @@ def setup_device(device: str, tiny: bool = False):
     """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
     Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -1041,14 +1056,17 @@ def write_json(path: str, obj) -> None:
 
 
 def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A finished run (results.json) is kept unless --overwrite, which removes only this script's outputs."""
+    """A finished run (results.json) is kept unless --resume or --overwrite (then see clear_outputs)."""
     if os.path.exists(os.path.join(out_dir, "results.json")) and not (resume or overwrite):
         raise UsageError(f"{out_dir} holds a finished run (results.json); pass --overwrite to replace it")
-    if rank == 0 and overwrite and not resume and os.path.isdir(out_dir):
-        for p in Path(out_dir).rglob("*"):
-            if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
-                p.unlink()
     os.makedirs(out_dir, exist_ok=True)
+
+
+def clear_outputs(out_dir: str, rank: int = 0) -> None:
+    """--overwrite, called once the inputs have loaded (bad input loses nothing): this script's outputs go."""
+    for p in Path(out_dir).rglob("*") if rank == 0 else []:
+        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+            p.unlink()
 
 
 def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
@@ -1070,10 +1088,12 @@ def run_cli(run, args):
     """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
     threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
-        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
-            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
-            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
-                raise UsageError(f"--{k} {v}: must be {rule}")
+        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
+        for k, v in vars(args).items():
+            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
+            if rule and v is not None and not rule[1](v):
+                raise UsageError(f"--{k} {v}: must be {rule[0]}")
         if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
             raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)

@@ -409,19 +409,23 @@ def setup(a, device) -> Setup:
     split = "val" if a.dataset == "vqav2" else "test"                    # Karpathy test; VQAv2 val
     recs = {"train": task_records(a.dataset, "train", a.data_root, a.train_limit),
             "eval": task_records(a.dataset, split, a.data_root, a.eval_limit), "mix": []}
-    if not recs["train"]:
-        raise UsageError(f"{a.dataset}/train: no records (--train_limit {a.train_limit})")
+    if not recs["train"] or not recs["eval"]:
+        raise UsageError(f"{a.dataset}: no records to train or evaluate (--train_limit, --eval_limit)")
     if a.model == "tiny":
         tok = data.build_tokenizer(data.synthetic_vocab() + ["question", "answer", "caption", ":"])
         base = pretrain_tiny(tok, a.pretrain_steps, a.tiny_init, a.cache_dir or data.cache_dir(), device)
         col = Collate(tok, 32, PROMPTS["tiny"])
         recs["mix"] = mix_records("test", 0, a.eval_limit)
     elif os.path.isdir(a.model):
-        from transformers import AutoTokenizer, Blip2ForConditionalGeneration
-        tok = AutoTokenizer.from_pretrained(a.model)
+        from transformers import AutoConfig, AutoTokenizer, Blip2ForConditionalGeneration
+        try:
+            kind, tok = AutoConfig.from_pretrained(a.model).model_type, AutoTokenizer.from_pretrained(a.model)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from None
+        if kind != "blip-2" or tok.pad_token_id is None:
+            raise UsageError(f"--model {a.model}: {kind}; expected BLIP-2 with its tokenizer (pad token)")
         base = Blip2ForConditionalGeneration.from_pretrained(a.model)
-        col = Collate(tok, base.config.vision_config.image_size, PROMPTS["hf"],
-                      (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))   # CLIP's
+        col = Collate(tok, base.config.vision_config.image_size, PROMPTS["hf"], data.CLIP_MEAN, data.CLIP_STD)
     else:
         raise UsageError(f"--model {a.model!r}: neither 'tiny' nor a local Blip2 checkpoint folder")
     task = recs["eval"][0]["task"]
@@ -635,8 +639,11 @@ def resolve(a: Args) -> Args:
         raise UsageError(f"unknown --lm_prefix {a.lm_prefix!r}; choose from input, kv, none")
     if a.lm_prefix == "none" and not a.qformer_prefix and not a.compare:
         raise UsageError("no prefix to train: --lm_prefix none and --no-qformer_prefix")
-    if min(a.num_prefix or 1, a.epochs, a.batch_size, a.num_beams) < 1:
-        raise UsageError("--num_prefix, --epochs, --batch_size and --num_beams must be >= 1")
+    least = dict(num_prefix=1, epochs=1, batch_size=1, num_beams=1, max_new_tokens=1, prefix_hidden=1,
+                 pretrain_steps=1, max_steps=0, warmup_steps=0, vision_cache_mb=0)
+    for k, v in ((k, getattr(a, k)) for k in least):
+        if v is not None and not v >= least[k]:
+            raise UsageError(f"--{k} {v}: must be >= {least[k]}")
     name = a.dataset + "-compare" * a.compare + "-hf_init" * (a.tiny_init == "hf")
     return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if vqa else 8),
                                out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
@@ -685,6 +692,8 @@ def run(a: Args) -> dict:
     log = print if rank == 0 else (lambda *_, **__: None)
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     s = setup(a, device)
+    if a.overwrite and not (a.resume or a.eval_only):
+        clear_outputs(a.out_dir, rank)
     rows = {"pre-trained, no prefix": []}
     if rank == 0:
         base = build(s, with_prefix=False).to(device)
@@ -738,6 +747,8 @@ def setup_device(device: str, tiny: bool = False):
     """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
     Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -839,14 +850,17 @@ def write_json(path: str, obj) -> None:
 
 
 def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A finished run (results.json) is kept unless --overwrite, which removes only this script's outputs."""
+    """A finished run (results.json) is kept unless --resume or --overwrite (then see clear_outputs)."""
     if os.path.exists(os.path.join(out_dir, "results.json")) and not (resume or overwrite):
         raise UsageError(f"{out_dir} holds a finished run (results.json); pass --overwrite to replace it")
-    if rank == 0 and overwrite and not resume and os.path.isdir(out_dir):
-        for p in Path(out_dir).rglob("*"):
-            if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
-                p.unlink()
     os.makedirs(out_dir, exist_ok=True)
+
+
+def clear_outputs(out_dir: str, rank: int = 0) -> None:
+    """--overwrite, called once the inputs have loaded (bad input loses nothing): this script's outputs go."""
+    for p in Path(out_dir).rglob("*") if rank == 0 else []:
+        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+            p.unlink()
 
 
 def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
@@ -868,10 +882,12 @@ def run_cli(run, args):
     """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
     threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
-        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
-            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
-            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
-                raise UsageError(f"--{k} {v}: must be {rule}")
+        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
+        for k, v in vars(args).items():
+            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
+            if rule and v is not None and not rule[1](v):
+                raise UsageError(f"--{k} {v}: must be {rule[0]}")
         if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
             raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)

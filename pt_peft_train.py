@@ -380,8 +380,10 @@ def variants(a: Args) -> list[tuple[str, Args]]:
     a = dataclasses.replace(a, **{k: dflt[k] for k in ("epochs", "pt_lr", "batch_size", "warmup_steps",
                                                         "num_beams") if getattr(a, k) is None})
     a.pt_epochs, a.ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
-    if a.pt_epochs + a.ft_epochs <= 0 or min(a.num_prefix or 1, a.lora_r, a.adapter_dim, a.batch_size) < 1:
-        raise UsageError("epochs, --num_prefix, --lora_r, --adapter_dim and --batch_size must be > 0")
+    if min(a.pt_epochs, a.ft_epochs, a.max_steps or 0) < 0 or a.pt_epochs + a.ft_epochs == 0 or min(
+            a.num_prefix or 1, a.lora_r, a.adapter_dim, a.batch_size, a.save_every) < 1:
+        raise UsageError("epochs and --max_steps must be >= 0 (epochs not all 0); --num_prefix, --lora_r, "
+                         "--adapter_dim, --batch_size and --save_every > 0")
     if a.export_merged and a.peft.endswith("adapter"):
         raise UsageError("--export_merged: adapters have no merged form (LoRA and full FT have)")
     out = []
@@ -461,6 +463,8 @@ def run(a: Args) -> dict:
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     shared = {k: v for k, v in dataclasses.asdict(runs[0][1]).items() if v is not None}   # None: pt's default
     t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)   # one LMM + data for all runs
+    if a.overwrite and not (a.resume or a.eval_only):
+        clear_outputs(a.out_dir, rank)
     rows = {name: [run_variant(dataclasses.replace(v, seed=s, out_dir=os.path.join(v.out_dir, f"seed{s}")
                                                    if a.seeds else v.out_dir), setup, device, rank, world)
                    for s in seeds] for name, v in runs}
@@ -509,6 +513,8 @@ def setup_device(device: str, tiny: bool = False):
     """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
     Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -610,14 +616,17 @@ def write_json(path: str, obj) -> None:
 
 
 def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A finished run (results.json) is kept unless --overwrite, which removes only this script's outputs."""
+    """A finished run (results.json) is kept unless --resume or --overwrite (then see clear_outputs)."""
     if os.path.exists(os.path.join(out_dir, "results.json")) and not (resume or overwrite):
         raise UsageError(f"{out_dir} holds a finished run (results.json); pass --overwrite to replace it")
-    if rank == 0 and overwrite and not resume and os.path.isdir(out_dir):
-        for p in Path(out_dir).rglob("*"):
-            if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
-                p.unlink()
     os.makedirs(out_dir, exist_ok=True)
+
+
+def clear_outputs(out_dir: str, rank: int = 0) -> None:
+    """--overwrite, called once the inputs have loaded (bad input loses nothing): this script's outputs go."""
+    for p in Path(out_dir).rglob("*") if rank == 0 else []:
+        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+            p.unlink()
 
 
 def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
@@ -639,10 +648,12 @@ def run_cli(run, args):
     """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
     threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
-        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
-            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
-            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
-                raise UsageError(f"--{k} {v}: must be {rule}")
+        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
+        for k, v in vars(args).items():
+            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
+            if rule and v is not None and not rule[1](v):
+                raise UsageError(f"--{k} {v}: must be {rule[0]}")
         if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
             raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)

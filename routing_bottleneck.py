@@ -701,6 +701,8 @@ def run(a: Args) -> dict:
     if not a.eval_only:
         prepare_out_dir(a.out_dir, a.resume, a.overwrite, rank)
     t0, p = time.time(), prepare(a, device, rank)
+    if a.overwrite and not (a.resume or a.eval_only):
+        clear_outputs(a.out_dir, rank)
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
     methods = ["lora", "adapter"] if a.method == "both" else [a.method]
     results = []
@@ -755,6 +757,8 @@ def setup_device(device: str, tiny: bool = False):
     """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
     Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -856,14 +860,17 @@ def write_json(path: str, obj) -> None:
 
 
 def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A finished run (results.json) is kept unless --overwrite, which removes only this script's outputs."""
+    """A finished run (results.json) is kept unless --resume or --overwrite (then see clear_outputs)."""
     if os.path.exists(os.path.join(out_dir, "results.json")) and not (resume or overwrite):
         raise UsageError(f"{out_dir} holds a finished run (results.json); pass --overwrite to replace it")
-    if rank == 0 and overwrite and not resume and os.path.isdir(out_dir):
-        for p in Path(out_dir).rglob("*"):
-            if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
-                p.unlink()
     os.makedirs(out_dir, exist_ok=True)
+
+
+def clear_outputs(out_dir: str, rank: int = 0) -> None:
+    """--overwrite, called once the inputs have loaded (bad input loses nothing): this script's outputs go."""
+    for p in Path(out_dir).rglob("*") if rank == 0 else []:
+        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+            p.unlink()
 
 
 def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
@@ -885,10 +892,12 @@ def run_cli(run, args):
     """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
     threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
     try:
-        for k, v in vars(args).items():  # learning rates > 0, dropout probabilities in [0, 1)
-            rule = "> 0" if k.endswith("lr") else "in [0, 1)" if k.endswith("dropout") else None
-            if rule and v is not None and not (v > 0 if rule == "> 0" else 0 <= v < 1):
-                raise UsageError(f"--{k} {v}: must be {rule}")
+        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
+        for k, v in vars(args).items():
+            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
+            if rule and v is not None and not rule[1](v):
+                raise UsageError(f"--{k} {v}: must be {rule[0]}")
         if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
             raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
         return run(args)

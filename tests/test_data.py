@@ -548,6 +548,32 @@ def make_vqav2(root, karpathy=False):
             {"cocoid": 2, "split": "test", "filepath": "train2014", "filename": "x", "sentences": []}]})
 
 
+def test_malformed_entries_are_one_data_error(tmp_path):
+    """An entry of another shape or out of range is a DataError naming the file, never a traceback or a
+    record that scores wrongly (an answer index past the choices, a question without answers)."""
+    def edit(path, change):
+        obj = json.loads(path.read_text())
+        change(obj)
+        path.write_text(json.dumps(obj))
+    coco = write_coco_karpathy(tmp_path / "c")
+    sqa = write_scienceqa(tmp_path / "s")
+    make_vqav2(tmp_path / "v" / "vqav2")
+    for path, change, dataset, msg in (
+            (coco / "dataset_coco.json", lambda o: o["images"][4].update(sentences=[]),
+             "coco", "no sentences"),
+            (coco / "dataset_coco.json", lambda o: o["images"][4].update(sentences=[{"raw": None}]),
+             "coco", "malformed entry"),                                          # the edits accumulate
+            (sqa / "problems.json", lambda o: o["1"].update(answer=-1), "scienceqa", "problem 1: answer -1"),
+            (sqa / "problems.json", lambda o: o["1"].update(answer=1, grade="k"), "scienceqa", "grade 'k'"),
+            (tmp_path / "v/vqav2/v2_mscoco_val2014_annotations.json",
+             lambda o: o["annotations"][0].update(answers=[]), "vqav2", "no answers")):
+        edit(path, change)
+        with pytest.raises(DataError, match=msg):
+            data.load_records(dataset, "test" if dataset == "scienceqa" else "val", str(path.parent.parent))
+    with pytest.raises(DataError, match="limit=-2"):
+        data.load_records("shapes_vqa", "val", limit=-2)
+
+
 def test_vqav2_loader(tmp_path):
     root = tmp_path / "vqav2"
     make_vqav2(root)
@@ -751,7 +777,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="malformed JSON in .*v2_mscoco_val2014_annotations.json"):
         data.load_records("vqav2", "val", str(root))
     write_json(root / "v2_mscoco_val2014_annotations.json",
-               {"annotations": [{"question_id": 30, "answers": []}]})
+               {"annotations": [{"question_id": 30, "answers": [{"answer": "cat"}]}]})
     with pytest.raises(DataError, match="v2_mscoco_val2014_annotations.json: missing key annotations\\[\\]."):
         data.load_records("vqav2", "val", str(root))
     write_json(root / "v2_mscoco_val2014_annotations.json", {"anns": []})

@@ -93,6 +93,8 @@ def test_checkpoint_and_out_dir(infra, tmp_path):
     with pytest.raises(infra.UsageError, match="--overwrite"):
         infra.prepare_out_dir(str(out), resume=False, overwrite=False)
     infra.prepare_out_dir(str(out), resume=False, overwrite=True)
+    assert sorted(os.listdir(out)) == ["notes.txt", "results.json"]  # nothing goes before the inputs load
+    infra.clear_outputs(str(out))
     assert sorted(os.listdir(out)) == ["notes.txt"]  # only the script's own outputs are removed
 
 
@@ -137,6 +139,7 @@ def test_rules_every_script_shares(infra, capsys):
     assert infra.run_cli(ran.append, NS(lr=None, pt_lr=1e-4, lora_dropout=0.0, seeds="2,0,1")) is None and ran
     for bad, msg in ((NS(lr=-1.0), "--lr -1.0: must be > 0"), (NS(pt_lr=math.nan), "--pt_lr nan: must be"),
                      (NS(mem_dropout=1.0), "--mem_dropout 1.0: must be in [0, 1)"),
+                     (NS(num_workers=-1), "--num_workers -1: must be >= 0"),
                      (NS(seeds="0,1,0"), "--seeds '0,1,0': expected distinct integers, e.g. 0,1,2"),
                      (NS(seeds="0;1"), "--seeds '0;1'"), (NS(seeds="-1"), "--seeds '-1'")):
         with pytest.raises(SystemExit) as e:
@@ -144,6 +147,9 @@ def test_rules_every_script_shares(infra, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {msg}"), err
     assert len(ran) == 1
+    for bad in ("gpu", "cuda:x", "cpu:0"):
+        with pytest.raises(infra.UsageError, match="expected auto, cpu, cuda or cuda:<index>"):
+            infra.setup_device(bad)
 
 
 def test_tiny_models_run_single_threaded(infra):

@@ -438,6 +438,10 @@ def test_bad_inputs(tmp_path, capsys):
     assert "distinct" in run_bad(["--seeds", "0,0"], capsys)
     assert "--mem_dropout 2.0: must be in [0, 1)" in run_bad(["--mem_dropout", "2"], capsys)
     assert "--lr -0.1: must be > 0" in run_bad(["--lr", "-0.1"], capsys)
+    assert "--proj_hidden 0: must be >= 1" in run_bad(["--proj_hidden", "0"], capsys)
+    assert "--tiny_d 50: not a multiple of 32" in run_bad(["--tiny_d", "50"], capsys)
+    assert "--warmup_ratio nan: not in [0, 1]" in run_bad(["--warmup_ratio", "nan"], capsys)
+    assert "drop --seeds" in run_bad(["--benchmark", "--seeds", "0,1"], capsys)
     assert "--epochs 0: must be >= 1" in run_bad(["--epochs", "0"], capsys)
     assert "--batch_size 0: must be >= 1" in run_bad(["--batch_size", "0"], capsys)
     import transformers

@@ -249,14 +249,33 @@ def test_resume_equals_uninterrupted(tmp_path):
     (["--dataset", "coco", "--data_root", "/nonexistent/x"], "/nonexistent/x"),
     (["--model", "/nonexistent/blip2"], "/nonexistent/blip2"),
     (["--eval_only"], "no checkpoint"),
-    (["--train_limit", "0"], "no records"),
+    (["--train_limit", "0"], "no records"), (["--eval_limit", "0"], "no records"),
+    (["--num_prefix", "0"], "--num_prefix 0: must be >= 1"), (["--pretrain_steps", "0"], "must be >= 1"),
+    (["--max_steps", "-3"], "--max_steps -3: must be >= 0"), (["--model", "GPT2"], "gpt2; expected BLIP-2"),
 ])
 def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, extra, msg):
+    if extra[-1] == "GPT2":  # a model folder of another kind (config and tokenizer suffice)
+        import transformers
+        transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+        pt.data.build_tokenizer(["a"]).save_pretrained(tmp_path / "gpt2")
+        extra = extra[:-1] + [str(tmp_path / "gpt2")]
     with pytest.raises(SystemExit) as e:
         pt.main(SMALL + ["--out_dir", str(tmp_path / "b")] + extra)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert e.value.code == 2 and len([ln for ln in err if ln.startswith("error:")]) == 1
     assert err[-1].startswith("error:") and msg in err[-1]
+
+
+def test_overwrite_with_bad_input_keeps_the_finished_run(tmp_path, capsys):
+    run = SMALL + ["--out_dir", str(tmp_path), "--max_steps", "1"]
+    pt.main(run)
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert {"results.json", "ckpt.pt"} <= set(kept)
+    with pytest.raises(SystemExit) as e:
+        pt.main(run + ["--overwrite", "--dataset", "coco", "--data_root", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
+    pt.main(run + ["--overwrite", "--max_steps", "2"])  # good input: the run is replaced
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 2
 
 
 def test_compare_over_seeds_table(tmp_path, capsys):

@@ -252,7 +252,9 @@ def test_resume_across_stage_boundary_equals_uninterrupted_and_eval_only(tmp_pat
 @pytest.mark.parametrize("bad,msg", [(["--order", "sideways"], "unknown --order"),
                                      (["--peft_target", "decoder"], "unknown --peft_target"),
                                      (["--dataset", "nope"], "unknown --dataset"),
-                                     (["--epochs", "0"], "must be > 0"), (["--seeds", "0,x"], "--seeds"),
+                                     (["--epochs", "0"], "epochs not all 0"), (["--seeds", "0,x"], "--seeds"),
+                                     (["--pt_epochs", "-1"], "must be >= 0"), (["--save_every", "0"], "> 0"),
+                                     (["--num_prefix", "0"], "--num_prefix 0: must be >= 1"),
                                      (["--lr", "-1"], "--lr -1.0: must be > 0"),   # param groups: no check
                                      (["--seeds", "1,0,1"], "distinct"), (["--lora_dropout", "1"], "[0, 1)"),
                                      (["--eval_only"], "no checkpoint"), (["--train_limit", "0"], "records"),
