@@ -792,8 +792,9 @@ def resolve(args: Args) -> Args:
     args.cache_dir = args.cache_dir or data.cache_dir()
     args.max_new_tokens = args.max_new_tokens or {"vqa": 8, "caption": 30, "mcq": 1}[TASKS[args.dataset]]
     name = f"tiny-{args.arch}" if args.model == "tiny" else os.path.basename(args.model.rstrip("/"))
+    seeds = f"-seeds{args.seeds.replace(',', '_')}" if args.seeds else ""  # its own folder
     args.out_dir = args.out_dir or os.path.join("runs", "memvp", "benchmark" if args.benchmark
-                                                else f"{args.dataset}-{name}")
+                                                else f"{args.dataset}-{name}{seeds}")
     return args
 
 
@@ -1056,9 +1057,11 @@ def write_json(path: str, obj) -> None:
 
 
 def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A finished run (results.json) is kept unless --resume or --overwrite (then see clear_outputs)."""
-    if os.path.exists(os.path.join(out_dir, "results.json")) and not (resume or overwrite):
-        raise UsageError(f"{out_dir} holds a finished run (results.json); pass --overwrite to replace it")
+    """A run in out_dir (a results.json or checkpoint in it) is kept unless --resume or --overwrite."""
+    held = [p for p in Path(out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
+    if held and not (resume or overwrite):
+        raise UsageError(f"{out_dir} holds a run ({held[0].relative_to(out_dir)}); pass --resume to continue "
+                         "it or --overwrite to replace it")
     os.makedirs(out_dir, exist_ok=True)
 
 

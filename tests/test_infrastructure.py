@@ -96,6 +96,12 @@ def test_checkpoint_and_out_dir(infra, tmp_path):
     assert sorted(os.listdir(out)) == ["notes.txt", "results.json"]  # nothing goes before the inputs load
     infra.clear_outputs(str(out))
     assert sorted(os.listdir(out)) == ["notes.txt"]  # only the script's own outputs are removed
+    infra.save_checkpoint(str(tmp_path / "ck.pt"), {"step": 1})
+    os.makedirs(out / "lora")
+    os.replace(tmp_path / "ck.pt", out / "lora" / "checkpoint.pt")  # an interrupted run: no results.json
+    with pytest.raises(infra.UsageError, match=r"holds a run \(lora/checkpoint.pt\); pass --resume"):
+        infra.prepare_out_dir(str(out), resume=False, overwrite=False)
+    infra.prepare_out_dir(str(out), resume=True, overwrite=False)
 
 
 def test_parse_cli_and_exit_codes(infra, capsys, tmp_path):

@@ -334,7 +334,7 @@ def test_cli_subprocess_export_and_bad_inputs(tmp_path, capsys):
                       (["--method", "adapter", "--export_merged", str(tmp_path / "x")], "cannot be merged"),
                       (["--dataset", "shapes_vqa", "--model", "tiny-gpt2"], "does not fit"),
                       (["--model", str(tmp_path / "no_such_model")], "cannot load"),
-                      (["--out_dir", str(tmp_path / "cli")], "finished run"),
+                      (["--out_dir", str(tmp_path / "cli")], "holds a run"),
                       (["--dataset", "coco", "--data_root", str(tmp_path / "no")], str(tmp_path / "no"))]:
         with pytest.raises(SystemExit) as e:
             rb.main([*TINY, "--out_dir", str(tmp_path / "bad"), *argv])
