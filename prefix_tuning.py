@@ -707,7 +707,8 @@ def run(a: Args) -> dict:
         for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
             sub = os.path.join(a.out_dir, key, f"seed{seed}" if a.seeds else "")
             os.makedirs(sub, exist_ok=True)
-            one = dataclasses.replace(a, seed=seed, out_dir=sub)
+            one = dataclasses.replace(a, seed=seed, out_dir=sub, lm_prefix=lm_prefix,  # the variant's flags
+                                      qformer_prefix=qformer_prefix)
             rows[name].append(run_one(one, s, device, rank, world, log))
     if rank == 0:
         print_table(a, s, rows)

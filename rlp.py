@@ -276,17 +276,20 @@ def image_features(a: Args, env: Env, records, split: str, train: bool):
     return feats[rows, 0].float(), torch.tensor([r["label"] for r in records])               # (N, p), (N,)
 
 
+IN_PATH = ("prompt", "seed")  # a checkpoint's folder names its prompt kind and seed: not in its setting
+
+
 def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed: int, ckpt: str, env: Env):
     """SGD on the context with cross-entropy over the class logits (CoOp's recipe). -> the steps done."""
     loader = data.make_loader(torch.utils.data.TensorDataset(feats, labels), a.batch_size, shuffle=True,
                               seed=seed, num_workers=a.num_workers)
     spe, total = len(loader), a.epochs * len(loader)
     stop = total if a.max_steps is None else min(total, a.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params, setting = [p for p in model.parameters() if p.requires_grad], setting_of(a, *IN_PATH)
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)              # CoOp's (Dassl's)
     # CoOp: one epoch at a constant 1e-5, then cosine to 0  # DEVIATION: stepped per iteration, not per epoch
     sched = lr_schedule(opt, spe, total, "constant", "cosine", 1e-5 / a.lr)
-    state = load_checkpoint(ckpt, model, setting_of(a)) if a.resume and os.path.exists(ckpt) else None
+    state = load_checkpoint(ckpt, model, setting) if a.resume and os.path.exists(ckpt) else None
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -298,7 +301,7 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
             trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
             save_checkpoint(ckpt, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step, "rng":
-                                   rng_state(), "scheduler": sched.state_dict(), "setting": setting_of(a)})
+                                   rng_state(), "scheduler": sched.state_dict(), "setting": setting})
     net = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device] if env.device.type == "cuda" else None)
     model.train()
@@ -341,7 +344,7 @@ def run_one(kind: str, a: Args, seed: int, tag: str, env: Env, log) -> dict:
     ckpt = os.path.join(a.out_dir, f"seed{seed}", tag, "ckpt.pt")
     res = dict(seed=seed, tunable=expected, steps=0)
     if kind != "zeroshot" and a.eval_only:
-        res["steps"] = load_checkpoint(ckpt, model, setting_of(a))["step"]
+        res["steps"] = load_checkpoint(ckpt, model, setting_of(a, *IN_PATH))["step"]
     elif kind != "zeroshot":
         prompts = ClassPrompts(env.clip, env.tok, env.test["base"][2], template, n_ctx)
         res["steps"] = train(a, model, prompts, x, y, seed, ckpt, env)

@@ -287,6 +287,10 @@ def test_compare_over_seeds_table(tmp_path, capsys):
     assert len(table) == 3 + 1 + len(pt.VARIANTS) and all(len(ln) <= 100 for ln in table)
     assert all("±" in ln for ln in table[4:]) and len(rows) == 1 + len(pt.VARIANTS)
     assert json.load(open(tmp_path / "o" / "lm_kv" / "seed1" / "results.json"))["steps"] == 1
+    variant = ["--lm_prefix", "kv", "--no-qformer_prefix", "--seed", "1",
+               "--out_dir", str(tmp_path / "o/lm_kv/seed1")]
+    alone = pt.main(SMALL + ["--max_steps", "1", "--eval_limit", "2", "--eval_only"] + variant)
+    assert alone["prefix-tuned"][0]["steps"] == 1  # a variant's checkpoint, evaluated on its own flags
 
 
 def test_cli_subprocess(tmp_path):
