@@ -844,8 +844,7 @@ def run(args: Args) -> dict:
     llama = not lm.config.is_encoder_decoder
     trainset = load_split(args, "train", recs["train"], tok, True, llama, device)
     evalset = load_split(args, args.eval_split, recs[args.eval_split], tok, False, llama, device)
-    if args.overwrite and not (args.resume or args.eval_only):
-        clear_outputs(args.out_dir, rank)
+    clear_outputs(args, rank)  # --overwrite: only now that the inputs have loaded
     args.n_pos = max(args.n_pos, trainset.feats.shape[1])
     name = f"tiny {args.arch} ({args.tiny_layers}x{args.tiny_d})" if args.model == "tiny" else args.model
     res = {"task": task, "enc_dec": not llama, "args": dataclasses.asdict(args),
@@ -1065,9 +1064,11 @@ def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) 
     os.makedirs(out_dir, exist_ok=True)
 
 
-def clear_outputs(out_dir: str, rank: int = 0) -> None:
-    """--overwrite, called once the inputs have loaded (bad input loses nothing): this script's outputs go."""
-    for p in Path(out_dir).rglob("*") if rank == 0 else []:
+def clear_outputs(args, rank: int = 0) -> None:
+    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
+    nothing): this script's outputs in args.out_dir go."""
+    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
+    for p in Path(args.out_dir).rglob("*") if clear else []:
         if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
             p.unlink()
 

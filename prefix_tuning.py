@@ -693,8 +693,7 @@ def run(a: Args) -> dict:
     log = print if rank == 0 else (lambda *_, **__: None)
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     s = setup(a, device)
-    if a.overwrite and not (a.resume or a.eval_only):
-        clear_outputs(a.out_dir, rank)
+    clear_outputs(a, rank)  # --overwrite: only now that the inputs have loaded
     rows = {"pre-trained, no prefix": []}
     if rank == 0:
         base = build(s, with_prefix=False).to(device)
@@ -860,9 +859,11 @@ def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) 
     os.makedirs(out_dir, exist_ok=True)
 
 
-def clear_outputs(out_dir: str, rank: int = 0) -> None:
-    """--overwrite, called once the inputs have loaded (bad input loses nothing): this script's outputs go."""
-    for p in Path(out_dir).rglob("*") if rank == 0 else []:
+def clear_outputs(args, rank: int = 0) -> None:
+    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
+    nothing): this script's outputs in args.out_dir go."""
+    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
+    for p in Path(args.out_dir).rglob("*") if clear else []:
         if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
             p.unlink()
 

@@ -463,8 +463,7 @@ def run(a: Args) -> dict:
     prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
     shared = {k: v for k, v in dataclasses.asdict(runs[0][1]).items() if v is not None}   # None: pt's default
     t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)   # one LMM + data for all runs
-    if a.overwrite and not (a.resume or a.eval_only):
-        clear_outputs(a.out_dir, rank)
+    clear_outputs(a, rank)  # --overwrite: only now that the inputs have loaded
     rows = {name: [run_variant(dataclasses.replace(v, seed=s, out_dir=os.path.join(v.out_dir, f"seed{s}")
                                                    if a.seeds else v.out_dir), setup, device, rank, world)
                    for s in seeds] for name, v in runs}
@@ -624,9 +623,11 @@ def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) 
     os.makedirs(out_dir, exist_ok=True)
 
 
-def clear_outputs(out_dir: str, rank: int = 0) -> None:
-    """--overwrite, called once the inputs have loaded (bad input loses nothing): this script's outputs go."""
-    for p in Path(out_dir).rglob("*") if rank == 0 else []:
+def clear_outputs(args, rank: int = 0) -> None:
+    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
+    nothing): this script's outputs in args.out_dir go."""
+    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
+    for p in Path(args.out_dir).rglob("*") if clear else []:
         if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
             p.unlink()
 

@@ -94,7 +94,9 @@ def test_checkpoint_and_out_dir(infra, tmp_path):
         infra.prepare_out_dir(str(out), resume=False, overwrite=False)
     infra.prepare_out_dir(str(out), resume=False, overwrite=True)
     assert sorted(os.listdir(out)) == ["notes.txt", "results.json"]  # nothing goes before the inputs load
-    infra.clear_outputs(str(out))
+    infra.clear_outputs(NS(out_dir=str(out), overwrite=True, resume=True, eval_only=False))  # --resume keeps
+    assert sorted(os.listdir(out)) == ["notes.txt", "results.json"]
+    infra.clear_outputs(NS(out_dir=str(out), overwrite=True, resume=False, eval_only=False))
     assert sorted(os.listdir(out)) == ["notes.txt"]  # only the script's own outputs are removed
     infra.save_checkpoint(str(tmp_path / "ck.pt"), {"step": 1})
     os.makedirs(out / "lora")
