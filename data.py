@@ -68,10 +68,24 @@ def cache_dir(*parts: str) -> str:
 _cache_folder = cache_dir  # extract_features' argument of the same name hides the function
 
 
+REPO = Path(__file__).resolve().parent
+
+
+def model_path(name: str) -> str:
+    """A --model value as from_pretrained reads it: `stand_ins/<name>` (an offline stand-in, see
+    scripts/make_stand_ins.py) resolved against the repository, not the working directory; anything else
+    as given (a local folder is read before any hub id). A missing stand-in is one error line."""
+    if not name.startswith("stand_ins/"):
+        return name
+    path = REPO / name
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--model {name}: no stand-in at {path}; make it with "
+                         f"python scripts/make_stand_ins.py --only {path.name}")
+    return str(path)
+
+
 def stand_in(path: str) -> str:
-    """Where to load the offline stand-in cached at `path` (<cache>/<script>/<recipe>.pt) from: the copy in
-    stand_ins/<script>/ when the repository ships one, else `path` (pre-trained there on first use).
-    Pre-training on another CPU gives other weights; the shipped copies give every machine the same ones."""
+    """(Old layout, being replaced by model_path.) The shipped copy of a cached .pt stand-in, else `path`."""
     here = os.path.dirname(os.path.abspath(__file__))
     shipped = os.path.join(here, "stand_ins", os.path.basename(os.path.dirname(path)), os.path.basename(path))
     return shipped if os.path.isfile(shipped) else path
