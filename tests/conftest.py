@@ -1,8 +1,8 @@
 """Test-session setup shared by every test file.
 
-* Every cache (frozen features, tiny pre-trained stand-ins) goes to one temporary folder for the whole
-  session ($VLPEFT_CACHE, read by data.cache_dir), so each stand-in is built once per test run and
-  nothing is written into the repository.
+* Every cache (frozen features) goes to one temporary folder for the whole session ($VLPEFT_CACHE, read
+  by data.cache_dir), so nothing is written into the repository.
+* Each test gets the torch thread count back (a script pins a small model to one thread).
 * The repository tree (ignored files included) is listed before and after the run; anything new fails
   the session. __pycache__ and .pytest_cache are the only exceptions.
 """
@@ -42,6 +42,15 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nerror: the tests wrote into the repository: {', '.join(new[:10])}"
               + (f" (+{len(new) - 10} more)" if len(new) > 10 else ""))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """A script pins a small model to one CPU thread; the next test gets the thread count back."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The infrastructure block at the end of every method file is the same text, and it behaves as documented."""
-from __future__ import annotations  # parse_cli reads field types as strings, as in the method files
+from __future__ import annotations  # as in the method files: HfArgumentParser resolves the string types
 
+import dataclasses
 import importlib
 import math
 import os
@@ -8,14 +9,14 @@ import re
 import signal
 import sys
 from pathlib import Path
-from types import SimpleNamespace as NS
+from typing import Optional
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-METHOD_FILES = ("memvp.py", "routing_bottleneck.py", "rlp.py", "prefix_tuning.py", "pt_peft_train.py")
+METHOD_FILES = ("memvp.py", "routing_bottleneck.py", "rlp.py", "prefix_tuning.py")
 BEGIN, END = "# Infrastructure -- the same text in every method file", "# End of infrastructure"
 
 
@@ -27,16 +28,23 @@ def block(name: str) -> str:
 
 def test_same_block_in_every_method_file():
     blocks = {name: block(name) for name in METHOD_FILES}
-    ref = blocks[METHOD_FILES[0]]
     for name, b in blocks.items():
-        assert b == ref, f"{name}: infrastructure block differs from {METHOD_FILES[0]}"
-    names = {a or b for a, b in re.findall(r"^(?:def|class) (\w+)|^(\w+) = ", ref, re.M)}
-    assert {"UsageError", "NonFiniteLoss", "setup_device", "seed_everything", "lr_schedule",
-            "save_checkpoint", "load_checkpoint", "run_cli"} <= names
+        assert b == blocks[METHOD_FILES[0]], f"{name}: infrastructure block differs from {METHOD_FILES[0]}"
+    names = set(re.findall(r"^(?:def|class) (\w+)|^(\w+) = ", blocks[METHOD_FILES[0]], re.M))
+    names = {a or b for a, b in names}
+    assert {"UsageError", "arg", "check_values", "from_checkpoint", "setup_device", "lr_schedule",
+            "save_checkpoint", "load_checkpoint", "prepare_out_dir", "run_cli"} <= names
+
+
+def test_pt_peft_train_takes_the_block_from_prefix_tuning():
+    """pt_peft_train.py builds on prefix_tuning.py (its stage 1): it carries no copy of the block."""
+    assert BEGIN not in (REPO / "pt_peft_train.py").read_text()
+    pt_peft, prefix = importlib.import_module("pt_peft_train"), importlib.import_module("prefix_tuning")
+    for name in ("run_cli", "save_checkpoint", "load_checkpoint", "from_checkpoint", "lr_schedule"):
+        assert getattr(pt_peft, name, getattr(prefix, name)) is getattr(prefix, name), name
 
 
 def test_one_bad_input_class_for_every_script():
-    """pt_peft_train runs prefix_tuning's code: an error raised there is reported as any other bad input."""
     import data
     assert issubclass(data.DataError, data.UsageError)
     assert all(importlib.import_module(n[:-3]).UsageError is data.UsageError for n in METHOD_FILES)
@@ -45,6 +53,23 @@ def test_one_bad_input_class_for_every_script():
 @pytest.fixture(scope="module")
 def infra():
     return importlib.import_module("rlp")  # any method file: the block is identical
+
+
+def make_args(infra):
+    @dataclasses.dataclass
+    class Args:
+        lr: Optional[float] = infra.arg(None, "learning rate (default: 1e-3 for BART/T5)")
+        epochs: int = infra.arg(3, "epochs, 100% of the data")
+        mem_dropout: float = infra.arg(0.1, "dropout")
+        fast: bool = infra.arg(True, "a switch")
+        eval_limit: Optional[int] = infra.arg(None, "evaluate the first N", eval_only=True)
+        seeds: Optional[str] = infra.arg(None, "comma-separated seeds")
+        out_dir: str = infra.arg("runs/x", "output folder")
+
+        def __post_init__(self):
+            infra.check_values(self, {"epochs": (">= 1", lambda v: v >= 1)})
+    Args.__module__ = __name__  # run_cli reads the description from the module docstring
+    return Args
 
 
 def test_lr_schedule_shapes(infra):
@@ -57,122 +82,115 @@ def test_lr_schedule_shapes(infra):
             opt.step()
             sch.step()
         return out
-    lin = lrs(warmup_steps=2, total_steps=6, warmup="linear", decay="linear")
-    assert lin == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert lrs(warmup_steps=2, total_steps=6, warmup="linear", decay="linear") == pytest.approx(
+        [0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
     cos = lrs(warmup_steps=1, total_steps=5, warmup="constant", decay="cosine", warmup_factor=0.01)
     assert cos == pytest.approx([0.01, 1.0, 0.8535534, 0.5, 0.1464466])
 
 
-def test_checkpoint_and_out_dir(infra, tmp_path):
+def test_checkpoint_holds_the_run_and_its_random_state(infra, tmp_path):
+    import random
+    import numpy as np
     path = str(tmp_path / "ck.pt")
-    infra.save_checkpoint(path, {"step": 3, "trainable": {"w": torch.ones(2)}})
-    assert infra.load_checkpoint(path)["step"] == 3 and os.listdir(tmp_path) == ["ck.pt"]
-    with pytest.raises(infra.UsageError, match="no checkpoint"):
-        infra.load_checkpoint(str(tmp_path / "missing.pt"))
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
     model[1].requires_grad_(False)  # frozen: not in the checkpoint, left as it is
     frozen = model[1].weight.detach().clone()
-    args = NS(lr=0.1, r=2, eval_limit=5, out_dir="a", max_steps=3)
-    setting = infra.setting_of(args, "eval_limit")
-    assert setting == {"lr": 0.1, "r": 2}  # run controls and evaluation flags are not part of it
+    Args = make_args(infra)
     trained = {"0.weight": torch.ones(3, 2), "0.bias": torch.zeros(3)}
-    infra.save_checkpoint(path, {"trainable": trained, "setting": setting})
-    same = infra.setting_of(NS(lr=0.1, r=2, eval_limit=9, out_dir="b"), "eval_limit")  # another evaluation
-    infra.load_checkpoint(path, model, same)
-    assert model[0].weight.eq(1).all() and model[0].bias.eq(0).all() and model[1].weight.equal(frozen)
-    with pytest.raises(infra.UsageError, match=r"trained with other flags: --lr 0\.1 \(now 0\.2\)$"):
-        infra.load_checkpoint(path, model, dict(setting, lr=0.2))
-    for other in ({"0.weight": torch.ones(4, 2), "0.bias": torch.zeros(3)}, {"0.bias": torch.zeros(3)}):
-        infra.save_checkpoint(path, {"trainable": other, "setting": setting})  # a size differs; a tensor lost
-        with pytest.raises(infra.UsageError, match=r"trained with other flags: other sizes"):
-            infra.load_checkpoint(path, model, setting)
+    infra.save_checkpoint(path, {"trainable": trained, "step": 3, "args": dataclasses.asdict(Args(lr=0.1))})
+    assert os.listdir(tmp_path) == ["ck.pt"]  # no temp file left
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    state = infra.load_checkpoint(path, model)  # loads with weights_only=True
+    assert state["step"] == 3 and model[0].weight.eq(1).all() and model[1].weight.equal(frozen)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws  # --resume continues exactly
+    with pytest.raises(infra.UsageError, match="no checkpoint"):
+        infra.load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_resumed_run_takes_its_settings_from_the_checkpoint(infra, capsys):
+    Args = make_args(infra)
+    state = {"args": dataclasses.asdict(Args(lr=0.1, epochs=5, eval_limit=7, out_dir="old"))}
+    cli = Args(lr=0.3, eval_limit=9, out_dir="new")  # --lr 0.3 is ignored, the rest is the command line's
+    got = infra.from_checkpoint(cli, state)
+    assert (got.lr, got.epochs, got.eval_limit, got.out_dir) == (0.1, 5, 9, "new")
+    assert capsys.readouterr().out.strip() == "the checkpoint's settings are used, ignored: --lr 0.3"
+    infra.from_checkpoint(Args(), state)  # nothing set on the command line: nothing to say
+    assert capsys.readouterr().out == ""
+
+
+def test_a_run_is_kept_unless_resumed_or_overwritten(infra, tmp_path):
+    from types import SimpleNamespace as NS
     out = tmp_path / "run"
-    infra.prepare_out_dir(str(out), resume=False, overwrite=False)
-    infra.write_json(str(out / "results.json"), {"a": 1})
+
+    def args(**kw):
+        return NS(**{"out_dir": str(out), "resume": False, "eval_only": False, "overwrite": False, **kw})
+    infra.prepare_out_dir(args())
+    (out / "results.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(infra.UsageError, match="--overwrite"):
-        infra.prepare_out_dir(str(out), resume=False, overwrite=False)
-    infra.prepare_out_dir(str(out), resume=False, overwrite=True)
+    with pytest.raises(infra.UsageError, match=r"holds a run \(results.json\): pass --resume"):
+        infra.prepare_out_dir(args())
+    infra.prepare_out_dir(args(overwrite=True))
     assert sorted(os.listdir(out)) == ["notes.txt", "results.json"]  # nothing goes before the inputs load
-    infra.clear_outputs(NS(out_dir=str(out), overwrite=True, resume=True, eval_only=False))  # --resume keeps
+    infra.prepare_out_dir(args(overwrite=True, resume=True), inputs_loaded=True)  # --resume keeps it
     assert sorted(os.listdir(out)) == ["notes.txt", "results.json"]
-    infra.clear_outputs(NS(out_dir=str(out), overwrite=True, resume=False, eval_only=False))
+    infra.prepare_out_dir(args(overwrite=True), inputs_loaded=True)
     assert sorted(os.listdir(out)) == ["notes.txt"]  # only the script's own outputs are removed
-    infra.save_checkpoint(str(tmp_path / "ck.pt"), {"step": 1})
     os.makedirs(out / "lora")
-    os.replace(tmp_path / "ck.pt", out / "lora" / "checkpoint.pt")  # an interrupted run: no results.json
-    with pytest.raises(infra.UsageError, match=r"holds a run \(lora/checkpoint.pt\); pass --resume"):
-        infra.prepare_out_dir(str(out), resume=False, overwrite=False)
-    infra.prepare_out_dir(str(out), resume=True, overwrite=False)
+    infra.save_checkpoint(str(out / "lora" / "checkpoint.pt"), {"step": 1})  # an interrupted run
+    with pytest.raises(infra.UsageError, match=r"holds a run \(lora/checkpoint.pt\)"):
+        infra.prepare_out_dir(args())
+    infra.prepare_out_dir(args(resume=True))
 
 
-def test_parse_cli_and_exit_codes(infra, capsys, tmp_path):
-    from dataclasses import dataclass, field
-    from typing import Optional
-
-    @dataclass
-    class A:
-        lr: Optional[float] = field(default=None, metadata={"help": "x"})
-        steps: int = field(default=3, metadata={"help": "y"})
-        fast: bool = field(default=False, metadata={"help": "z"})
-    a = infra.parse_cli(A, ["--lr", "0.5", "--steps", "7", "--fast"])
-    assert (a.lr, a.steps, a.fast) == (0.5, 7, True)
-    assert infra.parse_cli(A, ["--lr", "auto"]).lr is None
-
-    def bad(_):
-        raise infra.UsageError("unknown --dataset 'x'")
+def one_error_line(infra, capsys, run, cls, argv, code=2):
     with pytest.raises(SystemExit) as e:
-        infra.run_cli(bad, A())
-    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: unknown --dataset 'x'"
+        infra.run_cli(run, cls, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == code and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_command_line_and_exit_codes(infra, capsys, tmp_path):
+    Args = make_args(infra)
+    a = infra.run_cli(lambda a: a, Args, ["--lr", "0.5", "--epochs", "7", "--no_fast", "--seeds", "2,0,1"])
+    assert (a.lr, a.epochs, a.fast, a.seeds) == (0.5, 7, False, "2,0,1")
+    for argv, msg in ((["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+                      (["--lr"], "argument --lr: expected one argument"),
+                      (["--lr", "-1"], "--lr -1.0: must be > 0"),
+                      (["--lr", "nan"], "--lr nan: must be > 0"),
+                      (["--mem_dropout", "1"], "--mem_dropout 1.0: must be in [0, 1)"),
+                      (["--epochs", "0"], "--epochs 0: must be >= 1"),
+                      (["--seeds", "0,1,0"], "--seeds '0,1,0': expected distinct integers"),
+                      (["--seeds", "-1"], "--seeds '-1'"),
+                      (["--lrr", "1"], "Some specified arguments are not used")):
+        assert msg in one_error_line(infra, capsys, lambda a: a, Args, argv), argv
 
     def unwritable(_):  # an --out_dir below a file
         (tmp_path / "file").write_text("")
         os.makedirs(tmp_path / "file" / "run")
-    with pytest.raises(SystemExit) as e:
-        infra.run_cli(unwritable, A())
-    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
-        f"error: [Errno 20] Not a directory: '{tmp_path / 'file' / 'run'}'"]
+    assert "Not a directory" in one_error_line(infra, capsys, unwritable, Args, [])
 
     def nan(_):
-        raise infra.NonFiniteLoss("non-finite loss at step 4")
-    with pytest.raises(SystemExit) as e:
-        infra.run_cli(nan, A())
-    assert e.value.code == 1
+        raise FloatingPointError("non-finite loss at step 4")
+    assert one_error_line(infra, capsys, nan, Args, [], code=1) == "error: non-finite loss at step 4"
+    for bad in ("gpu", "cuda:x", "cpu:0"):
+        with pytest.raises(infra.UsageError, match="expected auto, cpu or cuda"):
+            infra.setup_device(bad)
     assert infra.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00" and infra.mean_std([5.0]) == "5.00 ± 0.00"
 
 
-def test_rules_every_script_shares(infra, capsys):
-    """Learning rates > 0, dropout probabilities in [0, 1), distinct --seeds: one error line, exit 2."""
-    ran = []
-    assert infra.run_cli(ran.append, NS(lr=None, pt_lr=1e-4, lora_dropout=0.0, seeds="2,0,1")) is None and ran
-    for bad, msg in ((NS(lr=-1.0), "--lr -1.0: must be > 0"), (NS(pt_lr=math.nan), "--pt_lr nan: must be"),
-                     (NS(mem_dropout=1.0), "--mem_dropout 1.0: must be in [0, 1)"),
-                     (NS(num_workers=-1), "--num_workers -1: must be >= 0"),
-                     (NS(seeds="0,1,0"), "--seeds '0,1,0': expected distinct integers, e.g. 0,1,2"),
-                     (NS(seeds="0;1"), "--seeds '0;1'"), (NS(seeds="-1"), "--seeds '-1'")):
-        with pytest.raises(SystemExit) as e:
-            infra.run_cli(ran.append, bad)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {msg}"), err
-    assert len(ran) == 1
-    for bad in ("gpu", "cuda:x", "cpu:0"):
-        with pytest.raises(infra.UsageError, match="expected auto, cpu, cuda or cuda:<index>"):
-            infra.setup_device(bad)
+def test_help_shows_every_default(infra, capsys):
+    with pytest.raises(SystemExit) as e:
+        infra.run_cli(lambda a: a, make_args(infra), ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "(default: 1e-3 for BART/T5)" in out and "(default: None)" not in out[:200]
+    assert "epochs, 100% of the data (default: 3)" in out and "(evaluation only)" in out
 
 
-def test_tiny_models_run_single_threaded(infra):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        def run(_):
-            dev, rank, world = infra.setup_device("cpu", tiny=True)
-            return dev.type, rank, world, torch.get_num_threads()
-        assert infra.run_cli(run, NS()) == ("cpu", 0, 1, 1)
-        assert torch.get_num_threads() == 2  # run_cli gives the caller its threads back
-        infra.setup_device("cpu")
-        assert torch.get_num_threads() == 2  # a real model keeps every core
-    finally:
-        torch.set_num_threads(threads)
+def test_small_models_run_single_threaded(infra):
+    torch.set_num_threads(2)  # tests/conftest.py gives every test its threads back
+    infra.pin_threads(torch.nn.Linear(4, 4), torch.device("cpu"))
+    assert torch.get_num_threads() == 1
 
 
 def test_ctrl_c_takes_effect_at_the_end_of_a_step(infra):
