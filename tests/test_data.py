@@ -15,6 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import data  # noqa: E402
 from data import DataError  # noqa: E402
 from formats import write_coco_karpathy, write_scienceqa  # noqa: E402
@@ -468,7 +469,7 @@ def cell_shapes(records):
 
 def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    model = data.tiny_cnn()  # pre-trained once per test session (cached in $VLPEFT_CACHE)
+    model = data.tiny_cnn()  # stand_ins/tiny-cnn
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     sizes = {"train": 300, "val": 1, "test": 200}
@@ -479,7 +480,7 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
     C = data.TINY_CNN_WIDTH
     assert grid["test"].shape == (200, 9, C) and pooled.shape == (200, 1, C) and not missing.any()
     with torch.no_grad():  # the cached features are the model's outputs on the 48 x 48 images
-        g, p = model(data._tiny_cnn_pixels([data.load_image(r, 48) for r in recs["test"][:8]]))
+        g, p = model(data.tiny_cnn_pixels([data.load_image(r, 48) for r in recs["test"][:8]]))
     assert torch.allclose(grid["test"][:8].float(), g, atol=1e-2)
     assert torch.allclose(pooled[:8, 0].float(), p, atol=1e-2)
     # linear probe, shared over the 5 object cells: which shape (or none) is in a cell, from its token
@@ -496,26 +497,42 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
         data.extract_features(recs["test"], "tiny-cnn", split="test", image_size=64, **kw)
 
 
-def test_tiny_cnn_pretraining_moves_every_layer():
+def test_tiny_cnn_recipe_moves_every_layer_and_its_folder_round_trips(tmp_path):
+    """The recipe of scripts/make_stand_ins.py, a few steps: every layer moves; the folder it writes
+    (config.json + model.safetensors, the scale buffer included) loads the same tensors and serves features."""
+    import make_stand_ins
     torch.manual_seed(0)
     model = data.TinyCNN()
     before = [p.detach().clone() for p in model.parameters()]
-    data._pretrain_tiny_cnn(model, **dict(data._TINY_CNN_RECIPE, images=64, steps=5, batch=16))
+    recipe = dict(make_stand_ins.TINY_CNN_RECIPE, images=64, steps=5, batch=16)
+    make_stand_ins.pretrain_tiny_cnn(model, **recipe)
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert all(not torch.equal(a, b) for a, b in zip(before, after) if b.requires_grad)
+    assert not torch.equal(model.scale, torch.ones(2))
+    model.save_pretrained(tmp_path / "cnn")
+    assert json.loads((tmp_path / "cnn" / "config.json").read_text()) == {"width": 96, "image_size": 48}
+    rng = torch.get_rng_state()
+    loaded = data.TinyCNN.from_pretrained(tmp_path / "cnn")
+    assert torch.equal(torch.get_rng_state(), rng) and not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    recs = data.load_records("shapes_vqa", "val", split_sizes=SMALL)[:4]
+    kw = dict(cache_dir=str(tmp_path / "c"), dataset="shapes_vqa", split="val", progress=False)
+    own = data.extract_features(recs, "tiny-cnn", model=loaded, **kw)[0]
+    shipped = data.extract_features(recs, "tiny-cnn", **kw)[0]
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2 and not torch.equal(own, shipped)  # keyed by weights
 
 
-def test_shipped_stand_ins_are_preferred_to_the_cache(tmp_path):
-    own = tmp_path / "memvp" / "tiny-llama-000000000000.pt"
-    assert data.stand_in(str(own)) == str(own)  # nothing shipped under this name: pre-train into the cache
-    shipped = sorted((Path(data.__file__).parent / "stand_ins").rglob("*.pt"))
-    scripts = {"tiny_cnn", "memvp", "routing_bottleneck", "prefix_tuning", "rlp"}
-    assert {p.parent.name for p in shipped} >= scripts
-    for p in shipped:  # the same recipe's file in any cache resolves to the shipped copy
-        assert data.stand_in(str(tmp_path / p.parent.name / p.name)) == str(p)
-    cnn = data.cache_dir("tiny_cnn", f"tiny-cnn-{data._digest(data._TINY_CNN_RECIPE)[:12]}.pt")
-    assert Path(data.stand_in(cnn)).parent.parent.name == "stand_ins"  # the default tiny-cnn is shipped
+def test_shipped_tiny_cnn_folder(tmp_path, monkeypatch):
+    """stand_ins/tiny-cnn holds the weights every README table was computed with (their digest); without
+    the folder, "tiny-cnn" is one error line saying how to make it."""
+    assert data._weights_digest(data.tiny_cnn()) == "c22d3ef63d79badc"
+    assert not (Path(data.__file__).parent / "stand_ins" / "tiny_cnn").exists()  # the folder, no .pt file
+    monkeypatch.setattr(data, "REPO", tmp_path)
+    recs = data.load_records("shapes_vqa", "val", split_sizes=SMALL)[:2]
+    with pytest.raises(data.UsageError) as e:
+        data.extract_features(recs, "tiny-cnn", cache_dir=str(tmp_path), progress=False)
+    assert "python scripts/make_stand_ins.py --only tiny-cnn" in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------------- official formats
