@@ -405,23 +405,32 @@ def test_feature_cache_interrupted_write_is_never_read(tmp_path, monkeypatch):
     assert torch.equal(feats, good)
 
 
+def pixels(records, size, mean, std):
+    """Resized to size x size (bicubic, no crop), normalised: the reference of the preprocessing."""
+    images = [data.load_image(r, size).resize((size, size), Image.BICUBIC) for r in records]
+    px = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) for im in images])
+    return (px - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def test_hf_clip_tower_features(tmp_path):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8, projection_dim=16)
     model = CLIPVisionModelWithProjection(cfg).eval()
-    model.save_pretrained(tmp_path / "tiny-clip")
+    enc = str(tmp_path / "tiny-clip")
+    model.save_pretrained(enc)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(enc)
     recs = data.load_records("shapes_cls", "val", split_sizes=SMALL)[:6]
     kw = dict(cache_dir=str(tmp_path / "cache"), dataset="shapes_cls", split="val", image_size=32,
               progress=False)
-    enc = str(tmp_path / "tiny-clip")
     feats, rows, _ = data.extract_features(recs, enc, layer=-2, **kw)
     assert feats.shape == (6, 16, 32)  # CLS dropped: (32/8)^2 grid tokens
-    # reference: simple resize + CLIP normalisation (no image processor saved)
-    px = torch.stack([torch.from_numpy(np.asarray(data.load_image(r, 32), np.float32) / 255).permute(2, 0, 1)
-                      for r in recs])
-    px = (px - torch.tensor(data.CLIP_MEAN).view(3, 1, 1)) / torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    # reference: the tower's own image processor, as from_pretrained loads it
+    from transformers import AutoImageProcessor
+    own = AutoImageProcessor.from_pretrained(enc)
+    px = own(images=[data.load_image(r, 32) for r in recs], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values=px, output_hidden_states=True)
     assert torch.allclose(feats.float(), out.hidden_states[-2][:, 1:], atol=2e-2)
@@ -431,21 +440,51 @@ def test_hf_clip_tower_features(tmp_path):
     pooled, _, _ = data.extract_features(recs, enc, pooled=True, **kw)
     assert pooled.shape == (6, 1, 16)
     assert torch.allclose(pooled.float()[:, 0], out.image_embeds, atol=2e-2)
-    # with the model's own image processor
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(enc)
-    f2, _, _ = data.extract_features(recs, enc, layer=-2, **dict(kw, cache_dir=str(tmp_path / "cache2")))
-    assert f2.shape == (6, 16, 32)
-    # an in-memory full CLIP model (image side used; pooled = projected image features)
+    # the official MemVP ScienceQA preprocessing: resize (no crop), ImageNet mean / std; its own cache file
+    coco = data.load_records("coco", "val", str(write_coco_karpathy(tmp_path)))  # 48 x 40 image files
+    both = {p: data.extract_features(coco, enc, layer=-2, **dict(kw, preprocess=p))[0]
+            for p in (None, "imagenet-resize")}
+    with torch.no_grad():
+        ref = model(pixel_values=pixels(coco, 32, data.IMAGENET_MEAN, data.IMAGENET_STD),
+                    output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert torch.allclose(both["imagenet-resize"].float(), ref, atol=2e-2)
+    assert not torch.allclose(both["imagenet-resize"], both[None], atol=2e-2)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 5
+    # an in-memory full CLIP (its image side; pooled = projected image features): resize, CLIP mean / std
     from transformers import CLIPConfig, CLIPModel
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=50)
     full = CLIPModel(CLIPConfig(vision_config=cfg.to_dict(), projection_dim=16, text_config=text)).eval()
     fp, _, _ = data.extract_features(recs, "tiny-full-clip", model=full, pooled=True, **kw)
     with torch.no_grad():
+        px = pixels(recs, 32, data.CLIP_MEAN, data.CLIP_STD)
         ref = full.get_image_features(pixel_values=px).pooler_output
     assert fp.shape == (6, 1, 16) and torch.allclose(fp.float()[:, 0], ref, atol=2e-2)
     with pytest.raises(DataError, match="cannot load vision encoder"):
         data.extract_features(recs, str(tmp_path / "nope"), **kw)
+    with pytest.raises(DataError, match="preprocess 'imagenet'"):
+        data.extract_features(recs, enc, preprocess="imagenet", **kw)
+
+
+@pytest.mark.parametrize("processor", ["missing", "broken"])
+def test_hf_tower_whose_image_processor_fails_is_one_error(tmp_path, processor):
+    """No silent fallback to some other normalisation: the tower's processor, or one error naming it."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    enc = tmp_path / "clip"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8)).save_pretrained(enc)
+    if processor == "broken":
+        (enc / "preprocessor_config.json").write_text('{"image_processor_type": "NoSuchImageProcessor"')
+    recs = data.load_records("shapes_cls", "val", split_sizes=SMALL)[:2]
+    kw = dict(cache_dir=str(tmp_path / "cache"), image_size=16, progress=False)
+    with pytest.raises(data.UsageError) as e:
+        data.extract_features(recs, str(enc), **kw)
+    message = str(e.value)
+    assert message.startswith(f"cannot load the image processor of vision encoder '{enc}'")
+    assert "\n" not in message
+    assert not list((tmp_path / "cache").glob("*.npy"))
+    feats, _, _ = data.extract_features(recs, str(enc), preprocess="imagenet-resize", **kw)  # explicit: fine
+    assert feats.shape == (2, 4, 16)
 
 
 def ridge_probe(train_x, train_y, test_x, test_y, classes, lam=1.0):
@@ -499,7 +538,7 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
 
 def test_tiny_cnn_recipe_moves_every_layer_and_its_folder_round_trips(tmp_path):
     """The recipe of scripts/make_stand_ins.py, a few steps: every layer moves; the folder it writes
-    (config.json + model.safetensors, the scale buffer included) loads the same tensors and serves features."""
+    (config.json + model.safetensors, the scale buffer included) loads the same tensors, serves features."""
     import make_stand_ins
     torch.manual_seed(0)
     model = data.TinyCNN()
@@ -520,7 +559,8 @@ def test_tiny_cnn_recipe_moves_every_layer_and_its_folder_round_trips(tmp_path):
     kw = dict(cache_dir=str(tmp_path / "c"), dataset="shapes_vqa", split="val", progress=False)
     own = data.extract_features(recs, "tiny-cnn", model=loaded, **kw)[0]
     shipped = data.extract_features(recs, "tiny-cnn", **kw)[0]
-    assert len(list((tmp_path / "c").glob("*.npy"))) == 2 and not torch.equal(own, shipped)  # keyed by weights
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2  # the cache is keyed by the weights
+    assert not torch.equal(own, shipped)
 
 
 def test_shipped_tiny_cnn_folder(tmp_path, monkeypatch):
@@ -688,6 +728,26 @@ def test_scienceqa_loader_prompt_and_metric(tmp_path):
         data.load_records("scienceqa", "test", str(tmp_path))
 
 
+def test_scienceqa_scores_generated_texts_as_the_official_code(tmp_path, capsys):
+    """The first capital letter [A-Z] of the raw text (case-sensitive), wrong when there is none or it is
+    beyond the problem's choices (the official eval.py's pattern and get_pred_idx)."""
+    answers = ["B", "A", "C", "D", "C", "B", "A", "D"]
+    texts = [" B", "a", "(C)", "E", "The answer is (C)", "b", "", "D"]
+    problems = {str(i + 1): dict(question=f"Question {i}?", choices=["w", "x", "y", "z"],
+                                 answer="ABCD".index(letter), hint="", image=None, subject="natural science",
+                                 grade="grade3", split="test")
+                for i, letter in enumerate(answers)}  # "E" is beyond the four choices
+    write_scienceqa(tmp_path, problems)
+    (tmp_path / "scienceqa" / "captions.json").unlink()
+    recs = data.load_records("scienceqa", "test", str(tmp_path))
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "captions.json" in note[0] and "not comparable" in note[0]
+    assert data.scienceqa_accuracy(texts, recs)["average"] == 37.50           # " B", "(C)", "D"
+    assert data.scienceqa_accuracy([t.upper() for t in texts], recs)["average"] == 62.50  # + "a", "b"
+    assert [data._chosen_index(t, ["w", "x", "y", "z"]) for t in texts] == [1, -1, 2, -1, -1, -1, -1, 3]
+    assert data._chosen_index("E", list("vwxyz")) == 4
+
+
 def make_coop(tmp_path, n_per_class=4):
     root = tmp_path / "eurosat"
     classes = ["annual crop", "forest", "river", "sea lake"]
@@ -717,6 +777,25 @@ def test_coop_loader_few_shot_base_new(tmp_path):
     assert [r["classname"] for r in new] == classes[2:]
     base = data.load_records("eurosat", "train", str(root), num_shots=1, subset="base")
     assert sorted(r["label"] for r in base) == [0, 1]
+
+
+def test_coop_few_shot_draws_as_dassl(tmp_path):
+    """The k-shot train and val records CoOp (Dassl's sampler) draws for seeds 1 and 2 on this split file."""
+    def items(text):
+        return [[f"{name}.jpg", int(label), "abc"[int(label)]] for name, label in
+                (pair.split() for pair in text.split(", "))]
+    train = items("c0 2, a0 0, c1 2, b0 1, a1 0, c2 2, a2 0, b1 1, c3 2, a3 0, c4 2, b2 1, a4 0, c5 2")
+    val = items("bv0 1, cv0 2, av0 0, bv1 1, cv1 2, av1 0, bv2 1, cv2 2, av2 0")
+    write_json(tmp_path / "eurosat" / "split_zhou_EuroSAT.json", {"train": train, "val": val, "test": val})
+    (tmp_path / "eurosat" / "2750").mkdir()
+    expected = {1: ("c1 c4 a0 a2 b0 b1", "bv1 bv2 cv2 cv1 av0 av2"),
+                2: ("c0 c5 a0 a2 b0 b1", "bv1 bv0 cv2 cv0 av2 av0")}
+    for seed, (want_train, want_val) in expected.items():
+        for split, want in (("train", want_train), ("val", want_val)):
+            recs = data.load_records("eurosat", split, str(tmp_path), num_shots=2, seed=seed)
+            assert " ".join(Path(r["id"]).stem for r in recs) == want, (seed, split)
+    with pytest.raises(DataError, match="whole test split"):
+        data.load_records("eurosat", "test", str(tmp_path), num_shots=2)
 
 
 def test_imagenet_folders_and_aircraft(tmp_path):
