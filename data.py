@@ -4,7 +4,7 @@
   2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs,
                                       classnames_of
   3. extract_features, drop_missing   frozen vision features, cached; "tiny-cnn" = the synthetic world's
-                                      pre-trained frozen encoder (tiny_cnn)
+                                      pre-trained frozen encoder (stand_ins/tiny-cnn, tiny_cnn)
   4. build_tokenizer                  word-level tokenizer of the tiny models
   5. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
      vqa_soft_targets                 the official metrics; VQA classifier classes and soft targets
@@ -72,15 +72,16 @@ _cache_folder = cache_dir  # extract_features' argument of the same name hides t
 REPO = Path(__file__).resolve().parent
 
 
-def model_path(name: str) -> str:
+def model_path(name: str, what: Optional[str] = None) -> str:
     """A --model value as from_pretrained reads it: `stand_ins/<name>` (an offline stand-in, see
     scripts/make_stand_ins.py) resolved against the repository, not the working directory; anything else
-    as given (a local folder is read before any hub id). A missing stand-in is one error line."""
+    as given (a local folder is read before any hub id). A missing stand-in is one error line, starting
+    with `what` (default: "--model <name>")."""
     if not name.startswith("stand_ins/"):
         return name
     path = REPO / name
     if not (path / "config.json").is_file():
-        raise UsageError(f"--model {name}: no stand-in at {path}; make it with "
+        raise UsageError(f"{what or '--model ' + name}: no stand-in at {path}; make it with "
                          f"python scripts/make_stand_ins.py --only {path.name}")
     return str(path)
 
@@ -772,19 +773,8 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
     cache_dir (default cache_dir("features")) by every setting and the image ids, written atomically; under
     torch.distributed rank 0 extracts, all ranks load.
     """
-    if preprocess not in (None, "imagenet-resize") or (preprocess and encoder in ("patches", "tiny-cnn")):
-        raise DataError(f"preprocess {preprocess!r}: choose None or 'imagenet-resize' (Hugging Face towers)")
-    settings = {"patches": patch_size}.get(encoder, [layer, keep_cls])
-    if encoder == "tiny-cnn":
-        model = model or tiny_cnn()
-        settings = _weights_digest(model)  # the features follow the weights of the folder
-        if image_size not in (None, model.config["image_size"]):
-            raise DataError(f"tiny-cnn reads images at {model.config['image_size']} px; "
-                            "leave image_size unset")
-        image_size = model.config["image_size"]
-    image_size = image_size or 224
-    if encoder == "patches" and image_size % patch_size:
-        raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    model, image_size, settings = _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls,
+                                                    preprocess)
     first: dict = {}  # image_id -> row; None (no image) gets a row too, which stays zero
     rows = torch.tensor([first.setdefault(r.get("image_id"), len(first)) for r in records], dtype=torch.long)
     uniq = [None] * len(first)
@@ -819,6 +809,22 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
         _report_missing(bad, missing, f"{dataset}/{split}", sum(r is not None for r in uniq),
                         split == "train" if train is None else train)
     return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write: never written back
+
+
+def _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls, preprocess):
+    """-> (model, image_size, the settings in the cache key) of an encoder; bad combinations: DataError."""
+    if preprocess not in (None, "imagenet-resize") or (preprocess and encoder in ("patches", "tiny-cnn")):
+        raise DataError(f"preprocess {preprocess!r}: choose None or 'imagenet-resize' (Hugging Face towers)")
+    if encoder == "tiny-cnn":
+        model = model or tiny_cnn()
+        if image_size not in (None, model.config["image_size"]):
+            raise DataError(f"tiny-cnn reads images at {model.config['image_size']} px; "
+                            "leave image_size unset")
+        return model, model.config["image_size"], _weights_digest(model)  # the features follow the weights
+    image_size = image_size or 224
+    if encoder == "patches" and image_size % patch_size:
+        raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    return model, image_size, patch_size if encoder == "patches" else [layer, keep_cls]
 
 
 def _report_missing(bad: dict, missing: torch.Tensor, name: str, n_img: int, train: bool) -> None:
@@ -978,7 +984,7 @@ class TinyCNN(torch.nn.Module):
 
 def tiny_cnn() -> TinyCNN:
     """The frozen pre-trained "tiny-cnn": the folder stand_ins/tiny-cnn (scripts/make_stand_ins.py)."""
-    return TinyCNN.from_pretrained(model_path("stand_ins/tiny-cnn"))
+    return TinyCNN.from_pretrained(model_path("stand_ins/tiny-cnn", what="vision encoder tiny-cnn"))
 
 
 def tiny_cnn_pixels(images: list, size: int = TINY_CNN_IMAGE_SIZE) -> torch.Tensor:

@@ -572,6 +572,8 @@ def test_shipped_tiny_cnn_folder(tmp_path, monkeypatch):
     recs = data.load_records("shapes_vqa", "val", split_sizes=SMALL)[:2]
     with pytest.raises(data.UsageError) as e:
         data.extract_features(recs, "tiny-cnn", cache_dir=str(tmp_path), progress=False)
+    folder = tmp_path / "stand_ins" / "tiny-cnn"
+    assert str(e.value).startswith(f"vision encoder tiny-cnn: no stand-in at {folder}")
     assert "python scripts/make_stand_ins.py --only tiny-cnn" in str(e.value) and "\n" not in str(e.value)
 
 
