@@ -814,7 +814,7 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
 def _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls, preprocess):
     """-> (model, image_size, the settings in the cache key) of an encoder; bad combinations: DataError."""
     if preprocess not in (None, "imagenet-resize") or (preprocess and encoder in ("patches", "tiny-cnn")):
-        raise DataError(f"preprocess {preprocess!r}: choose None or 'imagenet-resize' (Hugging Face towers)")
+        raise DataError(f"preprocess {preprocess!r}: None or 'imagenet-resize', for Hugging Face towers only")
     if encoder == "tiny-cnn":
         model = model or tiny_cnn()
         if image_size not in (None, model.config["image_size"]):
@@ -852,7 +852,9 @@ def _file_stamp(record: dict) -> list:
 
 
 def _first_line(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    """"<type>: <first line of the message>" of an exception."""
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 def _digest(obj) -> str:

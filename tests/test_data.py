@@ -464,6 +464,8 @@ def test_hf_clip_tower_features(tmp_path):
         data.extract_features(recs, str(tmp_path / "nope"), **kw)
     with pytest.raises(DataError, match="preprocess 'imagenet'"):
         data.extract_features(recs, enc, preprocess="imagenet", **kw)
+    with pytest.raises(DataError, match="for Hugging Face towers only"):
+        data.extract_features(recs, "patches", preprocess="imagenet-resize", **kw)
 
 
 @pytest.mark.parametrize("processor", ["missing", "broken"])
