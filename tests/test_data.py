@@ -442,14 +442,14 @@ def test_hf_clip_tower_features(tmp_path):
     assert torch.allclose(pooled.float()[:, 0], out.image_embeds, atol=2e-2)
     # the official MemVP ScienceQA preprocessing: resize (no crop), ImageNet mean / std; its own cache file
     coco = data.load_records("coco", "val", str(write_coco_karpathy(tmp_path)))  # 48 x 40 image files
-    both = {p: data.extract_features(coco, enc, layer=-2, **dict(kw, preprocess=p))[0]
-            for p in (None, "imagenet-resize")}
+    imagenet, _, _ = data.extract_features(coco, enc, layer=-2, preprocess="imagenet-resize", **kw)
     with torch.no_grad():
         ref = model(pixel_values=pixels(coco, 32, data.IMAGENET_MEAN, data.IMAGENET_STD),
                     output_hidden_states=True).hidden_states[-2][:, 1:]
-    assert torch.allclose(both["imagenet-resize"].float(), ref, atol=2e-2)
-    assert not torch.allclose(both["imagenet-resize"], both[None], atol=2e-2)
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 5
+        cropped = own(images=[data.load_image(r) for r in coco], return_tensors="pt")["pixel_values"]
+        cropped = model(pixel_values=cropped, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert torch.allclose(imagenet.float(), ref, atol=2e-2) and not torch.allclose(ref, cropped, atol=2e-2)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4  # preprocess is in the cache key
     # an in-memory full CLIP (its image side; pooled = projected image features): resize, CLIP mean / std
     from transformers import CLIPConfig, CLIPModel
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -468,24 +468,25 @@ def test_hf_clip_tower_features(tmp_path):
         data.extract_features(recs, "patches", preprocess="imagenet-resize", **kw)
 
 
-@pytest.mark.parametrize("processor", ["missing", "broken"])
-def test_hf_tower_whose_image_processor_fails_is_one_error(tmp_path, processor):
-    """No silent fallback to some other normalisation: the tower's processor, or one error naming it."""
+def test_hf_tower_whose_image_processor_fails_is_one_error(tmp_path):
+    """No silent fallback to some other normalisation: the tower's processor (missing here, then broken),
+    or one error naming the tower; an explicit preprocess needs none."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
     enc = tmp_path / "clip"
     CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                      num_attention_heads=2, image_size=16, patch_size=8)).save_pretrained(enc)
-    if processor == "broken":
-        (enc / "preprocessor_config.json").write_text('{"image_processor_type": "NoSuchImageProcessor"')
     recs = data.load_records("shapes_cls", "val", split_sizes=SMALL)[:2]
     kw = dict(cache_dir=str(tmp_path / "cache"), image_size=16, progress=False)
-    with pytest.raises(data.UsageError) as e:
-        data.extract_features(recs, str(enc), **kw)
-    message = str(e.value)
-    assert message.startswith(f"cannot load the image processor of vision encoder '{enc}'")
-    assert "\n" not in message
+    for broken in (False, True):
+        if broken:
+            (enc / "preprocessor_config.json").write_text('{"image_processor_type": "NoSuchImageProcessor"')
+        with pytest.raises(data.UsageError) as e:
+            data.extract_features(recs, str(enc), **kw)
+        message = str(e.value)
+        assert message.startswith(f"cannot load the image processor of vision encoder '{enc}'")
+        assert "\n" not in message
     assert not list((tmp_path / "cache").glob("*.npy"))
-    feats, _, _ = data.extract_features(recs, str(enc), preprocess="imagenet-resize", **kw)  # explicit: fine
+    feats, _, _ = data.extract_features(recs, str(enc), preprocess="imagenet-resize", **kw)
     assert feats.shape == (2, 4, 16)
 
 
