@@ -40,6 +40,9 @@ def recipe(name: str):
 
 
 # ------------------------------------------------------------------------------ the frozen tiny CNN (data.py)
+# DEVIATION (offline only): the papers' frozen towers (CLIP, an ImageNet-21k ViT) are pre-trained on real
+# images; the synthetic world's stand-in is a small CNN trained, supervised, to name the objects of scenes of
+# world PRETRAIN_WORLD (no benchmark uses it), so that its frozen features already say what an image holds.
 TINY_CNN_RECIPE = {"images": 4000, "steps": 600, "batch": 32, "lr": 1e-2, "world": data.PRETRAIN_WORLD}
 CELL = {"top": 1, "left": 3, "center": 4, "right": 5, "bottom": 7}  # grid cell (row-major) of a position
 
