@@ -4,7 +4,7 @@
   2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs,
                                       classnames_of
   3. extract_features, drop_missing   frozen vision features, cached; "tiny-cnn" = the synthetic world's
-                                      pre-trained frozen encoder (tiny_cnn)
+                                      pre-trained frozen encoder (stand_ins/tiny-cnn, tiny_cnn)
   4. build_tokenizer                  word-level tokenizer of the tiny models
   5. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
      vqa_soft_targets                 the official metrics; VQA classifier classes and soft targets
@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import sys
 import uuid
@@ -60,7 +61,7 @@ PRETRAIN_WORLD = 1000  # world seed of every tiny stand-in's pre-training; bench
 
 
 def cache_dir(*parts: str) -> str:
-    """Folder of every cache (features, tiny pre-trained stand-ins): $VLPEFT_CACHE, else cache/ here."""
+    """Folder of every cache (frozen features): $VLPEFT_CACHE, else cache/ here."""
     root = os.environ.get("VLPEFT_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache")
     return os.path.join(root, *parts)
 
@@ -71,24 +72,18 @@ _cache_folder = cache_dir  # extract_features' argument of the same name hides t
 REPO = Path(__file__).resolve().parent
 
 
-def model_path(name: str) -> str:
+def model_path(name: str, what: Optional[str] = None) -> str:
     """A --model value as from_pretrained reads it: `stand_ins/<name>` (an offline stand-in, see
     scripts/make_stand_ins.py) resolved against the repository, not the working directory; anything else
-    as given (a local folder is read before any hub id). A missing stand-in is one error line."""
+    as given (a local folder is read before any hub id). A missing stand-in is one error line, starting
+    with `what` (default: "--model <name>")."""
     if not name.startswith("stand_ins/"):
         return name
     path = REPO / name
     if not (path / "config.json").is_file():
-        raise UsageError(f"--model {name}: no stand-in at {path}; make it with "
+        raise UsageError(f"{what or '--model ' + name}: no stand-in at {path}; make it with "
                          f"python scripts/make_stand_ins.py --only {path.name}")
     return str(path)
-
-
-def stand_in(path: str) -> str:
-    """(Old layout, being replaced by model_path.) The shipped copy of a cached .pt stand-in, else `path`."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    shipped = os.path.join(here, "stand_ins", os.path.basename(os.path.dirname(path)), os.path.basename(path))
-    return shipped if os.path.isfile(shipped) else path
 
 
 class UsageError(Exception):
@@ -379,7 +374,8 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, s
 
     shapes_*: the ShapesWorld(world_seed, image_size, split_sizes) (data_root ignored; `seed` does not change
     it); real datasets: the official files under data_root or data_root/<dataset> (README 'Data').
-    num_shots: k per class sampled with `seed` (val: min(k, 4), as CoOp). subset "base" | "new" | "all":
+    num_shots: k per class sampled with `seed` (val: min(k, 4)): real datasets exactly as CoOp draws them
+    (_coop_few_shot), shapes_cls with its own seeded draw. subset "base" | "new" | "all":
     the first ceil(K/2) labels are base, labels re-indexed within the subset, after the k-shot sampling
     (CoCoOp). limit: the first N records. shapes_split (shapes_cls): "checker" (see ShapesWorld) or
     "shape" (base = circles, squares, triangles: every new class name holds a word no base class has).
@@ -402,8 +398,10 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, s
     else:
         recs = _load_real(dataset, split, data_root)
     if recs and recs[0]["task"] == "cls":
-        if num_shots:
+        if num_shots and dataset == "shapes_cls":
             recs = _few_shot(recs, num_shots if split == "train" else min(num_shots, 4), seed)
+        elif num_shots:
+            recs = _coop_few_shot(dataset, split, recs, num_shots, seed, data_root)
         if dataset == "shapes_cls" and shapes_split == "shape":  # base: the first three shapes
             names = sorted(classnames_of(recs), key=lambda n: (n.split()[1] not in SHAPES[:3], n))
             recs = [dict(r, label=names.index(r["classname"]), meta=dict(r["meta"], classnames=names))
@@ -434,6 +432,30 @@ def _few_shot(recs: list[dict], k: int, seed: int) -> list[dict]:
         idx = by_label[label]
         keep += idx if len(idx) <= k else sorted(rng.choice(idx, k, replace=False).tolist())
     return [recs[i] for i in sorted(keep)]
+
+
+def _coop_few_shot(dataset: str, split: str, recs: list[dict], k: int, seed: int, data_root) -> list[dict]:
+    """CoOp's few shots, drawn as Dassl: Python's `random` is seeded with the run seed before the dataset is
+    built; train draws k per label, then val min(k, 4) per label from the same generator (so the val draw
+    replays the train draw first): the records, in their order, of CoOp's runs and split_fewshot files."""
+    if split == "test":
+        raise DataError(f"{dataset}: num_shots samples train and val; CoOp evaluates on the whole test split")
+    rng = random.Random(seed)
+    if split == "val":
+        _dassl_draw(_load_real(dataset, "train", data_root), k, rng)
+    return _dassl_draw(recs, k if split == "train" else min(k, 4), rng)
+
+
+def _dassl_draw(items: list[dict], k: int, rng: random.Random) -> list[dict]:
+    """Dassl's generate_fewshot_dataset on one split: items grouped by label (labels in the order they first
+    appear), random.sample(group, k) per label (the whole group when it has fewer)."""
+    by_label: dict[int, list[dict]] = {}
+    for r in items:
+        by_label.setdefault(r["label"], []).append(r)
+    out = []
+    for group in by_label.values():
+        out += rng.sample(group, k) if len(group) >= k else group
+    return out
 
 
 def caption_pairs(records: Sequence[dict]) -> list[dict]:
@@ -611,7 +633,12 @@ def _load_scienceqa(root: Path, split: str) -> list[dict]:
     path, splits_path, captions = root / "problems.json", root / "pid_splits.json", root / "captions.json"
     problems = _read_json(path, "scienceqa")
     pids = _get(_read_json(splits_path, "scienceqa"), split, splits_path)
-    captions = _get(_read_json(captions, "scienceqa"), "captions", captions) if captions.is_file() else {}
+    if captions.is_file():
+        captions = _get(_read_json(captions, "scienceqa"), "captions", captions)
+    else:
+        print(f"note: no {captions}: the prompts have no image captions, which the official evaluation adds "
+              "to the context, so the scores are not comparable with MemVP's", file=sys.stderr)
+        captions = {}
     if any(_get(problems, pid, path).get("image") for pid in pids):
         _need_dir(root / "images" / split, "scienceqa")
     out = []
@@ -729,36 +756,35 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                      cache_dir: Optional[str] = None, layer: int = -2, image_size: Optional[int] = None,
                      patch_size: int = 8, keep_cls: bool = False, pooled: bool = False,
                      device: str = "cpu", batch_size: int = 64, max_bad_fraction: float = 0.01,
-                     model=None, progress: bool = True):
+                     model=None, preprocess: Optional[str] = None, progress: bool = True):
     """-> (feats, rows, missing): feats (num_images, n, d) float16, memory-mapped from the cache; rows
     (len(records),) each record's row of feats; missing (len(records),) bool: image unreadable (zeros).
 
-    encoder "tiny-cnn": the synthetic world's frozen CNN, 3 x 3 grid tokens (n = 9, d = TINY_CNN_WIDTH) or,
-    pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a Hugging Face CLIP / ViT id
-    or folder (or `model`, a built tower or full CLIP, cached under the name `encoder`): hidden_states[layer]
-    grid tokens (CLS dropped unless keep_cls) or, pooled, the projected embedding; image_size default 224.
+    encoder "tiny-cnn": the synthetic world's frozen CNN (stand_ins/tiny-cnn), 3 x 3 grid tokens (n = 9,
+    d = TINY_CNN_WIDTH) or, pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a
+    Hugging Face CLIP / ViT id or folder (or `model`, a built tower or full CLIP, cached under the name
+    `encoder`): hidden_states[layer] grid tokens (CLS dropped unless keep_cls) or, pooled, the projected
+    embedding; image_size default 224. Their pixels: preprocess None = the tower's own image processor (an
+    in-memory `model`: resized to image_size, CLIP mean / std); "imagenet-resize" = resized to image_size x
+    image_size (bicubic, no crop), ImageNet mean / std, as the official MemVP ScienceQA code.
     Unreadable images: above max_bad_fraction of a split, a DataError; else reported, worded for training
     (`train`, default split == "train": drop_missing drops their records) or evaluation (every question kept,
     as the official evaluation). Records without an image share one zero row, not missing. Cached in
     cache_dir (default cache_dir("features")) by every setting and the image ids, written atomically; under
     torch.distributed rank 0 extracts, all ranks load.
     """
-    if encoder == "tiny-cnn" and image_size not in (None, TINY_CNN_IMAGE_SIZE):
-        raise DataError(f"tiny-cnn reads images at {TINY_CNN_IMAGE_SIZE} px; leave image_size unset")
-    image_size = image_size or (TINY_CNN_IMAGE_SIZE if encoder == "tiny-cnn" else 224)
-    if encoder == "patches" and image_size % patch_size:
-        raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    model, image_size, settings = _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls,
+                                                    preprocess)
     first: dict = {}  # image_id -> row; None (no image) gets a row too, which stays zero
     rows = torch.tensor([first.setdefault(r.get("image_id"), len(first)) for r in records], dtype=torch.long)
     uniq = [None] * len(first)
     for r, i in zip(records, rows.tolist()):
         uniq[i] = uniq[i] or (r if r.get("image_id") is not None else None)
-    settings = {"patches": patch_size, "tiny-cnn": _TINY_CNN_RECIPE}.get(encoder, [layer, keep_cls])
     # image files: by path, size and time too, so that another --data_root or a changed file re-extracts
     ids = _digest([r and (r["image_id"] if r.get("image_path") is None else [r["image_id"], *_file_stamp(r)])
                    for r in uniq])
     key = {"version": DATA_VERSION, "dataset": dataset, "split": split, "encoder": encoder, "pooled": pooled,
-           "image_size": image_size, "settings": settings, "ids": ids}
+           "image_size": image_size, "settings": settings, "preprocess": preprocess, "ids": ids}
     name = f"{dataset or 'data'}-{split or 'all'}-{re.sub(r'[^A-Za-z0-9._-]+', '_', encoder)[-48:]}"
     path = Path(cache_dir or _cache_folder("features")) / f"{name}-{_digest(key)[:12]}.npy"
     rank, world = _rank_world()
@@ -766,7 +792,7 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
     if rank == 0 and _cached(path, key) is None:
         try:
             encode = _encoder(encoder, model, layer=layer, image_size=image_size, patch_size=patch_size,
-                              keep_cls=keep_cls, pooled=pooled, device=device)
+                              keep_cls=keep_cls, pooled=pooled, device=device, preprocess=preprocess)
             _extract_to(path, key, uniq, encode, image_size, batch_size, max_bad_fraction, progress)
         except Exception as e:
             error = e  # raised after the barrier, so the other ranks do not wait forever
@@ -783,6 +809,22 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
         _report_missing(bad, missing, f"{dataset}/{split}", sum(r is not None for r in uniq),
                         split == "train" if train is None else train)
     return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write: never written back
+
+
+def _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls, preprocess):
+    """-> (model, image_size, the settings in the cache key) of an encoder; bad combinations: DataError."""
+    if preprocess not in (None, "imagenet-resize") or (preprocess and encoder in ("patches", "tiny-cnn")):
+        raise DataError(f"preprocess {preprocess!r}: None or 'imagenet-resize', for Hugging Face towers only")
+    if encoder == "tiny-cnn":
+        model = model or tiny_cnn()
+        if image_size not in (None, model.config["image_size"]):
+            raise DataError(f"tiny-cnn reads images at {model.config['image_size']} px; "
+                            "leave image_size unset")
+        return model, model.config["image_size"], _weights_digest(model)  # the features follow the weights
+    image_size = image_size or 224
+    if encoder == "patches" and image_size % patch_size:
+        raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    return model, image_size, patch_size if encoder == "patches" else [layer, keep_cls]
 
 
 def _report_missing(bad: dict, missing: torch.Tensor, name: str, n_img: int, train: bool) -> None:
@@ -809,8 +851,22 @@ def _file_stamp(record: dict) -> list:
     return [str(record["image_path"])]
 
 
+def _first_line(e: Exception) -> str:
+    """"<type>: <first line of the message>" of an exception."""
+    lines = str(e).strip().splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:200]}"
+
+
 def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    sha = hashlib.sha1()
+    for name, tensor in sorted(model.state_dict().items()):
+        sha.update(name.encode())
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]
 
 
 def _rank_world() -> tuple[int, int]:
@@ -863,14 +919,15 @@ def _extract_to(path: Path, key: dict, uniq: list, encode: Callable, image_size:
         tmp.unlink(missing_ok=True)
 
 
-def _encoder(encoder: str, model, *, layer, image_size, patch_size, keep_cls, pooled, device) -> Callable:
+def _encoder(encoder: str, model, *, layer, image_size, patch_size, keep_cls, pooled, device,
+             preprocess) -> Callable:
     """A function list[PIL image] -> (B, n, d) float array."""
     if encoder == "patches":
         return lambda images: np.stack([_patches(im, image_size, patch_size) for im in images])
     if encoder == "tiny-cnn":
-        return functools.partial(_tiny_cnn_encode, tiny_cnn(), pooled)
+        return functools.partial(_tiny_cnn_encode, model, pooled)
     return _hf_encoder(encoder, model, layer=layer, image_size=image_size, keep_cls=keep_cls, pooled=pooled,
-                       device=device)
+                       device=device, preprocess=preprocess)
 
 
 def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
@@ -886,21 +943,19 @@ def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
 # pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what an image holds.
 # DEVIATION (offline only): its stand-in is a small CNN pre-trained, supervised, on world PRETRAIN_WORLD (no
 # benchmark uses it) to name the objects of each 3 x 3 grid cell from its token and those of the image
-# from the pooled vector (_pretrain_tiny_cnn); then it is frozen.
+# from the pooled vector (the recipe is in scripts/make_stand_ins.py); then it is frozen.
 TINY_CNN_WIDTH = 96       # C: width of the grid tokens and of the pooled vector
 TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48: one grid cell = 16 x 16 pixels
-_TINY_CNN_RECIPE = {"arch": 1, "width": TINY_CNN_WIDTH, "image_size": TINY_CNN_IMAGE_SIZE, "images": 4000,
-                    "steps": 600, "batch": 32, "lr": 1e-2, "world": PRETRAIN_WORLD, "data": DATA_VERSION}
-_CELL = {"top": 1, "left": 3, "center": 4, "right": 5, "bottom": 7}  # grid cell (row-major) of a position
 
 
 class TinyCNN(torch.nn.Module):
-    """pixels (B, 3, 48, 48) in [0, 1] -> grid tokens (B, 9, C), pooled vector (B, C), each divided by its
-    RMS on the pre-training images (unit scale)."""
+    """pixels (B, 3, S, S) in [0, 1] -> grid tokens (B, 9, C), pooled vector (B, C), each divided by its
+    RMS on the pre-training images (unit scale). Saved as a folder: config.json + model.safetensors."""
 
-    def __init__(self, width: int = TINY_CNN_WIDTH):
+    def __init__(self, width: int = TINY_CNN_WIDTH, image_size: int = TINY_CNN_IMAGE_SIZE):
         super().__init__()
         nn = torch.nn
+        self.config = {"width": width, "image_size": image_size}
         self.conv = nn.Sequential(  # 4 x 4 patches -> 12 x 12 map -> max over 4 x 4 blocks -> 3 x 3 grid
             nn.Conv2d(3, 32, 4, stride=4), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
@@ -912,89 +967,38 @@ class TinyCNN(torch.nn.Module):
         grid = self.conv(px).flatten(2).transpose(1, 2)                          # (B, 9, C)
         return grid / self.scale[0], self.pool(grid.flatten(1)) / self.scale[1]  # (B, 9, C), (B, C)
 
+    def save_pretrained(self, folder) -> None:
+        from safetensors.torch import save_file
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        Path(folder, "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        weights = {name: tensor.contiguous() for name, tensor in self.state_dict().items()}
+        save_file(weights, Path(folder, "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "TinyCNN":
+        """The frozen model of a folder written by save_pretrained (the caller's RNG is kept)."""
+        from safetensors.torch import load_file
+        with torch.random.fork_rng(devices=[]):  # the init that the loaded weights replace draws numbers
+            model = cls(**json.loads(Path(folder, "config.json").read_text()))
+        model.load_state_dict(load_file(Path(folder, "model.safetensors")))
+        return model.eval().requires_grad_(False)
+
 
 def tiny_cnn() -> TinyCNN:
-    """The frozen pre-trained "tiny-cnn" of its recipe: the copy in stand_ins/ (stand_in), else cached in
-    cache_dir("tiny_cnn") (the first call pre-trains it, ~17 s CPU). Deterministic: seeded, one thread (the
-    caller's threads and RNG are kept)."""
-    path = Path(stand_in(cache_dir("tiny_cnn", f"tiny-cnn-{_digest(_TINY_CNN_RECIPE)[:12]}.pt")))
-    if path.is_file():
-        with torch.random.fork_rng(devices=[]):  # the init that the loaded weights replace draws no numbers
-            model = TinyCNN()
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        with _one_thread(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = TinyCNN()
-            _pretrain_tiny_cnn(model, **_TINY_CNN_RECIPE)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    return model.eval().requires_grad_(False)
+    """The frozen pre-trained "tiny-cnn": the folder stand_ins/tiny-cnn (scripts/make_stand_ins.py)."""
+    return TinyCNN.from_pretrained(model_path("stand_ins/tiny-cnn", what="vision encoder tiny-cnn"))
 
 
-def _pretrain_tiny_cnn(model: TinyCNN, *, images, steps, batch, lr, world, **_) -> None:
-    """Supervised pre-training: cross-entropy naming the colour / shape / size (or nothing) in each grid
-    cell from its token, plus binary cross-entropy naming the scene's colours, shapes, positions and pairs
-    from the pooled vector, both through linear heads (so the names are linearly readable)."""
-    import torch.nn.functional as F
-    w = ShapesWorld(seed=world, split_sizes={"train": images})
-    scenes = [w.scene("train", i) for i in range(images)]
-    px = _tiny_cnn_pixels([w.render(sc, TINY_CNN_IMAGE_SIZE) for sc in scenes])     # (N, 3, S, S)
-    cells, names = _tiny_cnn_targets(scenes)                                          # (N, 9, 3), (N, K)
-    sizes = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES)]
-    cell_head = torch.nn.Linear(TINY_CNN_WIDTH, sum(sizes))
-    name_head = torch.nn.Linear(TINY_CNN_WIDTH, names.shape[1])
-    opt = torch.optim.Adam([*model.parameters(), *cell_head.parameters(), *name_head.parameters()], lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(px), (batch,), generator=gen)
-        grid, pooled = model(px[idx])
-        logits = cell_head(grid).split(sizes, -1)                                      # colour, shape, size
-        loss = sum(F.cross_entropy(lg.flatten(0, 1), cells[idx, :, k].flatten())
-                   for k, lg in enumerate(logits)) / 3
-        loss = loss + F.binary_cross_entropy_with_logits(name_head(pooled), names[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    model.eval()
-    with torch.no_grad():
-        grid, pooled = model(px[:1000])
-        model.scale.copy_(torch.stack([grid.pow(2).mean().sqrt(), pooled.pow(2).mean().sqrt()]))
-
-
-def _tiny_cnn_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> cells (N, 9, 3): 1 + colour / shape / size index of each grid cell's object, 0 = none; names (N, K):
-    multi-hot of the scene's colours, shapes, positions and the pairs of names_of."""
-    def names_of(o):
-        return [o["color"], o["shape"], o["pos"], f"{o['size']} {o['shape']}", f"{o['color']} {o['shape']}",
-                f"{o['shape']} {o['pos']}", f"{o['color']} {o['pos']}"]
-    every = [{"color": c, "shape": s, "size": z, "pos": p} for c in COLORS for s in SHAPES for z in SIZES
-             for p in POSITIONS]
-    index = {n: i for i, n in enumerate(sorted({n for o in every for n in names_of(o)}))}
-    cells, names = torch.zeros(len(scenes), 9, 3, dtype=torch.long), torch.zeros(len(scenes), len(index))
-    for i, sc in enumerate(scenes):
-        for o in sc["objects"]:
-            kinds = (COLORS.index(o["color"]), SHAPES.index(o["shape"]), SIZES.index(o["size"]))
-            cells[i, _CELL[o["pos"]]] = 1 + torch.tensor(kinds)
-            names[i, [index[n] for n in names_of(o)]] = 1
-    return cells, names
-
-
-def _tiny_cnn_pixels(images: list) -> torch.Tensor:
-    s = TINY_CNN_IMAGE_SIZE
-    images = [im if im.size == (s, s) else im.resize((s, s), Image.BILINEAR) for im in images]
+def tiny_cnn_pixels(images: list, size: int = TINY_CNN_IMAGE_SIZE) -> torch.Tensor:
+    """PIL images -> (B, 3, size, size) in [0, 1], the tiny CNN's input."""
+    images = [im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR) for im in images]
     return torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) for im in images])
 
 
 @torch.no_grad()
 def _tiny_cnn_encode(model: TinyCNN, pooled: bool, images: list) -> np.ndarray:
     with _one_thread():  # the same features whatever the caller's thread count
-        grid, vec = model(_tiny_cnn_pixels(images))
+        grid, vec = model(tiny_cnn_pixels(images, model.config["image_size"]))
     return (vec[:, None] if pooled else grid).numpy()                                # (B, 1, C) or (B, 9, C)
 
 
@@ -1009,30 +1013,34 @@ def _one_thread():
 
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's IMAGENET_DEFAULT_*
 
 
-def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device):
+def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device, preprocess):
     """A function list[PIL image] -> (B, n, d) float array from a Hugging Face vision tower."""
     import transformers as tf
-    image_processor = None  # without one: resize + CLIP normalisation
+    image_processor = None  # without one: resize, the mean / std of `preprocess` (an in-memory model: CLIP's)
     if model is None:
         try:
             cfg = tf.AutoConfig.from_pretrained(encoder)
         except Exception as e:
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             raise DataError(f"cannot load vision encoder {encoder!r} (a Hugging Face id or a local folder "
-                            f"with config.json): {why}") from None
+                            f"with config.json): {_first_line(e)}") from None
         clip = cfg.model_type in ("clip", "clip_vision_model")
         model = (tf.CLIPVisionModelWithProjection if pooled else tf.CLIPVisionModel) if clip else tf.AutoModel
         model = model.from_pretrained(encoder)
-        with contextlib.suppress(Exception):
-            image_processor = tf.AutoImageProcessor.from_pretrained(encoder)
+        if preprocess is None:
+            try:
+                image_processor = tf.AutoImageProcessor.from_pretrained(encoder)
+            except Exception as e:
+                raise UsageError(f"cannot load the image processor of vision encoder {encoder!r} "
+                                 f"({_first_line(e)}); save the tower's image processor with it") from None
     full = hasattr(model, "get_image_features")  # a full CLIP / SigLIP model: its image side
     dev = torch.device(device)
     model = model.to(dev, torch.float16 if dev.type == "cuda" else torch.float32).eval()
     patch = getattr(getattr(model.config, "vision_config", model.config), "patch_size", None)
-    mean = torch.tensor(getattr(image_processor, "image_mean", None) or CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(getattr(image_processor, "image_std", None) or CLIP_STD).view(3, 1, 1)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if preprocess == "imagenet-resize" else (CLIP_MEAN, CLIP_STD)
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     @torch.no_grad()
     def encode(images):
@@ -1249,24 +1257,33 @@ def caption_metrics(preds: dict, refs: dict) -> dict:
     return out
 
 
-def scienceqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
-    """Accuracy of predicted letters (percent, 2 decimals) in the columns of MemVP's Table 2 (as the official
-    evaluation): average; NAT / SOC / LAN; TXT (hint), IMG (image), NO (neither); G1-6 / G7-12 (if any)."""
-    if len(preds) != len(records):
-        raise ValueError(f"scienceqa_accuracy: {len(preds)} predictions for {len(records)} records")
+def scienceqa_accuracy(texts: Sequence[str], records: Sequence[dict]) -> dict:
+    """Accuracy of the generated texts (percent, 2 decimals) in the columns of MemVP's Table 2, scored as the
+    official evaluation: the first capital letter [A-Z] of the text is the answer (case-sensitive: "b" has
+    none); no capital letter, or a letter beyond the problem's choices, is wrong. Columns: average;
+    NAT / SOC / LAN; TXT (hint), IMG (image), NO (neither); G1-6 / G7-12 (if any)."""
+    if len(texts) != len(records):
+        raise ValueError(f"scienceqa_accuracy: {len(texts)} predictions for {len(records)} records")
     groups = {"NAT": lambda m: m["subject"] == "natural science",
               "SOC": lambda m: m["subject"] == "social science",
               "LAN": lambda m: m["subject"] == "language science",
               "TXT": lambda m: m["has_context"], "IMG": lambda m: m["has_image"],
               "NO": lambda m: not (m["has_context"] or m["has_image"]),
               "G1-6": lambda m: int(m["grade"][5:]) <= 6, "G7-12": lambda m: int(m["grade"][5:]) > 6}
-    right = [str(p).strip() == r["answer"] for p, r in zip(preds, records)]
+    right = [_chosen_index(text, r["choices"]) == r["answer_index"] for text, r in zip(texts, records)]
     out = {"average": round(100 * sum(right) / max(len(right), 1), 2)}
     for name, member in groups.items():
         hits = [ok for ok, r in zip(right, records) if member(r["meta"])]
         if hits:
             out[name] = round(100 * sum(hits) / len(hits), 2)
     return out
+
+
+def _chosen_index(text: str, choices: Sequence[str]) -> int:
+    """The official get_pred_idx: the index of the text's first capital letter among the options, else -1."""
+    found = re.findall(r"[A-Z]", text)
+    options = _LETTERS[:len(choices)]
+    return options.index(found[0]) if found and found[0] in options else -1
 
 
 def accuracy(preds: Sequence[int], labels: Sequence[int]) -> float:

@@ -8,11 +8,17 @@ A quoted result is a fenced block that starts with a command line:
     ```
 
 The quoted lines must appear, in order and contiguous, in the command's output (stdout + stderr),
-token by token. Machine measurements are exempt: a token that is a number glued to `s` (seconds,
-`41.2s`) or `x` (a speed ratio, `3.81x`) matches any such token. Everything else must be identical.
+token by token, and the command must exit with 0. Machine measurements are exempt: a token that is a
+number glued to `s` (seconds, `41.2s`) or `x` (a speed ratio, `3.81x`) matches any such token. Everything
+else must be identical.
 
-Commands run one after another in a scratch copy of the repository (so `runs/` starts empty and the
-repository is not touched), sharing one cache folder ($VLPEFT_CACHE, default: the repository's cache/).
+A command that needs what the repository does not hold (real weights, a GPU) ends with `  # needs: <what>`:
+
+    $ python memvp.py --model /tmp/smollm2  # needs: the SmolLM2 weights (see above)
+
+Such blocks are listed as skipped, not run. Commands run one after another with this Python
+(sys.executable) in a scratch copy of the repository (so `runs/` starts empty and the repository is not
+touched), sharing one cache folder ($VLPEFT_CACHE, default: the repository's cache/).
 
   python scripts/check_readme.py                 # run every quoted command, compare, report
   python scripts/check_readme.py --list          # only list the quoted commands
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,6 +42,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MEASUREMENT = re.compile(r"^[(\[]?\d+(?:\.\d+)?[sx][)\],;]?$")
 FENCE = re.compile(r"^```text\n\$ (?P<cmd>[^\n]+)\n(?P<body>.*?)^```", re.M | re.S)
+NEEDS = re.compile(r"\s+# needs: (?P<what>.+)$")
+EXIT = re.compile(r"^\[exit code (?P<code>-?\d+)\]$", re.M)
 
 
 def quoted_blocks(paths) -> list[tuple[str, str, list[str]]]:
@@ -61,9 +70,22 @@ def find_excerpt(expected: list[str], output: list[str]) -> bool:
                for i in range(len(output) - n + 1))
 
 
+def needs(cmd: str) -> str:
+    """What a quoted command needs that the repository does not hold ("" when it runs here)."""
+    m = NEEDS.search(cmd)
+    return m["what"].strip() if m else ""
+
+
+def with_this_python(cmd: str) -> str:
+    """The command with `python` (after any VAR=value prefixes) replaced by this interpreter."""
+    return re.sub(r"^((?:\w+=\S*\s+)*)python(?=\s)", lambda m: m[1] + shlex.quote(sys.executable), cmd)
+
+
 def run_command(cmd: str, workdir: Path, env: dict) -> tuple[str, float]:
+    """(stdout + stderr, ending in "[exit code N]" when it is not 0; seconds)."""
     t0 = time.time()
-    proc = subprocess.run(cmd, shell=True, cwd=workdir, env=env, capture_output=True, text=True)
+    proc = subprocess.run(with_this_python(cmd), shell=True, cwd=workdir, env=env, capture_output=True,
+                          text=True)
     text = proc.stdout + "\n" + proc.stderr
     if proc.returncode != 0:
         text += f"\n[exit code {proc.returncode}]"
@@ -92,9 +114,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None, help="only the commands that contain this text, e.g. memvp.py")
     a = ap.parse_args(argv)
     blocks = [b for b in quoted_blocks([REPO / f for f in a.files]) if a.only is None or a.only in b[1]]
+    skipped = [b for b in blocks if needs(b[1])]
+    blocks = [b for b in blocks if not needs(b[1])]
     commands = list(dict.fromkeys(cmd for _, cmd, _ in blocks))
     if a.list:
-        print("\n".join(commands))
+        print("\n".join(commands + [f"skipped: {cmd}" for _, cmd, _ in skipped]))
         return 0
     logs = Path(a.logs or tempfile.mkdtemp(prefix="vlpeft-readme-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
@@ -114,17 +138,22 @@ def main(argv=None) -> int:
         print(f"    {secs / 60:.1f} min", flush=True)
     failed = 0
     for fname, cmd, expected in blocks:
-        ok = find_excerpt(expected, outputs[cmd].splitlines())
-        failed += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {fname}: $ {cmd}")
-        if not ok:
+        exit_code, found = EXIT.search(outputs[cmd]), find_excerpt(expected, outputs[cmd].splitlines())
+        failed += exit_code is not None or not found
+        print(f"{'ok  ' if found and exit_code is None else 'FAIL'} {fname}: $ {cmd}")
+        if exit_code is not None:
+            print(f"     the command exited with code {exit_code['code']}")
+        if not found:
             print("     expected (not found in the output):\n       " + "\n       ".join(expected))
+    for fname, cmd, _ in skipped:
+        print(f"skip {fname}: $ {cmd}")
     if work is not None and not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     elif work is not None:
         print(f"scratch copy with its runs/ kept in {work}")
-    print(f"{len(blocks) - failed}/{len(blocks)} quoted results reproduced; {len(commands)} commands, "
-          f"{(time.time() - t_all) / 60:.1f} min; outputs in {logs}")
+    minutes = (time.time() - t_all) / 60
+    print(f"{len(blocks) - failed}/{len(blocks)} quoted results reproduced, {len(skipped)} skipped; "
+          f"{len(commands)} commands, {minutes:.1f} min; outputs in {logs}")
     return 1 if failed else 0
 
 

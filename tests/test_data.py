@@ -15,6 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import data  # noqa: E402
 from data import DataError  # noqa: E402
 from formats import write_coco_karpathy, write_scienceqa  # noqa: E402
@@ -404,23 +405,32 @@ def test_feature_cache_interrupted_write_is_never_read(tmp_path, monkeypatch):
     assert torch.equal(feats, good)
 
 
+def pixels(records, size, mean, std):
+    """Resized to size x size (bicubic, no crop), normalised: the reference of the preprocessing."""
+    images = [data.load_image(r, size).resize((size, size), Image.BICUBIC) for r in records]
+    px = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1) for im in images])
+    return (px - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def test_hf_clip_tower_features(tmp_path):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
     torch.manual_seed(0)
     cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8, projection_dim=16)
     model = CLIPVisionModelWithProjection(cfg).eval()
-    model.save_pretrained(tmp_path / "tiny-clip")
+    enc = str(tmp_path / "tiny-clip")
+    model.save_pretrained(enc)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(enc)
     recs = data.load_records("shapes_cls", "val", split_sizes=SMALL)[:6]
     kw = dict(cache_dir=str(tmp_path / "cache"), dataset="shapes_cls", split="val", image_size=32,
               progress=False)
-    enc = str(tmp_path / "tiny-clip")
     feats, rows, _ = data.extract_features(recs, enc, layer=-2, **kw)
     assert feats.shape == (6, 16, 32)  # CLS dropped: (32/8)^2 grid tokens
-    # reference: simple resize + CLIP normalisation (no image processor saved)
-    px = torch.stack([torch.from_numpy(np.asarray(data.load_image(r, 32), np.float32) / 255).permute(2, 0, 1)
-                      for r in recs])
-    px = (px - torch.tensor(data.CLIP_MEAN).view(3, 1, 1)) / torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    # reference: the tower's own image processor, as from_pretrained loads it
+    from transformers import AutoImageProcessor
+    own = AutoImageProcessor.from_pretrained(enc)
+    px = own(images=[data.load_image(r, 32) for r in recs], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model(pixel_values=px, output_hidden_states=True)
     assert torch.allclose(feats.float(), out.hidden_states[-2][:, 1:], atol=2e-2)
@@ -430,21 +440,54 @@ def test_hf_clip_tower_features(tmp_path):
     pooled, _, _ = data.extract_features(recs, enc, pooled=True, **kw)
     assert pooled.shape == (6, 1, 16)
     assert torch.allclose(pooled.float()[:, 0], out.image_embeds, atol=2e-2)
-    # with the model's own image processor
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(enc)
-    f2, _, _ = data.extract_features(recs, enc, layer=-2, **dict(kw, cache_dir=str(tmp_path / "cache2")))
-    assert f2.shape == (6, 16, 32)
-    # an in-memory full CLIP model (image side used; pooled = projected image features)
+    # the official MemVP ScienceQA preprocessing: resize (no crop), ImageNet mean / std; its own cache file
+    coco = data.load_records("coco", "val", str(write_coco_karpathy(tmp_path)))  # 48 x 40 image files
+    imagenet, _, _ = data.extract_features(coco, enc, layer=-2, preprocess="imagenet-resize", **kw)
+    with torch.no_grad():
+        ref = model(pixel_values=pixels(coco, 32, data.IMAGENET_MEAN, data.IMAGENET_STD),
+                    output_hidden_states=True).hidden_states[-2][:, 1:]
+        cropped = own(images=[data.load_image(r) for r in coco], return_tensors="pt")["pixel_values"]
+        cropped = model(pixel_values=cropped, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert torch.allclose(imagenet.float(), ref, atol=2e-2) and not torch.allclose(ref, cropped, atol=2e-2)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 4  # preprocess is in the cache key
+    # an in-memory full CLIP (its image side; pooled = projected image features): resize, CLIP mean / std
     from transformers import CLIPConfig, CLIPModel
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=50)
     full = CLIPModel(CLIPConfig(vision_config=cfg.to_dict(), projection_dim=16, text_config=text)).eval()
     fp, _, _ = data.extract_features(recs, "tiny-full-clip", model=full, pooled=True, **kw)
     with torch.no_grad():
+        px = pixels(recs, 32, data.CLIP_MEAN, data.CLIP_STD)
         ref = full.get_image_features(pixel_values=px).pooler_output
     assert fp.shape == (6, 1, 16) and torch.allclose(fp.float()[:, 0], ref, atol=2e-2)
     with pytest.raises(DataError, match="cannot load vision encoder"):
         data.extract_features(recs, str(tmp_path / "nope"), **kw)
+    with pytest.raises(DataError, match="preprocess 'imagenet'"):
+        data.extract_features(recs, enc, preprocess="imagenet", **kw)
+    with pytest.raises(DataError, match="for Hugging Face towers only"):
+        data.extract_features(recs, "patches", preprocess="imagenet-resize", **kw)
+
+
+def test_hf_tower_whose_image_processor_fails_is_one_error(tmp_path):
+    """No silent fallback to some other normalisation: the tower's processor (missing here, then broken),
+    or one error naming the tower; an explicit preprocess needs none."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    enc = tmp_path / "clip"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, image_size=16, patch_size=8)).save_pretrained(enc)
+    recs = data.load_records("shapes_cls", "val", split_sizes=SMALL)[:2]
+    kw = dict(cache_dir=str(tmp_path / "cache"), image_size=16, progress=False)
+    for broken in (False, True):
+        if broken:
+            (enc / "preprocessor_config.json").write_text('{"image_processor_type": "NoSuchImageProcessor"')
+        with pytest.raises(data.UsageError) as e:
+            data.extract_features(recs, str(enc), **kw)
+        message = str(e.value)
+        assert message.startswith(f"cannot load the image processor of vision encoder '{enc}'")
+        assert "\n" not in message
+    assert not list((tmp_path / "cache").glob("*.npy"))
+    feats, _, _ = data.extract_features(recs, str(enc), preprocess="imagenet-resize", **kw)
+    assert feats.shape == (2, 4, 16)
 
 
 def ridge_probe(train_x, train_y, test_x, test_y, classes, lam=1.0):
@@ -468,7 +511,7 @@ def cell_shapes(records):
 
 def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    model = data.tiny_cnn()  # pre-trained once per test session (cached in $VLPEFT_CACHE)
+    model = data.tiny_cnn()  # stand_ins/tiny-cnn
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     sizes = {"train": 300, "val": 1, "test": 200}
@@ -479,7 +522,7 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
     C = data.TINY_CNN_WIDTH
     assert grid["test"].shape == (200, 9, C) and pooled.shape == (200, 1, C) and not missing.any()
     with torch.no_grad():  # the cached features are the model's outputs on the 48 x 48 images
-        g, p = model(data._tiny_cnn_pixels([data.load_image(r, 48) for r in recs["test"][:8]]))
+        g, p = model(data.tiny_cnn_pixels([data.load_image(r, 48) for r in recs["test"][:8]]))
     assert torch.allclose(grid["test"][:8].float(), g, atol=1e-2)
     assert torch.allclose(pooled[:8, 0].float(), p, atol=1e-2)
     # linear probe, shared over the 5 object cells: which shape (or none) is in a cell, from its token
@@ -496,26 +539,45 @@ def test_tiny_cnn_frozen_features_name_the_objects(tmp_path):
         data.extract_features(recs["test"], "tiny-cnn", split="test", image_size=64, **kw)
 
 
-def test_tiny_cnn_pretraining_moves_every_layer():
+def test_tiny_cnn_recipe_moves_every_layer_and_its_folder_round_trips(tmp_path):
+    """The recipe of scripts/make_stand_ins.py, a few steps: every layer moves; the folder it writes
+    (config.json + model.safetensors, the scale buffer included) loads the same tensors, serves features."""
+    import make_stand_ins
     torch.manual_seed(0)
     model = data.TinyCNN()
     before = [p.detach().clone() for p in model.parameters()]
-    data._pretrain_tiny_cnn(model, **dict(data._TINY_CNN_RECIPE, images=64, steps=5, batch=16))
+    recipe = dict(make_stand_ins.TINY_CNN_RECIPE, images=64, steps=5, batch=16)
+    make_stand_ins.pretrain_tiny_cnn(model, **recipe)
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert all(not torch.equal(a, b) for a, b in zip(before, after) if b.requires_grad)
+    assert not torch.equal(model.scale, torch.ones(2))
+    model.save_pretrained(tmp_path / "cnn")
+    assert json.loads((tmp_path / "cnn" / "config.json").read_text()) == {"width": 96, "image_size": 48}
+    rng = torch.get_rng_state()
+    loaded = data.TinyCNN.from_pretrained(tmp_path / "cnn")
+    assert torch.equal(torch.get_rng_state(), rng) and not loaded.training
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    recs = data.load_records("shapes_vqa", "val", split_sizes=SMALL)[:4]
+    kw = dict(cache_dir=str(tmp_path / "c"), dataset="shapes_vqa", split="val", progress=False)
+    own = data.extract_features(recs, "tiny-cnn", model=loaded, **kw)[0]
+    shipped = data.extract_features(recs, "tiny-cnn", **kw)[0]
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2  # the cache is keyed by the weights
+    assert not torch.equal(own, shipped)
 
 
-def test_shipped_stand_ins_are_preferred_to_the_cache(tmp_path):
-    own = tmp_path / "memvp" / "tiny-llama-000000000000.pt"
-    assert data.stand_in(str(own)) == str(own)  # nothing shipped under this name: pre-train into the cache
-    shipped = sorted((Path(data.__file__).parent / "stand_ins").rglob("*.pt"))
-    scripts = {"tiny_cnn", "memvp", "routing_bottleneck", "prefix_tuning", "rlp"}
-    assert {p.parent.name for p in shipped} >= scripts
-    for p in shipped:  # the same recipe's file in any cache resolves to the shipped copy
-        assert data.stand_in(str(tmp_path / p.parent.name / p.name)) == str(p)
-    cnn = data.cache_dir("tiny_cnn", f"tiny-cnn-{data._digest(data._TINY_CNN_RECIPE)[:12]}.pt")
-    assert Path(data.stand_in(cnn)).parent.parent.name == "stand_ins"  # the default tiny-cnn is shipped
+def test_shipped_tiny_cnn_folder(tmp_path, monkeypatch):
+    """stand_ins/tiny-cnn holds the weights every README table was computed with (their digest); without
+    the folder, "tiny-cnn" is one error line saying how to make it."""
+    assert data._weights_digest(data.tiny_cnn()) == "c22d3ef63d79badc"
+    assert not (Path(data.__file__).parent / "stand_ins" / "tiny_cnn").exists()  # the folder, no .pt file
+    monkeypatch.setattr(data, "REPO", tmp_path)
+    recs = data.load_records("shapes_vqa", "val", split_sizes=SMALL)[:2]
+    with pytest.raises(data.UsageError) as e:
+        data.extract_features(recs, "tiny-cnn", cache_dir=str(tmp_path), progress=False)
+    folder = tmp_path / "stand_ins" / "tiny-cnn"
+    assert str(e.value).startswith(f"vision encoder tiny-cnn: no stand-in at {folder}")
+    assert "python scripts/make_stand_ins.py --only tiny-cnn" in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------------- official formats
@@ -671,6 +733,26 @@ def test_scienceqa_loader_prompt_and_metric(tmp_path):
         data.load_records("scienceqa", "test", str(tmp_path))
 
 
+def test_scienceqa_scores_generated_texts_as_the_official_code(tmp_path, capsys):
+    """The first capital letter [A-Z] of the raw text (case-sensitive), wrong when there is none or it is
+    beyond the problem's choices (the official eval.py's pattern and get_pred_idx)."""
+    answers = ["B", "A", "C", "D", "C", "B", "A", "D"]
+    texts = [" B", "a", "(C)", "E", "The answer is (C)", "b", "", "D"]
+    problems = {str(i + 1): dict(question=f"Question {i}?", choices=["w", "x", "y", "z"],
+                                 answer="ABCD".index(letter), hint="", image=None, subject="natural science",
+                                 grade="grade3", split="test")
+                for i, letter in enumerate(answers)}  # "E" is beyond the four choices
+    write_scienceqa(tmp_path, problems)
+    (tmp_path / "scienceqa" / "captions.json").unlink()
+    recs = data.load_records("scienceqa", "test", str(tmp_path))
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "captions.json" in note[0] and "not comparable" in note[0]
+    assert data.scienceqa_accuracy(texts, recs)["average"] == 37.50           # " B", "(C)", "D"
+    assert data.scienceqa_accuracy([t.upper() for t in texts], recs)["average"] == 62.50  # + "a", "b"
+    assert [data._chosen_index(t, ["w", "x", "y", "z"]) for t in texts] == [1, -1, 2, -1, -1, -1, -1, 3]
+    assert data._chosen_index("E", list("vwxyz")) == 4
+
+
 def make_coop(tmp_path, n_per_class=4):
     root = tmp_path / "eurosat"
     classes = ["annual crop", "forest", "river", "sea lake"]
@@ -700,6 +782,25 @@ def test_coop_loader_few_shot_base_new(tmp_path):
     assert [r["classname"] for r in new] == classes[2:]
     base = data.load_records("eurosat", "train", str(root), num_shots=1, subset="base")
     assert sorted(r["label"] for r in base) == [0, 1]
+
+
+def test_coop_few_shot_draws_as_dassl(tmp_path):
+    """The k-shot train and val records CoOp (Dassl's sampler) draws for seeds 1 and 2 on this split file."""
+    def items(text):
+        return [[f"{name}.jpg", int(label), "abc"[int(label)]] for name, label in
+                (pair.split() for pair in text.split(", "))]
+    train = items("c0 2, a0 0, c1 2, b0 1, a1 0, c2 2, a2 0, b1 1, c3 2, a3 0, c4 2, b2 1, a4 0, c5 2")
+    val = items("bv0 1, cv0 2, av0 0, bv1 1, cv1 2, av1 0, bv2 1, cv2 2, av2 0")
+    write_json(tmp_path / "eurosat" / "split_zhou_EuroSAT.json", {"train": train, "val": val, "test": val})
+    (tmp_path / "eurosat" / "2750").mkdir()
+    expected = {1: ("c1 c4 a0 a2 b0 b1", "bv1 bv2 cv2 cv1 av0 av2"),
+                2: ("c0 c5 a0 a2 b0 b1", "bv1 bv0 cv2 cv0 av2 av0")}
+    for seed, (want_train, want_val) in expected.items():
+        for split, want in (("train", want_train), ("val", want_val)):
+            recs = data.load_records("eurosat", split, str(tmp_path), num_shots=2, seed=seed)
+            assert " ".join(Path(r["id"]).stem for r in recs) == want, (seed, split)
+    with pytest.raises(DataError, match="whole test split"):
+        data.load_records("eurosat", "test", str(tmp_path), num_shots=2)
 
 
 def test_imagenet_folders_and_aircraft(tmp_path):
