@@ -818,14 +818,14 @@ def print_table(a: Args, s: Setup, rows: dict) -> None:
         print(row.format(name, *cells))
 
 
-def run(a: Args) -> dict:
-    device, rank, world = setup_device(a.device)
-    a = resolve(a)
+def run(cli: Args) -> dict:
+    device, rank, world = setup_device(cli.device)
+    a = resolve(cli)
     log = print if rank == 0 else (lambda *_, **__: None)
     prepare_out_dir(a, rank)
     first = os.path.join(runs_of(a)[0][1].out_dir, "ckpt.pt")                 # the settings of the run
-    if a.eval_only or a.resume and os.path.exists(first):
-        a = resolve(from_checkpoint(a, load_checkpoint(first)))
+    if a.eval_only or a.resume and os.path.exists(first):                    # flags as given, then resolved
+        a = resolve(from_checkpoint(dataclasses.replace(cli, out_dir=a.out_dir), load_checkpoint(first)))
     s = setup(a, device)
     prepare_out_dir(a, rank, inputs_loaded=True)
     rows = {"pre-trained, no prefix": []}
