@@ -1,19 +1,18 @@
 """pt_peft_train.py -- PT-PEFT: prefix-tuning first, then LoRA / adapters / full fine-tuning.
 
-Paper: Kim et al., "Preserving Pre-trained Representation Space: On Effectiveness of Prefix-tuning for Large
+Kim et al., "Preserving Pre-trained Representation Space: On Effectiveness of Prefix-tuning for Large
 Multi-modal Models", arXiv 2411.00029. Stage 1 (prefixes on a frozen BLIP-2) is prefix_tuning.py. LoRA,
 adapters and full fine-tuning narrow the representation space of an LMM's last layer (Sec. 2.3, Fig. 4, Table
 1) and lose pre-trained knowledge; prefix-tuning keeps the space but adapts less. PT-PEFT (Sec. 3) trains the
-prefix with the LMM frozen first, then the PEFT parameters and the prefix. BLIP-2 (Table 8, App. B.5):
-prefixes in the Q-Former and the LM; the LoRA stage trains only the Q-Former (LoRA on its self-attention Q, K,
-V: r=16, alpha=32, dropout 0.05). Equation -> code:
+prefix with the LMM frozen first, then the PEFT parameters and the prefix; on BLIP-2 (Table 8, App. B.5) LoRA
+(r=16, alpha=32, dropout 0.05) on the Q-Former self-attention Q, K, V. Equation -> code:
   Sec. 3 two-stage optimisation; Tables 2, 5 orders  -> Stage, stage_plan
   Eq. 1 F_txt per sentence; visual tokens per image  -> rank_matrices
   Eq. 2-5 SVD, normalise, average, cumulative sum    -> sv_curve
   Table 1 effective rank (the curve reaches 0.9)     -> effective_rank
   LoRA W + (alpha/r) B A (Hu et al.; App. B.5)       -> LoRALinear, add_lora, merged_lmm
   S-/P-Adapter (Hu et al. 2023)                      -> Adapter, add_adapters
-  Table 5 "-Prefix" (prefix removed at inference)   -> evaluate_model
+  Table 5 "-Prefix" (prefix removed at inference)   -> evaluate_model (Table 1 on <= --rank_images images)
 
   python pt_peft_train.py                            # PT-LoRA (Q-Former LoRA), offline tiny BLIP-2
   python pt_peft_train.py --compare --seeds 0,1,2    # Tables 2 and 1: all orders, full FT of LM and Q-Former
@@ -233,12 +232,11 @@ def attach_method(model: nn.Module, a: Args) -> tuple[dict, int]:
 
 def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, rank: int, world: int,
           state: Optional[dict]) -> dict:
-    """AdamW (0.9, 0.99), per stage linear warm-up + decay (B.4); exact resume across stages from `state`
-    (the checkpoint); --eval_only loads it."""
+    """AdamW (0.9, 0.99), per stage linear warm-up + decay (B.4); exact resume across stages from `state`."""
     path, names = os.path.join(a.out_dir, "ckpt.pt"), groups["prefix"] + groups["peft"]
     params, stop = dict(model.named_parameters()), math.inf if a.max_steps is None else a.max_steps
     si0, step0, gstep = (state["stage"], state["step"], state["global_step"]) if state else (0, 0, 0)
-    if a.eval_only:
+    if a.eval_only or si0 >= len(plan):                   # nothing (more) to train: the trained tensors
         load_checkpoint(path, model)
         return {"finished": si0 >= len(plan), "global_step": gstep}
     loader = data.make_loader(setup.records["train"], a.batch_size, shuffle=True, seed=a.seed,
@@ -302,16 +300,14 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
 
 
 def rank_sample(records: list, n: int) -> list:
-    """The records of at most n evaluation images, a fixed seeded sample (all when there are <= n): the
-    feature matrices kept and the pooled SVD stay bounded whatever the dataset's size."""
+    """At most n evaluation images (all, or a fixed seeded sample): bounded memory and pooled SVD."""
     images = list(dict.fromkeys(r["image_id"] for r in records))
     keep = set(images if len(images) <= n else random.Random(0).sample(images, n))
     return [r for r in records if r["image_id"] in keep]
 
 
 def evaluate_model(model: nn.Module, setup, prefix_used: bool, rank_images: int) -> dict:
-    """Task and pre-training-mix scores with / without (Table 5) the prefix; Table 1, prefix in context, on
-    at most rank_images evaluation images."""
+    """Task and pre-training-mix scores with / without (Table 5) the prefix; Table 1, prefix in context."""
     recs, text, image, res = setup.records, [], {}, {}
     for name, state in [("", "on" if prefix_used else "off")] + [("no_prefix_", "off")] * prefix_used:
         model.prefix_state = state
@@ -371,8 +367,7 @@ class Args:
     train_limit: Optional[int] = arg(None, "the first N training images (default: all)")
     eval_limit: Optional[int] = arg(None, f"the first N evaluation images (default: all; "
                                           f"shapes_*: {pt.SYNTHETIC['eval_limit']})", eval_only=True)
-    rank_images: int = arg(1000, "Table 1 / Fig. 4 on a fixed seeded sample of at most N evaluation images",
-                           eval_only=True)
+    rank_images: int = arg(1000, "Table 1 / Fig. 4 on a fixed seeded sample of <= N images", eval_only=True)
     device: str = arg("auto", "auto | cpu | cuda[:index]")
     out_dir: Optional[str] = arg(None, "output folder (default: runs/pt_peft_train/<dataset>...)")
     resume: bool = arg(False, "continue the checkpoints in --out_dir with their settings")
@@ -383,11 +378,11 @@ class Args:
     save_every: int = arg(200, "checkpoint every N steps")
 
     def __post_init__(self):
-        rules = {k: (">= 1", lambda v: v >= 1) for k in ("num_prefix", "lora_r", "adapter_dim", "batch_size",
-                                                          "save_every", "rank_images", "train_limit",
-                                                          "eval_limit", "num_beams")}
-        rules.update({k: (">= 0", lambda v: v >= 0) for k in ("epochs", "pt_epochs", "ft_epochs", "max_steps",
-                                                               "warmup_steps", "num_workers")})
+        # num_prefix, num_beams and the limits: prefix_tuning.Args checks them (the setup is built with it)
+        rules = {k: (">= 1", lambda v: v >= 1) for k in ("lora_r", "adapter_dim", "batch_size", "save_every",
+                                                          "rank_images")}
+        for k in ("epochs", "pt_epochs", "ft_epochs", "max_steps", "warmup_steps", "num_workers"):
+            rules[k] = (">= 0", lambda v: v >= 0)
         for flag, choices in (("order", ORDERS), ("peft", PEFTS), ("peft_target", tuple(LORA_TARGETS)),
                               ("dataset", pt.DATASETS)):
             rules[flag] = (", ".join(choices), lambda v, c=choices: v in c)
@@ -406,12 +401,7 @@ SHORT = {"lora": "LoRA", "s_adapter": "S-Adapter", "p_adapter": "P-Adapter", "fu
 
 
 def variants(a: Args) -> list[tuple[str, Args]]:
-    """The Nones filled (PAPER, or SYNTHETIC for shapes_*) -> [(row name, Args)]: one run, or --compare's,
-    for each seed."""
-    table = SYNTHETIC if a.dataset.startswith("shapes_") else PAPER
-    a = dataclasses.replace(a, **{k: table[k] for k in ("epochs", "pt_lr", "batch_size", "warmup_steps",
-                                                         "num_beams") if getattr(a, k) is None})
-    a.pt_epochs, a.ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
+    """[(row name, Args)]: one run, or --compare's, for each seed (flags as given: see resolve)."""
     out = []
     for order, peft, target in COMPARE if a.compare else [(a.order, None, None)]:
         peft, target = peft or a.peft, target or a.peft_target
@@ -419,12 +409,21 @@ def variants(a: Args) -> list[tuple[str, Args]]:
         name = {"pt_first": f"Prefix -> {x}", "peft_first": f"{x} -> Prefix", "parallel": f"Prefix + {x}",
                 "none": x, "prefix_only": "Prefix-tuning"}[order]
         sub = os.path.join(a.out_dir, f"{order}-{peft}-{target}") if a.compare else a.out_dir
-        lr = a.lr or table["lr_full" if peft == "full" else "lr"]
         for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
-            one = dataclasses.replace(a, order=order, peft=peft, peft_target=target, lr=lr, seed=seed,
+            one = dataclasses.replace(a, order=order, peft=peft, peft_target=target, seed=seed,
                                       out_dir=os.path.join(sub, f"seed{seed}" if a.seeds else ""))
             out.append((name, one))
     return out
+
+
+def resolve(a: Args) -> Args:
+    """None -> the dataset's default (PAPER, or SYNTHETIC for shapes_*), stage epochs: --epochs."""
+    table = SYNTHETIC if a.dataset.startswith("shapes_") else PAPER
+    a = dataclasses.replace(a, **{k: table[k] for k in ("epochs", "pt_lr", "batch_size", "warmup_steps",
+                                                         "num_beams") if getattr(a, k) is None})
+    pt_epochs, ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
+    return dataclasses.replace(a, pt_epochs=pt_epochs, ft_epochs=ft_epochs,
+                               lr=a.lr or table["lr_full" if a.peft == "full" else "lr"])
 
 
 def run_variant(a: Args, setup, device, rank: int, world: int) -> dict:
@@ -432,7 +431,7 @@ def run_variant(a: Args, setup, device, rank: int, world: int) -> dict:
     --resume and --eval_only take the run's settings from its checkpoint."""
     path = os.path.join(a.out_dir, "ckpt.pt")
     state = load_checkpoint(path) if a.eval_only or a.resume and os.path.exists(path) else None
-    a = from_checkpoint(a, state) if state else a
+    a = resolve(from_checkpoint(a, state) if state else a)
     os.makedirs(a.out_dir, exist_ok=True)
     transformers.set_seed(a.seed)
     model = pt.build(setup, with_prefix=a.order != "none").to(device)
@@ -499,8 +498,8 @@ def run(a: Args) -> dict:
         saved = load_checkpoint(first)["args"]
         a = dataclasses.replace(a, **{k: saved[k] for k in ("dataset", "model", "num_prefix", "train_limit")})
     runs, t0 = variants(a), time.time()
-    shared = pt.Args(**{k: v for k, v in dataclasses.asdict(runs[0][1]).items() if k in pt.SETUP_FIELDS})
-    setup = pt.setup(shared, device)                                       # one LMM + data for all runs
+    shared = {k: v for k, v in dataclasses.asdict(resolve(runs[0][1])).items() if k in pt.SETUP_FIELDS}
+    setup = pt.setup(pt.Args(**shared), device)                            # one LMM + data for all runs
     prepare_out_dir(a, rank, inputs_loaded=True)
     rows = {}
     for name, v in runs:
