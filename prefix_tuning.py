@@ -534,8 +534,8 @@ def evaluate(model: PrefixBlip2, records: list, s: Setup, batch_size: int = 32) 
             preds.update({r["id"]: tok.decode(o, skip_special_tokens=True).strip()
                           for r, o in zip(chunk, out)})
     if unreadable:
-        print(f"warning: {unreadable} of {len(records)} evaluation records have an unreadable image: kept with "
-              "pixel values 0, as the official evaluation counts every one", file=sys.stderr)
+        print(f"warning: {unreadable} of {len(records)} evaluation records have an unreadable image: kept "
+              "with pixel values 0, as the official evaluation counts every one", file=sys.stderr)
     if by_task["caption"]:
         m = data.caption_metrics({r["id"]: preds[r["id"]] for r in by_task["caption"]},
                                  {r["id"]: r["captions"] for r in by_task["caption"]})
@@ -710,18 +710,18 @@ def run_cli(run, cls, argv=None):
 @dataclass
 class Args:
     dataset: str = arg("shapes_caption", " | ".join(DATASETS))
-    data_root: Optional[str] = arg(None, "root of the real datasets")
+    data_root: Optional[str] = arg(None, "root of the real datasets (default: none, offline)")
     model: str = arg("stand_ins/tiny-blip2", "a BLIP-2 folder or hub id (offline: the tiny stand-in)")
     device: str = arg("auto", "auto | cpu | cuda[:index]")
     seed: int = arg(0, "random seed (prefix init, data order)")
-    seeds: Optional[str] = arg(None, "e.g. 0,1,2: one run per seed, mean ± std")
+    seeds: Optional[str] = arg(None, "e.g. 0,1,2: one run per seed, mean ± std (default: one run, --seed)")
     out_dir: Optional[str] = arg(None, "output folder (default: runs/prefix_tuning/<dataset>...)")
     resume: bool = arg(False, "continue <out_dir>/ckpt.pt with its settings")
     overwrite: bool = arg(False, "replace a run in out_dir")
     eval_only: bool = arg(False, "evaluate <out_dir>/ckpt.pt with its settings, no training")
     compare: bool = arg(False, "Table 8 vs LM input, LM kv, Q-Former alone", eval_only=True)
     epochs: Optional[int] = arg(None, f"epochs (default: {PAPER['epochs']}, Table 14)")
-    max_steps: Optional[int] = arg(None, "stop after N steps (same LR schedule)")
+    max_steps: Optional[int] = arg(None, "stop after N steps, same LR schedule (default: no limit)")
     batch_size: Optional[int] = arg(None, f"per process (default: {PAPER['batch_size']}, Table 14; "
                                           f"shapes_*: {SYNTHETIC['batch_size']})")
     lr: Optional[float] = arg(None, f"peak learning rate (default: {PAPER['lr']}, Table 14; "
@@ -732,8 +732,8 @@ class Args:
     num_prefix: Optional[int] = arg(None, "P (default: 8 for captions, 16 for VQA, Table 8)")
     lm_prefix: str = arg("input", "LM prefixes: input (Fig. 5) | kv (Li & Liang) | none")
     qformer_prefix: bool = arg(True, "Q-Former key/value prefixes (Table 8)")
-    prefix_hidden: Optional[int] = arg(None, f"prefix MLP width (default: {PAPER['prefix_hidden']}, Li & Liang; "
-                                             f"shapes_*: {SYNTHETIC['prefix_hidden']})")
+    prefix_hidden: Optional[int] = arg(None, f"prefix MLP width (default: {PAPER['prefix_hidden']}, "
+                                             f"Li & Liang; shapes_*: {SYNTHETIC['prefix_hidden']})")
     num_beams: int = arg(5, "beam size for captions (App. B.2); VQA is greedy", eval_only=True)
     max_new_tokens: int = arg(30, "generation length limit", eval_only=True)
     train_limit: Optional[int] = arg(None, "the first N training images / questions (default: all)")
@@ -761,7 +761,8 @@ VARIANTS = {"qformer_lm": ("Q-Former + LM input (Table 8)", "input", True),
 def resolve(a: Args) -> Args:
     """None -> the dataset's default (PAPER, or SYNTHETIC for shapes_*); P by task (Table 8)."""
     table = defaults(a.dataset)
-    a = dataclasses.replace(a, **{k: table[k] for k, v in dataclasses.asdict(a).items() if v is None and k in table})
+    unset = {k: table[k] for k, v in dataclasses.asdict(a).items() if v is None and k in table}
+    a = dataclasses.replace(a, **unset)
     name = a.dataset + "-compare" * a.compare + (f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
     return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if a.dataset.endswith("vqa") else 8),
                                out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
@@ -772,7 +773,7 @@ def runs_of(a: Args) -> list:
     variants = VARIANTS if a.compare else {"": ("prefix-tuned", a.lm_prefix, a.qformer_prefix)}
     seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     return [(name, dataclasses.replace(a, seed=seed, lm_prefix=lm_prefix, qformer_prefix=qformer_prefix,
-                                       out_dir=os.path.join(a.out_dir, key, f"seed{seed}" if a.seeds else "")))
+                                       out_dir=os.path.join(a.out_dir, key, f"seed{seed}" * bool(a.seeds))))
             for key, (name, lm_prefix, qformer_prefix) in variants.items() for seed in seeds]
 
 
@@ -832,7 +833,8 @@ def run(cli: Args) -> dict:
     if rank == 0:
         base = build(s, with_prefix=False).to(device)
         mix = evaluate(base, s.records["mix"], s) if s.records["mix"] else {}
-        rows["pre-trained, no prefix"].append({"downstream": evaluate(base, s.records["eval"], s), "mix": mix})
+        downstream = evaluate(base, s.records["eval"], s)
+        rows["pre-trained, no prefix"].append({"downstream": downstream, "mix": mix})
     for name, one in runs_of(a):
         rows.setdefault(name, []).append(run_one(one, s, device, rank, world, log))
     if rank == 0:
