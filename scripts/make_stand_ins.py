@@ -50,7 +50,7 @@ def recipe(name: str):
 
 # ------------------------------------------------------- prefix_tuning.py / pt_peft_train.py's tiny BLIP-2
 BLIP2_PRETRAIN = dict(batch_size=32, lr=2e-3, warmup=50, steps=2000)
-BLIP2_PROMPT_WORDS = ["question", "answer", "caption", ":"]  # the synthetic prompts of prefix_tuning.PROMPTS
+BLIP2_PROMPT_WORDS = ["question", "answer", "caption", ":"]  # prefix_tuning.SYNTHETIC["prompts"]
 
 
 def tiny_blip2(vocab: int, init: str = "scaled"):
