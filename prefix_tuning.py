@@ -18,9 +18,10 @@ as a plain tensor (App. B.1). Table 8 puts BLIP-2's prefixes in two places, P = 
   B.2     captions by beam search (5)      beam_search
   B.4     AdamW (0.9, 0.99), linear warm-up and decay, Table 14 values   train, PAPER
 
-Offline (--model tiny, the default): a tiny BLIP-2 pre-trained once (cached) on four caption styles and four
-VQA question families of another synthetic world. Held out of that mix: shapes_caption (a fifth caption
-style), shapes_vqa (position and relation questions). "mix" = the pre-training tasks on the benchmark world.
+Offline (the default --model stand_ins/tiny-blip2): a tiny BLIP-2 pre-trained on four caption styles and four
+VQA question families of another synthetic world (scripts/make_stand_ins.py). Held out of that mix:
+shapes_caption (a fifth caption style), shapes_vqa (position and relation questions). "mix" = the
+pre-training tasks on the benchmark world.
 
   python prefix_tuning.py                            # tiny BLIP-2, shapes_caption, Table 8 prefixes
   python prefix_tuning.py --compare --seeds 0,1,2    # Table 8 vs LM input / LM kv / Q-Former alone
@@ -33,19 +34,18 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import inspect
 import itertools
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
-import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -252,73 +253,25 @@ def call_lm(lm: nn.Module, x, am, pos, cache=None, use_cache: bool = False, hidd
     return out, getattr(out, name)
 
 
-# ---- The offline stand-in: a tiny BLIP-2 pre-trained once on another synthetic world (cached) -------------
+# ---- Data -> batches --------------------------------------------------------------------------------------
 PT_FAMILIES, DOWN_FAMILIES = ("color", "shape", "count", "exist"), ("position", "relation")
 PT_STYLES, DOWN_STYLE = (0, 1, 2, 3), 4                  # caption templates of data.ShapesWorld.captions
 WORLD = {"train": 1200, "val": 200, "test": 300}         # images per split of a synthetic world
-TINY_PRETRAIN = dict(batch_size=32, lr=2e-3, warmup=50)       # steps: Args.pretrain_steps
+DATASETS = ("shapes_caption", "shapes_vqa", "coco", "flickr30k", "vqav2")
+PAPER = dict(epochs=5, batch_size=128, lr=5e-5, warmup_steps=5000, prefix_hidden=512,   # BLIP-2, Table 14
+             prompts={"caption": "a photo of", "vqa": "Question: {q} Short answer:"})     # BLIP-2's prompts
+SYNTHETIC = dict(PAPER, batch_size=16,   # shapes_*: 375 steps on 1200 images, a minute on one CPU core
+                 lr=1e-2,                # DEVIATION: 5e-5 barely moves a 128-wide encoder in 375 steps
+                 warmup_steps=30, prefix_hidden=128,  # DEVIATION: scaled to the 375 steps and a 64-wide LM
+                 eval_limit=300,         # the whole test split of captions; the first 300 questions
+                 prompts={"caption": "caption :", "vqa": "question : {q} answer :"})  # the stand-in's own
 
 
-def tiny_blip2(vocab: int, init: str = "scaled"):
-    """ViT 2x48 (32 px images, 8 px patches), Q-Former 2x48 with 8 queries, OPT 2x64. init "hf": transformers'
-    BLIP-2 initialisation, made to be overwritten by a checkpoint (ViT std 1e-10, query tokens 0, std 0.02
-    elsewhere); "scaled": weights N(0, 1/d), query tokens N(0, 1).
-    DEVIATION (tiny only): "scaled" by default. From "hf" the queries are all equal (the model barely
-    sees the image) and the width-64 OPT ends pre-training attending almost uniformly: input prefixes do
-    not train."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
-    vit_std, qformer_std, lm_std = (1e-10, 0.02, 0.02) if init == "hf" else (48 ** -.5, 48 ** -.5, 64 ** -.5)
-    layers = dict(num_hidden_layers=2, num_attention_heads=4)
-    vision = dict(hidden_size=48, intermediate_size=96, image_size=32, patch_size=8,
-                  initializer_range=vit_std)
-    qformer = dict(hidden_size=48, intermediate_size=96, encoder_hidden_size=48, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0, vocab_size=vocab, initializer_range=qformer_std)
-    text = dict(model_type="opt", vocab_size=vocab, hidden_size=64, ffn_dim=128, max_position_embeddings=128,
-                word_embed_proj_dim=64, dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                init_std=lm_std)
-    cfg = Blip2Config(vision_config=vision | layers, qformer_config=qformer | layers,
-                      text_config=text | layers, num_query_tokens=8, initializer_range=qformer_std)
-    model = Blip2ForConditionalGeneration(cfg).float()
-    if init == "scaled":
-        nn.init.normal_(model.query_tokens)              # distinct queries (a LayerNorm follows: any scale)
-    return model
-
-
-def pretrain_tiny(tok, steps: int, init: str, cache_dir: str, device, log=print):
-    """ALL weights of the tiny BLIP-2 trained on the mix of tasks of another world (data.PRETRAIN_WORLD);
-    cached, keyed by the recipe."""
-    torch.manual_seed(0)
-    model, r = tiny_blip2(len(tok), init), dict(TINY_PRETRAIN, steps=steps)
-    recipe = json.dumps([r, model.config.to_dict(), tok.get_vocab(), data.DATA_VERSION], sort_keys=True,
-                        default=str)
-    key = hashlib.sha1(recipe.encode()).hexdigest()[:12]
-    path = data.stand_in(os.path.join(cache_dir, "prefix_tuning", f"tiny_blip2_{key}.pt"))
-    ddp = dist.is_available() and dist.is_initialized()
-    if not os.path.exists(path) and (not ddp or dist.get_rank() == 0):
-        recs = mix_records("train", data.PRETRAIN_WORLD)
-        col, g = Collate(tok, 32, PROMPTS["tiny"]), torch.Generator().manual_seed(0)
-        net = PrefixBlip2(model.to(device).train(), 0, "none", False, 0)
-        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.99), weight_decay=0.01)
-        sched = lr_schedule(opt, r["warmup"], r["steps"], decay="linear")
-        for _ in tqdm(range(r["steps"]), desc="pre-training the tiny BLIP-2", leave=False, file=sys.stderr):
-            idx = torch.randint(len(recs), (r["batch_size"],), generator=g).tolist()
-            loss = net(col([recs[i] for i in idx]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_checkpoint(path, {k: v.cpu() for k, v in model.state_dict().items()})
-        log(f"pre-trained the tiny BLIP-2: {r['steps']} steps, last loss {loss.item():.3f}, cached in {path}")
-    if ddp:
-        dist.barrier()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.cpu()
-
-
-# ---- Data -> batches --------------------------------------------------------------------------------------
-PROMPTS = {"tiny": {"caption": "caption :", "vqa": "question : {q} answer :"},
-           "hf": {"caption": "a photo of", "vqa": "Question: {q} Short answer:"}}    # BLIP-2's prompts
+def defaults(dataset: str) -> dict:
+    """The paper's values (VQAv2: no warm-up, Table 14), or the synthetic world's (its stand-in is tiny)."""
+    if dataset.startswith("shapes_"):
+        return SYNTHETIC
+    return dict(PAPER, warmup_steps=0) if dataset == "vqav2" else PAPER
 
 
 def shapes_records(task: str, split: str, world: int, keep: tuple) -> list:
@@ -330,7 +283,7 @@ def shapes_records(task: str, split: str, world: int, keep: tuple) -> list:
 
 
 def mix_records(split: str, world: int, limit: Optional[int] = None) -> list:
-    """The tiny pre-training mix: VQA and captions interleaved (caption pairs for training)."""
+    """The stand-in's pre-training mix: VQA and captions interleaved (caption pairs for training)."""
     vqa = shapes_records("vqa", split, world, PT_FAMILIES)
     caps = shapes_records("caption", split, world, PT_STYLES)
     caps = data.caption_pairs(caps) if split == "train" else caps
@@ -343,30 +296,37 @@ def task_records(dataset: str, split: str, data_root: Optional[str], limit: Opti
         return shapes_records("caption", split, 0, (DOWN_STYLE,))[:limit]
     if dataset == "shapes_vqa":
         return shapes_records("vqa", split, 0, DOWN_FAMILIES)[:limit]
-    if dataset not in ("coco", "flickr30k", "vqav2"):
-        raise UsageError(f"unknown --dataset {dataset!r}; choose from shapes_caption, shapes_vqa, coco, "
-                         "flickr30k, vqav2")
     return data.load_records(dataset, split, data_root)[:limit]
 
 
 class Collate:
-    """Records -> batch: pixels; [bos] prompt (+ target + eos) left-padded, labels on target + eos;
-    the prompt alone for generation. Target: "caption" (a caption pair) or "answer" (VQA), if present.
-    Keeps no per-image state, so its memory does not depend on the dataset."""
+    """Records -> batch: pixels (the model's image size and mean/std); [bos] prompt (+ target + eos)
+    left-padded, labels on target + eos; the prompt alone for generation. Target: "caption" (a caption pair)
+    or "answer" (VQA), if present. An unreadable image: its record is dropped in training (train=True);
+    in evaluation it is kept with pixel values 0, counted in batch["unreadable"]. Keeps no per-image state."""
 
-    def __init__(self, tok, image_size: int, prompts: dict, mean=(0.5,) * 3, std=(0.5,) * 3):
+    def __init__(self, tok, image_size: int, prompts: dict, mean, std):
         self.tok, self.size, self.prompts = tok, image_size, prompts
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
     def pixels(self, rec: dict) -> torch.Tensor:
-        try:
-            img = data.load_image(rec, self.size).convert("RGB").resize((self.size, self.size))
-        except data.UnreadableImage as e:
-            raise data.DataError(f"unreadable image {e}") from None
+        img = data.load_image(rec, self.size).convert("RGB").resize((self.size, self.size))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)    # (3, H, W)
         return (x - self.mean) / self.std
 
-    def __call__(self, recs: list) -> dict:
+    def __call__(self, recs: list, train: bool = True) -> dict:
+        pixels = {}
+        for i, r in enumerate(recs):
+            try:
+                pixels[i] = self.pixels(r)
+            except data.UnreadableImage as e:                  # the policy of data.py's feature path
+                print(f"warning: unreadable image {e}: " + ("its training record is dropped" if train else
+                                                            "evaluated with pixel values 0"), file=sys.stderr)
+        if train:
+            recs, pixels = [recs[i] for i in pixels], dict(enumerate(pixels.values()))
+            if not recs:
+                raise data.DataError("every image of a training batch is unreadable")
+        zeros = torch.zeros(3, self.size, self.size)
         ids = lambda s: self.tok(s, add_special_tokens=False)["input_ids"]             # noqa: E731
         prompts, targets = [], []
         for r in recs:
@@ -378,7 +338,8 @@ class Collate:
         b = {"input_ids": torch.full((B, T), pad), "attention_mask": torch.zeros(B, T).long(),
              "labels": torch.full((B, T), -100), "prompt_ids": torch.full((B, Tp), pad),
              "prompt_mask": torch.zeros(B, Tp).long(), "image_ids": [r["image_id"] for r in recs],
-             "pixel_values": torch.stack([self.pixels(r) for r in recs])}
+             "pixel_values": torch.stack([pixels.get(i, zeros) for i in range(B)]),
+             "unreadable": B - len(pixels)}
         for i, (p, t) in enumerate(zip(prompts, targets)):
             b["input_ids"][i, T - len(p + t):] = torch.tensor(p + t)
             b["attention_mask"][i, T - len(p + t):] = 1
@@ -390,52 +351,57 @@ class Collate:
 # ---- One setting: the frozen LMM, its records and collate (pt_peft_train.py uses it too) -------------------
 @dataclass
 class Setup:
-    args: Args                   # the resolved settings (prefixes, decoding, limits, caches)
+    args: Args                   # the resolved settings (prefixes, decoding, limits)
     tokenizer: object
     base: nn.Module              # the frozen pre-trained Blip2ForConditionalGeneration (build() copies it)
-    records: dict                # train: caption pairs or questions; eval: one per image; mix: tiny only
+    records: dict                # train: caption pairs or questions; eval: one per image; mix: shapes_* only
     collate: Collate
     task: str                    # caption | vqa
 
 
 SETUP_FIELDS = ("dataset", "data_root", "model", "num_prefix", "lm_prefix", "qformer_prefix", "prefix_hidden",
-                "num_beams", "max_new_tokens", "train_limit", "eval_limit", "cache_dir", "vision_cache_mb",
-                "pretrain_steps", "tiny_init")
+                "num_beams", "max_new_tokens", "train_limit", "eval_limit", "vision_cache_mb")
 
 
-def setup(a, device) -> Setup:
-    """`a`: this file's Args or pt_peft_train's; SETUP_FIELDS are read by name (Args defaults if absent)."""
-    a = resolve(Args(**{k: getattr(a, k) for k in SETUP_FIELDS if hasattr(a, k)}))
+def load_blip2(name: str, device):
+    """A BLIP-2 folder or hub id -> (frozen model, tokenizer, image processor), one frozen copy per run."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
+    path = data.model_path(name)
+    try:
+        kind = AutoConfig.from_pretrained(path).model_type
+        if kind != "blip-2":
+            raise ValueError(f"{kind}; expected BLIP-2")
+        tok, processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--model {name}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        raise UsageError(f"--model {name}: its tokenizer has no pad token")
+    base = Blip2ForConditionalGeneration.from_pretrained(path).eval().requires_grad_(False)
+    pin_threads(base, torch.device(device))
+    return base, tok, processor
+
+
+def setup(a: Args, device) -> Setup:
+    """The frozen LMM, records and collate of a setting (pt_peft_train.py passes its SETUP_FIELDS)."""
+    a = resolve(a)
     split = "val" if a.dataset == "vqav2" else "test"                    # Karpathy test; VQAv2 val
     recs = {"train": task_records(a.dataset, "train", a.data_root, a.train_limit),
             "eval": task_records(a.dataset, split, a.data_root, a.eval_limit), "mix": []}
     if not recs["train"] or not recs["eval"]:
         raise UsageError(f"{a.dataset}: no records to train or evaluate (--train_limit, --eval_limit)")
-    if a.model == "tiny":
-        tok = data.build_tokenizer(data.synthetic_vocab() + ["question", "answer", "caption", ":"])
-        base = pretrain_tiny(tok, a.pretrain_steps, a.tiny_init, a.cache_dir or data.cache_dir(), device)
-        col = Collate(tok, 32, PROMPTS["tiny"])
+    if a.dataset.startswith("shapes_"):
         recs["mix"] = mix_records("test", 0, a.eval_limit)
-    elif os.path.isdir(a.model):
-        from transformers import AutoConfig, AutoTokenizer, Blip2ForConditionalGeneration
-        try:
-            kind, tok = AutoConfig.from_pretrained(a.model).model_type, AutoTokenizer.from_pretrained(a.model)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from None
-        if kind != "blip-2" or tok.pad_token_id is None:
-            raise UsageError(f"--model {a.model}: {kind}; expected BLIP-2 with its tokenizer (pad token)")
-        base = Blip2ForConditionalGeneration.from_pretrained(a.model)
-        col = Collate(tok, base.config.vision_config.image_size, PROMPTS["hf"], data.CLIP_MEAN, data.CLIP_STD)
-    else:
-        raise UsageError(f"--model {a.model!r}: neither 'tiny' nor a local Blip2 checkpoint folder")
+    base, tok, processor = load_blip2(a.model, device)
+    col = Collate(tok, processor.size["height"], defaults(a.dataset)["prompts"], processor.image_mean,
+                  processor.image_std)
     task = recs["eval"][0]["task"]
     recs["train"] = data.caption_pairs(recs["train"]) if task == "caption" else recs["train"]
-    return Setup(a, tok, base.eval().requires_grad_(False), recs, col, task)
+    return Setup(a, tok, base, recs, col, task)
 
 
-def build(s: Setup, with_prefix: bool = True) -> PrefixBlip2:
-    """A fresh copy of the frozen LMM with the prefixes of s.args (or none); only the prefixes train."""
-    a = s.args
+def build(s: Setup, with_prefix: bool = True, a: Optional[Args] = None) -> PrefixBlip2:
+    """A fresh copy of the frozen LMM with the prefixes of `a` (default s.args; or none); only they train."""
+    a = a or s.args
     model = PrefixBlip2(copy.deepcopy(s.base), a.num_prefix if with_prefix else 0, a.lm_prefix,
                         a.qformer_prefix, a.prefix_hidden, a.vision_cache_mb)
     assert all(n.startswith(PREFIX_PARAMS) for n, p in model.named_parameters() if p.requires_grad)
@@ -443,7 +409,7 @@ def build(s: Setup, with_prefix: bool = True) -> PrefixBlip2:
 
 
 # ---- Training: one loop, prefix parameters only -----------------------------------------------------------
-def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, log) -> dict:
+def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, log, resume: bool) -> dict:
     """AdamW (0.9, 0.99), linear warm-up and linear decay over all epochs (App. B.4); --max_steps stops early
     on the same schedule, so --resume continues exactly. Checkpoint: <out_dir>/ckpt.pt."""
     recs = s.records["train"]
@@ -457,21 +423,19 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
                             weight_decay=0.05)                                          # Table 14
     sched = lr_schedule(opt, min(a.warmup_steps, total - 1), total, warmup="linear", decay="linear")
     path, step, loss = os.path.join(a.out_dir, "ckpt.pt"), 0, torch.tensor(float("nan"))
-    setting = setting_of(a, *EVAL_FLAGS)
 
     def save():
         if rank == 0:
             trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
             save_checkpoint(path, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step,
-                                   "scheduler": sched.state_dict(), "rng": rng_state(),
-                                   "train_loss": loss.item(), "setting": setting})
+                                   "scheduler": sched.state_dict(), "train_loss": loss.item(),
+                                   "args": dataclasses.asdict(a)})
 
-    if a.resume and os.path.exists(path):
-        ck = load_checkpoint(path, model, setting)
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        set_rng_state(ck["rng"])
-        step, loss = ck["step"], torch.tensor(ck["train_loss"])
+    if resume:
+        state = load_checkpoint(path, model)             # the trained prefixes and the RNG states
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, loss = state["step"], torch.tensor(state["train_loss"])
     last_good = path if os.path.exists(path) else "none"
     net = DDP(model) if world > 1 else model
     net.train()
@@ -485,11 +449,11 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
                 if step >= stop:
                     break
                 with whole_step():
-                    with autocast(device):
+                    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                         loss = net(batch)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                            f"{last_good}")
+                        raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                                 f"{last_good}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -557,17 +521,21 @@ def beam_search(model: PrefixBlip2, batch: dict, num_beams: int, max_new_tokens:
 @torch.no_grad()
 def evaluate(model: PrefixBlip2, records: list, s: Setup, batch_size: int = 32) -> dict:
     """caption -> CIDEr, BLEU-4 (beam s.args.num_beams); vqa -> VQA acc (greedy); "score": the task's metric,
-    or (VQA acc + BLEU-4) / 2 on the mix of both."""
-    tok, preds, res = s.tokenizer, {}, {}
+    or (VQA acc + BLEU-4) / 2 on the mix of both. Every record is scored (unreadable images: pixels 0)."""
+    tok, preds, res, unreadable = s.tokenizer, {}, {}, 0
     model.eval()
     by_task = {t: [r for r in records if r["task"] == t] for t in ("caption", "vqa")}
     for task, recs in by_task.items():
         for i in range(0, len(recs), batch_size):
             chunk, beams = recs[i:i + batch_size], s.args.num_beams if task == "caption" else 1
-            out = beam_search(model, s.collate(chunk), beams, s.args.max_new_tokens, tok.eos_token_id,
-                              tok.pad_token_id)
+            batch = s.collate(chunk, train=False)
+            unreadable += batch["unreadable"]
+            out = beam_search(model, batch, beams, s.args.max_new_tokens, tok.eos_token_id, tok.pad_token_id)
             preds.update({r["id"]: tok.decode(o, skip_special_tokens=True).strip()
                           for r, o in zip(chunk, out)})
+    if unreadable:
+        print(f"warning: {unreadable} of {len(records)} evaluation records have an unreadable image: kept "
+              "with pixel values 0, as the official evaluation counts every one", file=sys.stderr)
     if by_task["caption"]:
         m = data.caption_metrics({r["id"]: preds[r["id"]] for r in by_task["caption"]},
                                  {r["id"]: r["captions"] for r in by_task["caption"]})
@@ -578,219 +546,71 @@ def evaluate(model: PrefixBlip2, records: list, s: Setup, batch_size: int = 32) 
     res["score"] = res.get("CIDEr", res.get("VQA acc"))
     if by_task["caption"] and by_task["vqa"]:
         res["score"] = round((res["VQA acc"] + res["BLEU-4"]) / 2, 2)
-    return dict(res, example=preds[records[0]["id"]] if records else "")
+    return dict(res, unreadable=unreadable, example=preds[records[0]["id"]] if records else "")
 
 
-# ---- Config, one run, the results table, main -------------------------------------------------------------
-@dataclass
-class Args:
-    dataset: str = field(default="shapes_caption", metadata={"help": "shapes_caption | shapes_vqa | coco | "
-                                                                     "flickr30k | vqav2"})
-    data_root: Optional[str] = field(default=None, metadata={"help": "root of the real datasets"})
-    model: str = field(default="tiny", metadata={"help": "tiny (offline stand-in) or a local Blip2 folder"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    seed: int = field(default=0, metadata={"help": "random seed (prefix init, data order)"})
-    seeds: Optional[str] = field(default=None, metadata={"help": "e.g. 0,1,2: one run per seed, mean ± std"})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "default runs/prefix_tuning/<dataset>..."})
-    resume: bool = field(default=False, metadata={"help": "continue from <out_dir>/ckpt.pt"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in out_dir"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate out_dir's checkpoint, no training"})
-    compare: bool = field(default=False, metadata={"help": "Table 8 vs LM input, LM kv, Q-Former alone"})
-    epochs: Optional[int] = field(default=None, metadata={"help": "epochs (Table 14: 5)"})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after N steps (same LR schedule)"})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "per process (Table 14: 128)"})
-    lr: Optional[float] = field(default=None, metadata={"help": "peak learning rate (Table 14: 5e-5)"})
-    warmup_steps: Optional[int] = field(default=None, metadata={"help": "warm-up (Table 14: 5000; VQA 0)"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
-    num_prefix: Optional[int] = field(default=None, metadata={"help": "Table 8: 8 captions, 16 VQA"})
-    lm_prefix: str = field(default="input", metadata={"help": "input (Fig. 5) | kv (Li & Liang) | none"})
-    qformer_prefix: bool = field(default=True, metadata={"help": "Q-Former kv prefixes (Table 8)"})
-    prefix_hidden: Optional[int] = field(default=None, metadata={"help": "MLP width (Li & Liang: 512)"})
-    num_beams: int = field(default=5, metadata={"help": "beam size for captions (App. B.2); VQA is greedy"})
-    max_new_tokens: int = field(default=30, metadata={"help": "generation length limit"})
-    train_limit: Optional[int] = field(default=None, metadata={"help": "first N training images/questions"})
-    eval_limit: Optional[int] = field(default=None, metadata={"help": "first N evaluation images/questions"})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "caches (default: data.cache_dir())"})
-    pretrain_steps: int = field(default=2000, metadata={"help": "--model tiny: pre-training steps (cached)"})
-    tiny_init: str = field(default="scaled", metadata={"help": "tiny: scaled N(0, 1/d) | hf"})
-    vision_cache_mb: float = field(default=1024.0, metadata={"help": "frozen-ViT output cache bound (MB)"})
-
-
-PAPER = dict(epochs=5, batch_size=128, lr=5e-5, warmup_steps=5000, prefix_hidden=512)    # BLIP-2, Table 14
-TINY = dict(epochs=5, batch_size=16,         # 375 steps on 1200 images: a minute on one CPU core
-            lr=1e-2,                         # DEVIATION: 5e-5 barely moves a 128-wide encoder in 375 steps
-            warmup_steps=30, prefix_hidden=128, eval_limit=300)
-VARIANTS = {"qformer_lm": ("Q-Former + LM input (Table 8)", "input", True),
-            "lm_input": ("LM input only", "input", False), "lm_kv": ("LM kv only (Li & Liang)", "kv", False),
-            "qformer": ("Q-Former only", "none", True)}
-
-
-EVAL_FLAGS = ("compare", "eval_limit", "num_beams", "max_new_tokens", "vision_cache_mb")  # no trained weight
-
-
-def resolve(a: Args) -> Args:
-    """None -> the paper's value (TINY's for --model tiny); P by task (Table 8); flags checked."""
-    vqa = a.dataset in ("shapes_vqa", "vqav2")
-    table = TINY if a.model == "tiny" else dict(PAPER, warmup_steps=0 if vqa else 5000)
-    a = dataclasses.replace(a, **{k: v for k, v in table.items() if getattr(a, k) is None})
-    if a.tiny_init not in ("scaled", "hf"):
-        raise UsageError(f"unknown --tiny_init {a.tiny_init!r}; choose from scaled, hf")
-    if a.lm_prefix not in ("input", "kv", "none"):
-        raise UsageError(f"unknown --lm_prefix {a.lm_prefix!r}; choose from input, kv, none")
-    if a.lm_prefix == "none" and not a.qformer_prefix and not a.compare:
-        raise UsageError("no prefix to train: --lm_prefix none and --no-qformer_prefix")
-    least = dict(num_prefix=1, epochs=1, batch_size=1, num_beams=1, max_new_tokens=1, prefix_hidden=1,
-                 pretrain_steps=1, max_steps=0, warmup_steps=0, vision_cache_mb=0)
-    for k, v in ((k, getattr(a, k)) for k in least):
-        if v is not None and not v >= least[k]:
-            raise UsageError(f"--{k} {v}: must be >= {least[k]}")
-    name = a.dataset + "-compare" * a.compare + "-hf_init" * (a.tiny_init == "hf") + (
-        f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
-    return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if vqa else 8),
-                               out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
-
-
-def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
-    """Prefix-tune one model (--eval_only: load it) and evaluate its exported prefixes."""
-    seed_everything(a.seed)
-    model = build(s).to(device)
-    count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
-    if a.eval_only:
-        ck = load_checkpoint(os.path.join(a.out_dir, "ckpt.pt"), model, setting_of(a, *EVAL_FLAGS))
-        res = {"steps": ck["step"], "train_loss": round(ck["train_loss"], 4)}
-    else:
-        res = train(a, model, s, device, rank, world, log)
-    if rank == 0:
-        model.prefix_state = model.export_prefix()                    # App. B.1: plain tensors at inference
-        torch.save(model.prefix_state, os.path.join(a.out_dir, "prefix.pt"))
-        res["downstream"] = evaluate(model, s.records["eval"], s)
-        res["mix"] = evaluate(model, s.records["mix"], s) if s.records["mix"] else {}
-        write_json(os.path.join(a.out_dir, "results.json"), res)
-    return res
-
-
-def print_table(a: Args, s: Setup, rows: dict) -> None:
-    """One row per model; with --seeds every cell is `mean ± std`."""
-    def cell(v):
-        return "-" if None in v else mean_std(v) if a.seeds and len(v) > 1 else f"{v[0]:.2f}"
-    model = "BLIP-2" if a.model != "tiny" else "tiny BLIP-2" + (" (HF init)" if a.tiny_init == "hf" else "")
-    decoding = f"captions by beam {a.num_beams}" if s.task == "caption" else "greedy answers"
-    seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
-    print(f"\nprefix-tuning a frozen {model} on {a.dataset}: P = {a.num_prefix}, {decoding}, {seeds}")
-    row = "| {:<29} | {:>14} | {:>14} | {:>14} | {:>6} |"
-    print(row.format("model", "CIDEr" if s.task == "caption" else "VQA acc", "mix", "train CE", "time"))
-    print(f"|{'-' * 31}|{'-' * 16}|{'-' * 16}|{'-' * 16}|{'-' * 8}|")
-    for name, rs in rows.items():
-        t = [r["seconds"] for r in rs if "seconds" in r]
-        cells = [cell([r["downstream"]["score"] for r in rs]), cell([r["mix"].get("score") for r in rs]),
-                 cell([r.get("train_loss") for r in rs]), f"{sum(t) / len(t):.1f}s" if t else "-"]
-        print(row.format(name, *cells))
-
-
-def run(a: Args) -> dict:
-    device, rank, world = setup_device(a.device, tiny=a.model == "tiny")
-    a = resolve(a)
-    log = print if rank == 0 else (lambda *_, **__: None)
-    prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
-    s = setup(a, device)
-    clear_outputs(a, rank)  # --overwrite: only now that the inputs have loaded
-    rows = {"pre-trained, no prefix": []}
-    if rank == 0:
-        base = build(s, with_prefix=False).to(device)
-        mix = evaluate(base, s.records["mix"], s) if s.records["mix"] else {}
-        rows["pre-trained, no prefix"].append({"downstream": evaluate(base, s.records["eval"], s),
-                                                "mix": mix})
-    variants = VARIANTS if a.compare else {"": ("prefix-tuned", a.lm_prefix, a.qformer_prefix)}
-    for key, (name, lm_prefix, qformer_prefix) in variants.items():
-        s.args.lm_prefix, s.args.qformer_prefix, rows[name] = lm_prefix, qformer_prefix, []
-        for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
-            sub = os.path.join(a.out_dir, key, f"seed{seed}" if a.seeds else "")
-            os.makedirs(sub, exist_ok=True)
-            one = dataclasses.replace(a, seed=seed, out_dir=sub, lm_prefix=lm_prefix,  # the variant's flags
-                                      qformer_prefix=qformer_prefix)
-            rows[name].append(run_one(one, s, device, rank, world, log))
-    if rank == 0:
-        print_table(a, s, rows)
-        write_json(os.path.join(a.out_dir, "results.json"), {"args": dataclasses.asdict(a), "rows": rows})
-    if world > 1:
-        dist.barrier()
-    return rows
-
-
-def main(argv=None) -> dict:
-    return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
-
-
+# ---- Config, one run, the results table, main (after the infrastructure, whose `arg` the Args use) ----
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
+RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume", "overwrite",
+                "eval_only", "seeds")  # what --resume / --eval_only take from the command line, with EVAL_ONLY
+EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops, the last good checkpoint stays, exit code 1."""
+def arg(default, help: str, eval_only: bool = False):
+    """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
+    help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse formats it
 
 
-def parse_cli(cls, argv=None, description: str = ""):
-    """An `Args` dataclass from the command line: one --flag per field; 'auto' or 'none' -> None."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        kind, text = str(f.type), f.metadata.get("help", "")
-        if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-            continue
-        conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        if "Optional" in kind:
-            conv = lambda s, b=conv: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
-        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: {f.default})")
-    return cls(**vars(p.parse_args(argv)))
+def check_values(args, rules: dict) -> None:
+    """For Args.__post_init__: {flag: (rule, ok)}, then the rules shared by name ending (lr, dropout) and --seeds."""
+    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for k, v in dataclasses.asdict(args).items():
+        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
+        if ok is not None and v is not None and not ok(v):
+            raise UsageError(f"--{k} {v}: must be {rule}")
+    seeds = (args.seeds or "0").split(",")
+    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
 
 
-def setup_device(device: str, tiny: bool = False):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
-    Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
+def from_checkpoint(args, state: dict):
+    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
+    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
+    saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
+    default = type(args)()
+    ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items() if v != getattr(args, k) != getattr(default, k)]
+    if ignored:
+        print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
+    return dataclasses.replace(args, **saved)
+
+
+def setup_device(device: str):
+    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
         torch.cuda.set_device(torch.device(device))
-    elif tiny:
-        torch.set_num_threads(1)
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def pin_threads(model: nn.Module, device: torch.device) -> None:
+    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+        torch.set_num_threads(1)
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
                 decay: str = "cosine", warmup_factor: float = 0.0):
-    """LambdaLR: warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then
-    'cosine' or 'linear' decay to 0 at total_steps ('none': constant)."""
+    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
+    decay to 0 at total_steps ('none': constant)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
@@ -802,69 +622,50 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
 @contextlib.contextmanager
 def whole_step():
     """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
-    held, old = [], signal.getsignal(signal.SIGINT)
-    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
-    if hold:
-        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    held = []
+    old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
         yield
     finally:
-        if hold:
-            signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old)
     if held:
         raise KeyboardInterrupt
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    torch.save(state, f"{path}.tmp-{os.getpid()}")
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
+    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def setting_of(args, *ignore: str) -> dict:
-    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
-    change only the evaluation or the logging)."""
-    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
-            "data_root", "seeds", *ignore)
-    return {k: v for k, v in vars(args).items() if k not in skip}
-
-
-def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
-    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if model is not None:
-        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
-        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
-                if old.get(k) != setting.get(k)]
-        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
-            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
 
 
-def write_json(path: str, obj) -> None:
-    Path(f"{path}.tmp-{os.getpid()}").write_text(json.dumps(obj, indent=2))
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A run in out_dir (a results.json or checkpoint in it) is kept unless --resume or --overwrite."""
-    held = [p for p in Path(out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
-    if held and not (resume or overwrite):
-        raise UsageError(f"{out_dir} holds a run ({held[0].relative_to(out_dir)}); pass --resume to continue "
-                         "it or --overwrite to replace it")
-    os.makedirs(out_dir, exist_ok=True)
-
-
-def clear_outputs(args, rank: int = 0) -> None:
-    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
-    nothing): this script's outputs in args.out_dir go."""
-    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
+def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
+    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
+    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
+    if held and not (args.resume or args.eval_only or args.overwrite):
+        raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume to "
+                         "continue it or --overwrite to replace it")
+    os.makedirs(args.out_dir, exist_ok=True)
+    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
     for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
             p.unlink()
 
 
@@ -879,34 +680,174 @@ def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print)
 
 def mean_std(values) -> str:
     """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
 
 
-def run_cli(run, args):
-    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
+def run_cli(run, cls, argv=None):
+    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
+    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
+    parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
+                                           formatter_class=argparse.HelpFormatter)
     try:
-        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
-        for k, v in vars(args).items():
-            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
-            if rule and v is not None and not rule[1](v):
-                raise UsageError(f"--{k} {v}: must be {rule[0]}")
-        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+        try:
+            args = parser.parse_args_into_dataclasses(argv)[0]
+        except (ValueError, argparse.ArgumentError) as e:  # an unknown flag, a value of the wrong type
+            raise UsageError(str(e)) from None
         return run(args)
-    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, FloatingPointError, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
+        raise SystemExit(1 if isinstance(e, FloatingPointError) else 2)
     except KeyboardInterrupt:
         print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 # End of infrastructure ======================================================================================
+
+
+@dataclass
+class Args:
+    dataset: str = arg("shapes_caption", " | ".join(DATASETS))
+    data_root: Optional[str] = arg(None, "root of the real datasets (default: none, offline)")
+    model: str = arg("stand_ins/tiny-blip2", "a BLIP-2 folder or hub id (offline: the tiny stand-in)")
+    device: str = arg("auto", "auto | cpu | cuda[:index]")
+    seed: int = arg(0, "random seed (prefix init, data order)")
+    seeds: Optional[str] = arg(None, "e.g. 0,1,2: one run per seed, mean ± std (default: one run, --seed)")
+    out_dir: Optional[str] = arg(None, "output folder (default: runs/prefix_tuning/<dataset>...)")
+    resume: bool = arg(False, "continue <out_dir>/ckpt.pt with its settings")
+    overwrite: bool = arg(False, "replace a run in out_dir")
+    eval_only: bool = arg(False, "evaluate <out_dir>/ckpt.pt with its settings, no training")
+    compare: bool = arg(False, "Table 8 vs LM input, LM kv, Q-Former alone", eval_only=True)
+    epochs: Optional[int] = arg(None, f"epochs (default: {PAPER['epochs']}, Table 14)")
+    max_steps: Optional[int] = arg(None, "stop after N steps, same LR schedule (default: no limit)")
+    batch_size: Optional[int] = arg(None, f"per process (default: {PAPER['batch_size']}, Table 14; "
+                                          f"shapes_*: {SYNTHETIC['batch_size']})")
+    lr: Optional[float] = arg(None, f"peak learning rate (default: {PAPER['lr']}, Table 14; "
+                                    f"shapes_*: {SYNTHETIC['lr']})")
+    warmup_steps: Optional[int] = arg(None, f"warm-up steps (default: {PAPER['warmup_steps']}, VQAv2 0, "
+                                            f"Table 14; shapes_*: {SYNTHETIC['warmup_steps']})")
+    num_workers: int = arg(0, "DataLoader workers")
+    num_prefix: Optional[int] = arg(None, "P (default: 8 for captions, 16 for VQA, Table 8)")
+    lm_prefix: str = arg("input", "LM prefixes: input (Fig. 5) | kv (Li & Liang) | none")
+    qformer_prefix: bool = arg(True, "Q-Former key/value prefixes (Table 8)")
+    prefix_hidden: Optional[int] = arg(None, f"prefix MLP width (default: {PAPER['prefix_hidden']}, "
+                                             f"Li & Liang; shapes_*: {SYNTHETIC['prefix_hidden']})")
+    num_beams: int = arg(5, "beam size for captions (App. B.2); VQA is greedy", eval_only=True)
+    max_new_tokens: int = arg(30, "generation length limit", eval_only=True)
+    train_limit: Optional[int] = arg(None, "the first N training images / questions (default: all)")
+    eval_limit: Optional[int] = arg(None, "the first N evaluation images / questions (default: all; "
+                                          f"shapes_*: {SYNTHETIC['eval_limit']})", eval_only=True)
+    vision_cache_mb: float = arg(1024.0, "bound of the frozen-ViT output cache (MB)", eval_only=True)
+
+    def __post_init__(self):
+        minimum = dict(num_prefix=1, epochs=1, batch_size=1, num_beams=1, max_new_tokens=1, prefix_hidden=1,
+                       max_steps=0, warmup_steps=0, vision_cache_mb=0, num_workers=0, train_limit=1,
+                       eval_limit=1)
+        rules = {k: (f">= {n}", lambda v, n=n: v >= n) for k, n in minimum.items()}
+        rules["lm_prefix"] = ("input, kv or none", lambda v: v in ("input", "kv", "none"))
+        rules["dataset"] = (", ".join(DATASETS), lambda v: v in DATASETS)
+        check_values(self, rules)
+        if self.lm_prefix == "none" and not self.qformer_prefix and not self.compare:
+            raise UsageError("no prefix to train: --lm_prefix none and --no_qformer_prefix")
+
+
+VARIANTS = {"qformer_lm": ("Q-Former + LM input (Table 8)", "input", True),
+            "lm_input": ("LM input only", "input", False), "lm_kv": ("LM kv only (Li & Liang)", "kv", False),
+            "qformer": ("Q-Former only", "none", True)}
+
+
+def resolve(a: Args) -> Args:
+    """None -> the dataset's default (PAPER, or SYNTHETIC for shapes_*); P by task (Table 8)."""
+    table = defaults(a.dataset)
+    unset = {k: table[k] for k, v in dataclasses.asdict(a).items() if v is None and k in table}
+    a = dataclasses.replace(a, **unset)
+    name = a.dataset + "-compare" * a.compare + (f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
+    return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if a.dataset.endswith("vqa") else 8),
+                               out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
+
+
+def runs_of(a: Args) -> list:
+    """[(row name, Args of one run)]: every prefix placement (--compare) or one, for every seed."""
+    variants = VARIANTS if a.compare else {"": ("prefix-tuned", a.lm_prefix, a.qformer_prefix)}
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
+    return [(name, dataclasses.replace(a, seed=seed, lm_prefix=lm_prefix, qformer_prefix=qformer_prefix,
+                                       out_dir=os.path.join(a.out_dir, key, f"seed{seed}" * bool(a.seeds))))
+            for key, (name, lm_prefix, qformer_prefix) in variants.items() for seed in seeds]
+
+
+def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
+    """Prefix-tune one model (--eval_only: load it) and evaluate its exported prefixes. --resume and
+    --eval_only take the run's settings (its own prefix placement too) from its checkpoint."""
+    path = os.path.join(a.out_dir, "ckpt.pt")
+    resume = a.eval_only or a.resume and os.path.exists(path)
+    a = from_checkpoint(a, load_checkpoint(path)) if resume else a
+    os.makedirs(a.out_dir, exist_ok=True)
+    transformers.set_seed(a.seed)
+    model = build(s, a=a).to(device)
+    count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
+    if a.eval_only:
+        state = load_checkpoint(path, model)
+        res = {"steps": state["step"], "train_loss": round(state["train_loss"], 4)}
+    else:
+        res = train(a, model, s, device, rank, world, log, resume)
+    if rank == 0:
+        model.prefix_state = model.export_prefix()                    # App. B.1: plain tensors at inference
+        torch.save(model.prefix_state, os.path.join(a.out_dir, "prefix.pt"))
+        res["downstream"] = evaluate(model, s.records["eval"], s)
+        res["mix"] = evaluate(model, s.records["mix"], s) if s.records["mix"] else {}
+        Path(a.out_dir, "results.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def print_table(a: Args, s: Setup, rows: dict) -> None:
+    """One row per model; with --seeds every cell is `mean ± std`."""
+    def cell(v):
+        return "-" if None in v else mean_std(v) if a.seeds and len(v) > 1 else f"{v[0]:.2f}"
+    decoding = f"captions by beam {a.num_beams}" if s.task == "caption" else "greedy answers"
+    seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
+    model = Path(a.model).name
+    print(f"\nprefix-tuning a frozen {model} on {a.dataset}: P = {a.num_prefix}, {decoding}, {seeds}")
+    row = "| {:<29} | {:>14} | {:>14} | {:>14} | {:>6} |"
+    print(row.format("model", "CIDEr" if s.task == "caption" else "VQA acc", "mix", "train CE", "time"))
+    print(f"|{'-' * 31}|{'-' * 16}|{'-' * 16}|{'-' * 16}|{'-' * 8}|")
+    for name, rs in rows.items():
+        t = [r["seconds"] for r in rs if "seconds" in r]
+        cells = [cell([r["downstream"]["score"] for r in rs]), cell([r["mix"].get("score") for r in rs]),
+                 cell([r.get("train_loss") for r in rs]), f"{sum(t) / len(t):.1f}s" if t else "-"]
+        print(row.format(name, *cells))
+
+
+def run(cli: Args) -> dict:
+    device, rank, world = setup_device(cli.device)
+    a = resolve(cli)
+    log = print if rank == 0 else (lambda *_, **__: None)
+    prepare_out_dir(a, rank)
+    first = os.path.join(runs_of(a)[0][1].out_dir, "ckpt.pt")                 # the settings of the run
+    if a.eval_only or a.resume and os.path.exists(first):                    # flags as given, then resolved
+        a = resolve(from_checkpoint(dataclasses.replace(cli, out_dir=a.out_dir), load_checkpoint(first)))
+    s = setup(a, device)
+    prepare_out_dir(a, rank, inputs_loaded=True)
+    rows = {"pre-trained, no prefix": []}
+    if rank == 0:
+        base = build(s, with_prefix=False).to(device)
+        mix = evaluate(base, s.records["mix"], s) if s.records["mix"] else {}
+        downstream = evaluate(base, s.records["eval"], s)
+        rows["pre-trained, no prefix"].append({"downstream": downstream, "mix": mix})
+    for name, one in runs_of(a):
+        rows.setdefault(name, []).append(run_one(one, s, device, rank, world, log))
+    if rank == 0:
+        print_table(a, s, rows)
+        Path(a.out_dir, "results.json").write_text(json.dumps({"args": dataclasses.asdict(a), "rows": rows},
+                                                              indent=2))
+    if world > 1:
+        dist.barrier()
+    return rows
+
+
+def main(argv=None) -> dict:
+    return run_cli(run, Args, argv)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,25 @@
 """pt_peft_train.py -- PT-PEFT: prefix-tuning first, then LoRA / adapters / full fine-tuning.
 
-Paper: Kim et al., "Preserving Pre-trained Representation Space: On Effectiveness of Prefix-tuning for Large
+Kim et al., "Preserving Pre-trained Representation Space: On Effectiveness of Prefix-tuning for Large
 Multi-modal Models", arXiv 2411.00029. Stage 1 (prefixes on a frozen BLIP-2) is prefix_tuning.py. LoRA,
 adapters and full fine-tuning narrow the representation space of an LMM's last layer (Sec. 2.3, Fig. 4, Table
 1) and lose pre-trained knowledge; prefix-tuning keeps the space but adapts less. PT-PEFT (Sec. 3) trains the
-prefix with the LMM frozen first, then the PEFT parameters and the prefix. BLIP-2 (Table 8, App. B.5):
-prefixes in the Q-Former and the LM; the LoRA stage trains only the Q-Former (LoRA on its self-attention Q, K,
-V: r=16, alpha=32, dropout 0.05). Equation -> code:
+prefix with the LMM frozen first, then the PEFT parameters and the prefix; on BLIP-2 (Table 8, App. B.5) LoRA
+(r=16, alpha=32, dropout 0.05) on the Q-Former self-attention Q, K, V. Equation -> code:
   Sec. 3 two-stage optimisation; Tables 2, 5 orders  -> Stage, stage_plan
   Eq. 1 F_txt per sentence; visual tokens per image  -> rank_matrices
   Eq. 2-5 SVD, normalise, average, cumulative sum    -> sv_curve
   Table 1 effective rank (the curve reaches 0.9)     -> effective_rank
   LoRA W + (alpha/r) B A (Hu et al.; App. B.5)       -> LoRALinear, add_lora, merged_lmm
   S-/P-Adapter (Hu et al. 2023)                      -> Adapter, add_adapters
-  Table 5 "-Prefix" (prefix removed at inference)   -> evaluate_model
+  Table 5 "-Prefix" (prefix removed at inference)   -> evaluate_model (Table 1 on <= --rank_images images)
 
-  python pt_peft_train.py                            # PT-LoRA (Q-Former LoRA) on the offline tiny BLIP-2
+  python pt_peft_train.py                            # PT-LoRA (Q-Former LoRA), offline tiny BLIP-2
   python pt_peft_train.py --compare --seeds 0,1,2    # Tables 2 and 1: all orders, full FT of LM and Q-Former
   python pt_peft_train.py --model /ckpt/blip2-opt-2.7b --dataset coco --data_root /data --device cuda
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -31,21 +28,22 @@ import math
 import os
 import random
 import re
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+import transformers
 
 import data
 import prefix_tuning as pt
+from prefix_tuning import (UsageError, arg, check_values, count_trainable, from_checkpoint, load_checkpoint,
+                           lr_schedule, mean_std, prepare_out_dir, run_cli, save_checkpoint, setup_device,
+                           whole_step)
 
 
 # === The method: stage orders (Sec. 3 "Two-stage Optimization"; Tables 2 and 5) ===
@@ -232,15 +230,14 @@ def attach_method(model: nn.Module, a: Args) -> tuple[dict, int]:
                           for m in mods if isinstance(m, Adapter)))
 
 
-def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, rank: int, world: int) -> dict:
-    """AdamW (0.9, 0.99), per stage linear warm-up + decay (B.4); exact resume across stages; --eval_only."""
+def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, rank: int, world: int,
+          state: Optional[dict]) -> dict:
+    """AdamW (0.9, 0.99), per stage linear warm-up + decay (B.4); exact resume across stages from `state`."""
     path, names = os.path.join(a.out_dir, "ckpt.pt"), groups["prefix"] + groups["peft"]
     params, stop = dict(model.named_parameters()), math.inf if a.max_steps is None else a.max_steps
-    setting = setting_of(a, "compare", "eval_limit", "num_beams", "export_merged", "save_every")
-    ck = load_checkpoint(path, model, setting) if a.eval_only or a.resume and os.path.exists(path) else None
-    si0, step0, gstep = (ck["stage"], ck["step"], ck["global_step"]) if ck else (0, 0, 0)
-    model.vision_cache.clear()                     # the ViT may have trained: its cached outputs are stale
-    if a.eval_only:
+    si0, step0, gstep = (state["stage"], state["step"], state["global_step"]) if state else (0, 0, 0)
+    if a.eval_only or si0 >= len(plan):                   # nothing (more) to train: the trained tensors
+        load_checkpoint(path, model)
         return {"finished": si0 >= len(plan), "global_step": gstep}
     loader = data.make_loader(setup.records["train"], a.batch_size, shuffle=True, seed=a.seed,
                               collate_fn=setup.collate, num_workers=a.num_workers)
@@ -249,11 +246,11 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
         if rank == 0:
             save_checkpoint(path, {"trainable": {n: params[n].detach().cpu().clone() for n in names},
                                    "optimizer": opt and opt.state_dict(), "stage": si, "step": step,
-                                   "scheduler": sched and sched.state_dict(), "rng": rng_state(),
-                                   "global_step": gstep, "setting": setting})
+                                   "scheduler": sched and sched.state_dict(), "global_step": gstep,
+                                   "args": dataclasses.asdict(a)})
         return path
 
-    last_good = path if ck else "none"
+    last_good = path if state else "none"
     for si, st in enumerate(plan[si0:], si0):
         for n, p in params.items():        # prefix_tuning uses its ViT cache only while the ViT is frozen
             p.requires_grad_(n in {m for g in st.train for m in groups[g]})
@@ -263,12 +260,12 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
                                  for g in st.train], betas=(0.9, 0.99), weight_decay=0.05)  # Table 14
         warm = a.warmup_steps if a.warmup_steps is not None else max(1, total // 10)
         sched = lr_schedule(opt, min(warm, total), total, warmup="linear", decay="linear")
-        if ck is not None and si == si0:
+        if state is not None and si == si0:
+            load_checkpoint(path, model)             # the trained tensors and the RNG states
             if step0 > 0:
-                opt.load_state_dict(ck["optimizer"])
-                sched.load_state_dict(ck["scheduler"])
+                opt.load_state_dict(state["optimizer"])
+                sched.load_state_dict(state["scheduler"])
                 step = step0
-            set_rng_state(ck["rng"])
         net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
         try:
@@ -278,11 +275,11 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
                     if gstep >= stop:
                         break
                     with whole_step():
-                        with autocast(device):
+                        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                             loss = net(batch)
                         if not torch.isfinite(loss):
-                            raise NonFiniteLoss(f"non-finite loss at step {gstep + 1}; last good checkpoint: "
-                                                f"{last_good}")
+                            raise FloatingPointError(f"non-finite loss at step {gstep + 1}; last good "
+                                                     f"checkpoint: {last_good}")
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
@@ -302,7 +299,14 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
     return {"finished": True, "global_step": gstep}
 
 
-def evaluate_model(model: nn.Module, setup, prefix_used: bool) -> dict:
+def rank_sample(records: list, n: int) -> list:
+    """At most n evaluation images (all, or a fixed seeded sample): bounded memory and pooled SVD."""
+    images = list(dict.fromkeys(r["image_id"] for r in records))
+    keep = set(images if len(images) <= n else random.Random(0).sample(images, n))
+    return [r for r in records if r["image_id"] in keep]
+
+
+def evaluate_model(model: nn.Module, setup, prefix_used: bool, rank_images: int) -> dict:
     """Task and pre-training-mix scores with / without (Table 5) the prefix; Table 1, prefix in context."""
     recs, text, image, res = setup.records, [], {}, {}
     for name, state in [("", "on" if prefix_used else "off")] + [("no_prefix_", "off")] * prefix_used:
@@ -310,60 +314,86 @@ def evaluate_model(model: nn.Module, setup, prefix_used: bool) -> dict:
         for key, split in (("downstream", "eval"), ("mix", "mix")):
             res[name + key] = pt.evaluate(model, recs[split], setup) if recs[split] else None
     model.prefix_state = "on" if prefix_used else "off"
-    pairs = data.caption_pairs(recs["eval"]) if setup.task == "caption" else recs["eval"]  # every reference
+    sample = rank_sample(recs["eval"], rank_images)
+    pairs = data.caption_pairs(sample) if setup.task == "caption" else sample       # every reference
     for i in range(0, len(pairs), 32):
-        batch = setup.collate(pairs[i:i + 32])
+        batch = setup.collate(pairs[i:i + 32], train=False)
         t, im = rank_matrices(model.features(batch), batch)
         text += t
         image.update(zip(batch["image_ids"], im))                         # one matrix per image
-    return dict(res, rank=rank_report(text, list(image.values())))
+    return dict(res, rank=dict(rank_report(text, list(image.values())), images=len(image)))
 
 
-# === Args: paper values (BLIP-2 Table 14, App. B.4/B.5, Table 8); None = PAPER or, offline, TINY below ===
+# === Args: the paper's values (BLIP-2 Table 14, App. B.4/B.5, Table 8); None = the dataset's default ===
+PAPER = dict(epochs=5, pt_lr=5e-5, lr=1e-4, lr_full=1e-5, batch_size=128, warmup_steps=5000, num_beams=5)
+SYNTHETIC = dict(PAPER, pt_lr=1e-2, lr=1e-3, lr_full=3e-4,  # DEVIATION: a 64-wide model takes larger steps
+                 batch_size=16,                             # shapes_*: minutes on one CPU core
+                 num_beams=1,                               # DEVIATION: greedy captions, for time
+                 warmup_steps=None)                         # 10% of each stage (5000 steps outlast the run)
+ORDERS = ("pt_first", "peft_first", "parallel", "none", "prefix_only")
+PEFTS = ("lora", "s_adapter", "p_adapter", "full")
+
+
 @dataclass
 class Args:
-    dataset: str = field(default="shapes_caption", metadata={"help": "shapes_caption|shapes_vqa|coco|..."})
-    data_root: Optional[str] = field(default=None, metadata={"help": "root of the real datasets"})
-    model: str = field(default="tiny", metadata={"help": "tiny (offline stand-in) | a BLIP-2 folder"})
-    order: str = field(default="pt_first", metadata={"help": "pt_first|peft_first|parallel|none|prefix_only"})
-    peft: str = field(default="lora", metadata={"help": "stage 2: lora | s_adapter | p_adapter | full"})
-    peft_target: str = field(default="qformer", metadata={"help": "qformer (Table 8)|language_model|vision"})
-    compare: bool = field(default=False, metadata={"help": "Tables 2/1: all orders, full FT of LM, Q-Former"})
-    seeds: Optional[str] = field(default=None, metadata={"help": "comma list (0,1,2): cells mean ± std"})
-    seed: int = field(default=0, metadata={"help": "seed of a single run"})
-    epochs: Optional[int] = field(default=None, metadata={"help": "epochs per stage (Table 14: 5)"})
-    pt_epochs: Optional[int] = field(default=None, metadata={"help": "prefix-stage epochs (--epochs)"})
-    ft_epochs: Optional[int] = field(default=None, metadata={"help": "PEFT-stage epochs (--epochs)"})
-    pt_lr: Optional[float] = field(default=None, metadata={"help": "prefix LR (Table 14: 5e-5)"})
-    lr: Optional[float] = field(default=None, metadata={"help": "stage-2 LR (Table 14: LoRA 1e-4, FT 1e-5)"})
-    warmup_steps: Optional[int] = field(default=None, metadata={"help": "warm-up steps per stage (Table 14)"})
-    batch_size: Optional[int] = field(default=None, metadata={"help": "per process (Table 14: 128)"})
-    max_steps: Optional[int] = field(default=None, metadata={"help": "stop after N steps (same schedules)"})
-    num_prefix: Optional[int] = field(default=None, metadata={"help": "P (Table 8: 8 captions, 16 VQA)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank (App. B.5)"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha, scaling alpha/r (App. B.5)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (App. B.5)"})
-    adapter_dim: int = field(default=48, metadata={"help": "adapter bottleneck (~LoRA's count, Sec. 4.1)"})
-    num_beams: Optional[int] = field(default=None, metadata={"help": "caption beam size (App. B.2: 5)"})
-    pretrain_steps: Optional[int] = field(default=None, metadata={"help": "tiny stand-in pre-training steps"})
-    train_limit: Optional[int] = field(default=None, metadata={"help": "first N training images (all)"})
-    eval_limit: Optional[int] = field(default=None, metadata={"help": "first N eval images (tiny: 300)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "default runs/pt_peft_train/<dataset>"})
-    resume: bool = field(default=False, metadata={"help": "continue from the checkpoints in --out_dir"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --out_dir"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate the checkpoints in --out_dir"})
-    export_merged: bool = field(default=False, metadata={"help": "save the BLIP-2 with LoRA merged + prefix"})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers"})
-    save_every: int = field(default=200, metadata={"help": "checkpoint every N steps"})
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "stand-in cache (data.cache_dir())"})
+    dataset: str = arg("shapes_caption", " | ".join(pt.DATASETS))
+    data_root: Optional[str] = arg(None, "root of the real datasets (default: none, offline)")
+    model: str = arg("stand_ins/tiny-blip2", "a BLIP-2 folder or hub id (offline: the tiny stand-in)")
+    order: str = arg("pt_first", " | ".join(ORDERS) + " (Tables 2 and 5)")
+    peft: str = arg("lora", "stage 2: " + " | ".join(PEFTS))
+    peft_target: str = arg("qformer", "qformer (Table 8) | language_model | vision")
+    compare: bool = arg(False, "Tables 2 and 1: every order, full FT of LM and Q-Former", eval_only=True)
+    seeds: Optional[str] = arg(None, "e.g. 0,1,2: a run per seed, cells mean ± std (default: one, --seed)")
+    seed: int = arg(0, "seed of a single run")
+    epochs: Optional[int] = arg(None, f"epochs per stage (default: {PAPER['epochs']}, Table 14)")
+    pt_epochs: Optional[int] = arg(None, "prefix-stage epochs (default: --epochs)")
+    ft_epochs: Optional[int] = arg(None, "PEFT-stage epochs (default: --epochs)")
+    pt_lr: Optional[float] = arg(None, f"prefix LR (default: {PAPER['pt_lr']}, Table 14; "
+                                       f"shapes_*: {SYNTHETIC['pt_lr']})")
+    lr: Optional[float] = arg(None, f"stage-2 LR (default: {PAPER['lr']}, full FT {PAPER['lr_full']}, "
+                                    f"Table 14; shapes_*: {SYNTHETIC['lr']}, {SYNTHETIC['lr_full']})")
+    warmup_steps: Optional[int] = arg(None, f"warm-up steps per stage (default: {PAPER['warmup_steps']}, "
+                                            "Table 14; shapes_*: 10% of a stage)")
+    batch_size: Optional[int] = arg(None, f"per process (default: {PAPER['batch_size']}, Table 14; "
+                                          f"shapes_*: {SYNTHETIC['batch_size']})")
+    max_steps: Optional[int] = arg(None, "stop after N steps in all, same schedules (default: no limit)")
+    num_prefix: Optional[int] = arg(None, "P (default: 8 for captions, 16 for VQA, Table 8)")
+    lora_r: int = arg(16, "LoRA rank (App. B.5)")
+    lora_alpha: float = arg(32.0, "LoRA alpha, scaling alpha/r (App. B.5)")
+    lora_dropout: float = arg(0.05, "LoRA dropout (App. B.5)")
+    adapter_dim: int = arg(48, "adapter bottleneck (about LoRA's count, Sec. 4.1)")
+    num_beams: Optional[int] = arg(None, f"caption beam size (default: {PAPER['num_beams']}, App. B.2; "
+                                         f"shapes_*: {SYNTHETIC['num_beams']})", eval_only=True)
+    train_limit: Optional[int] = arg(None, "the first N training images (default: all)")
+    eval_limit: Optional[int] = arg(None, f"the first N evaluation images (default: all; "
+                                          f"shapes_*: {pt.SYNTHETIC['eval_limit']})", eval_only=True)
+    rank_images: int = arg(1000, "Table 1 / Fig. 4 on a fixed seeded sample of <= N images", eval_only=True)
+    device: str = arg("auto", "auto | cpu | cuda[:index]")
+    out_dir: Optional[str] = arg(None, "output folder (default: runs/pt_peft_train/<dataset>...)")
+    resume: bool = arg(False, "continue the checkpoints in --out_dir with their settings")
+    overwrite: bool = arg(False, "replace a run in --out_dir")
+    eval_only: bool = arg(False, "evaluate the checkpoints in --out_dir with their settings")
+    export_merged: bool = arg(False, "save the BLIP-2 with LoRA merged + the prefix", eval_only=True)
+    num_workers: int = arg(0, "DataLoader workers")
+    save_every: int = arg(200, "checkpoint every N steps")
+
+    def __post_init__(self):
+        # num_prefix, num_beams and the limits: prefix_tuning.Args checks them (the setup is built with it)
+        rules = {k: (">= 1", lambda v: v >= 1) for k in ("lora_r", "adapter_dim", "batch_size", "save_every",
+                                                          "rank_images")}
+        for k in ("epochs", "pt_epochs", "ft_epochs", "max_steps", "warmup_steps", "num_workers"):
+            rules[k] = (">= 0", lambda v: v >= 0)
+        for flag, choices in (("order", ORDERS), ("peft", PEFTS), ("peft_target", tuple(LORA_TARGETS)),
+                              ("dataset", pt.DATASETS)):
+            rules[flag] = (", ".join(choices), lambda v, c=choices: v in c)
+        check_values(self, rules)
+        epochs = [self.epochs if e is None else e for e in (self.pt_epochs, self.ft_epochs)]
+        if None not in epochs and sum(epochs) == 0:
+            raise UsageError("no epochs to train: --pt_epochs and --ft_epochs (default: --epochs) are 0")
+        if self.export_merged and self.peft.endswith("adapter"):
+            raise UsageError("--export_merged: adapters have no merged form (LoRA and full FT have)")
 
 
-PAPER = dict(epochs=5, pt_lr=5e-5, lr=1e-4, lr_full=1e-5, batch_size=128, warmup_steps=5000, num_beams=5)
-TINY = dict(epochs=5, pt_lr=1e-2, lr=1e-3, lr_full=3e-4,   # a 64-wide model takes larger steps than 2.7B
-            batch_size=16, num_beams=1,                     # minutes on a CPU: greedy captions
-            warmup_steps=None)                              # 10% of each stage (5000 steps outlast the run)
-ORDERS = ("pt_first", "peft_first", "parallel", "none", "prefix_only")
 COMPARE = [(o, None, None) for o in ("prefix_only", "none", "pt_first", "peft_first", "parallel")] + [
     ("none", "full", "language_model"), ("none", "full", "qformer"), ("pt_first", "full", "language_model")]
 SHORT = {"lora": "LoRA", "s_adapter": "S-Adapter", "p_adapter": "P-Adapter", "full": "Full-FT",
@@ -371,21 +401,7 @@ SHORT = {"lora": "LoRA", "s_adapter": "S-Adapter", "p_adapter": "P-Adapter", "fu
 
 
 def variants(a: Args) -> list[tuple[str, Args]]:
-    """Check the flags, fill the Nones (PAPER / TINY) -> [(row name, Args)]: one run, or --compare's set."""
-    for flag, choices in (("order", ORDERS), ("peft", ("lora", "s_adapter", "p_adapter", "full")),
-                          ("peft_target", tuple(LORA_TARGETS)), ("dataset", data.DATASETS)):
-        if getattr(a, flag) not in choices:
-            raise UsageError(f"unknown --{flag} {getattr(a, flag)!r}; choose from {', '.join(choices)}")
-    dflt = TINY if a.model == "tiny" else PAPER
-    a = dataclasses.replace(a, **{k: dflt[k] for k in ("epochs", "pt_lr", "batch_size", "warmup_steps",
-                                                        "num_beams") if getattr(a, k) is None})
-    a.pt_epochs, a.ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
-    if min(a.pt_epochs, a.ft_epochs, a.max_steps or 0) < 0 or a.pt_epochs + a.ft_epochs == 0 or min(
-            a.num_prefix or 1, a.lora_r, a.adapter_dim, a.batch_size, a.save_every) < 1:
-        raise UsageError("epochs and --max_steps must be >= 0 (epochs not all 0); --num_prefix, --lora_r, "
-                         "--adapter_dim, --batch_size and --save_every > 0")
-    if a.export_merged and a.peft.endswith("adapter"):
-        raise UsageError("--export_merged: adapters have no merged form (LoRA and full FT have)")
+    """[(row name, Args)]: one run, or --compare's, for each seed (flags as given: see resolve)."""
     out = []
     for order, peft, target in COMPARE if a.compare else [(a.order, None, None)]:
         peft, target = peft or a.peft, target or a.peft_target
@@ -393,24 +409,41 @@ def variants(a: Args) -> list[tuple[str, Args]]:
         name = {"pt_first": f"Prefix -> {x}", "peft_first": f"{x} -> Prefix", "parallel": f"Prefix + {x}",
                 "none": x, "prefix_only": "Prefix-tuning"}[order]
         sub = os.path.join(a.out_dir, f"{order}-{peft}-{target}") if a.compare else a.out_dir
-        out.append((name, dataclasses.replace(a, order=order, peft=peft, peft_target=target, out_dir=sub,
-                                              lr=a.lr or dflt["lr_full" if peft == "full" else "lr"])))
+        for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
+            one = dataclasses.replace(a, order=order, peft=peft, peft_target=target, seed=seed,
+                                      out_dir=os.path.join(sub, f"seed{seed}" if a.seeds else ""))
+            out.append((name, one))
     return out
 
 
+def resolve(a: Args) -> Args:
+    """None -> the dataset's default (PAPER, or SYNTHETIC for shapes_*), stage epochs: --epochs."""
+    table = SYNTHETIC if a.dataset.startswith("shapes_") else PAPER
+    a = dataclasses.replace(a, **{k: table[k] for k in ("epochs", "pt_lr", "batch_size", "warmup_steps",
+                                                         "num_beams") if getattr(a, k) is None})
+    pt_epochs, ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
+    return dataclasses.replace(a, pt_epochs=pt_epochs, ft_epochs=ft_epochs,
+                               lr=a.lr or table["lr_full" if a.peft == "full" else "lr"])
+
+
 def run_variant(a: Args, setup, device, rank: int, world: int) -> dict:
-    """Build the pre-trained LMM, attach prefix / PEFT, train the stages (--eval_only: load), evaluate."""
+    """Build the pre-trained LMM, attach prefix / PEFT, train the stages (--eval_only: load), evaluate.
+    --resume and --eval_only take the run's settings from its checkpoint."""
+    path = os.path.join(a.out_dir, "ckpt.pt")
+    state = load_checkpoint(path) if a.eval_only or a.resume and os.path.exists(path) else None
+    a = resolve(from_checkpoint(a, state) if state else a)
     os.makedirs(a.out_dir, exist_ok=True)
-    seed_everything(a.seed)
+    transformers.set_seed(a.seed)
     model = pt.build(setup, with_prefix=a.order != "none").to(device)
     groups, expected = attach_method(model, a)
     for n, p in model.named_parameters():
         p.requires_grad_(n in groups["prefix"] + groups["peft"])
     count_trainable(model, expected, log=lambda s: print(s, file=sys.stderr) if rank == 0 else None)
-    out = train(a, model, groups, stage_plan(a), setup, device, rank, world)
+    out = train(a, model, groups, stage_plan(a), setup, device, rank, world, state)
     if rank == 0:
-        out.update(evaluate_model(model, setup, any(s.use_prefix for s in stage_plan(a))), trainable=expected)
-        write_json(os.path.join(a.out_dir, "results.json"), out)
+        prefix_used = any(s.use_prefix for s in stage_plan(a))
+        out.update(evaluate_model(model, setup, prefix_used, a.rank_images), trainable=expected)
+        Path(a.out_dir, "results.json").write_text(json.dumps(out, indent=2))
         if a.export_merged:           # a plain BLIP-2 (LoRA folded into W) + the prefix as tensors (App. B.1)
             merged_lmm(model.lmm).save_pretrained(os.path.join(a.out_dir, "merged"))
             torch.save(model.export_prefix() if a.order != "none" else {}, f"{a.out_dir}/merged/prefix.pt")
@@ -457,220 +490,37 @@ def write_fig4(out_dir: str, rows: dict) -> str:
 
 def run(a: Args) -> dict:
     tag = ("-compare" if a.compare else "") + ("-seeds" + a.seeds.replace(",", "_") if a.seeds else "")
-    a.out_dir = a.out_dir or os.path.join("runs", "pt_peft_train", a.dataset + tag)
-    runs, seeds = variants(a), [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
-    device, rank, world = setup_device(a.device, tiny=a.model == "tiny")
-    prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
-    shared = {k: v for k, v in dataclasses.asdict(runs[0][1]).items() if v is not None}   # None: pt's default
-    t0, setup = time.time(), pt.setup(argparse.Namespace(**shared), device)   # one LMM + data for all runs
-    clear_outputs(a, rank)  # --overwrite: only now that the inputs have loaded
-    rows = {name: [run_variant(dataclasses.replace(v, seed=s, out_dir=os.path.join(v.out_dir, f"seed{s}")
-                                                   if a.seeds else v.out_dir), setup, device, rank, world)
-                   for s in seeds] for name, v in runs}
+    a = dataclasses.replace(a, out_dir=a.out_dir or os.path.join("runs", "pt_peft_train", a.dataset + tag))
+    device, rank, world = setup_device(a.device)
+    prepare_out_dir(a, rank)
+    first = os.path.join(variants(a)[0][1].out_dir, "ckpt.pt")
+    if a.eval_only or a.resume and os.path.exists(first):     # the data and LMM of the checkpointed runs
+        saved = load_checkpoint(first)["args"]
+        a = dataclasses.replace(a, **{k: saved[k] for k in ("dataset", "model", "num_prefix", "train_limit")})
+    runs, t0 = variants(a), time.time()
+    shared = {k: v for k, v in dataclasses.asdict(resolve(runs[0][1])).items() if k in pt.SETUP_FIELDS}
+    setup = pt.setup(pt.Args(**shared), device)                            # one LMM + data for all runs
+    prepare_out_dir(a, rank, inputs_loaded=True)
+    rows = {}
+    for name, v in runs:
+        rows.setdefault(name, []).append(run_variant(v, setup, device, rank, world))
     if rank == 0:
         decoding = "greedy" if setup.args.num_beams == 1 else f"beam {setup.args.num_beams}"
-        zero = evaluate_model(pt.build(setup, with_prefix=False).to(device), setup, prefix_used=False)
-        rows = {f"zero-shot ({decoding})": [zero] * len(seeds), **rows}
-        print_table(f"PT-PEFT on {a.dataset}, {a.model} BLIP-2, {decoding}, seeds {a.seeds or a.seed}; "
-                    f"rank = Table 1 effective rank %; {time.time() - t0:.0f}s",
-                    "CIDEr" if setup.task == "caption" else "VQA acc", rows)
+        zero = evaluate_model(pt.build(setup, with_prefix=False).to(device), setup, False, a.rank_images)
+        rows = {f"zero-shot ({decoding})": [zero] * len(next(iter(rows.values()))), **rows}
+        print_table(f"PT-PEFT on {a.dataset}, {Path(a.model).name}, {decoding}, seeds {a.seeds or a.seed}; "
+                    f"rank = Table 1 rank % on {zero['rank']['images']} images; "
+                    f"{time.time() - t0:.0f}s", "CIDEr" if setup.task == "caption" else "VQA acc", rows)
         print(f"Fig. 4: {write_fig4(a.out_dir, rows)}")
-        write_json(os.path.join(a.out_dir, "results.json"), {"args": dataclasses.asdict(a), "rows": rows})
+        Path(a.out_dir, "results.json").write_text(json.dumps({"args": dataclasses.asdict(a), "rows": rows},
+                                                              indent=2))
     if world > 1:
-        dist.barrier()
+        torch.distributed.barrier()
     return rows
 
 
 def main(argv=None) -> dict:
-    return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
-
-
-# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops, the last good checkpoint stays, exit code 1."""
-
-
-def parse_cli(cls, argv=None, description: str = ""):
-    """An `Args` dataclass from the command line: one --flag per field; 'auto' or 'none' -> None."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        kind, text = str(f.type), f.metadata.get("help", "")
-        if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-            continue
-        conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        if "Optional" in kind:
-            conv = lambda s, b=conv: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
-        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: {f.default})")
-    return cls(**vars(p.parse_args(argv)))
-
-
-def setup_device(device: str, tiny: bool = False):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
-    Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
-        torch.cuda.set_device(torch.device(device))
-    elif tiny:
-        torch.set_num_threads(1)
-    return torch.device(device), dist.get_rank() if world > 1 else 0, world
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
-                decay: str = "cosine", warmup_factor: float = 0.0):
-    """LambdaLR: warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then
-    'cosine' or 'linear' decay to 0 at total_steps ('none': constant)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@contextlib.contextmanager
-def whole_step():
-    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
-    held, old = [], signal.getsignal(signal.SIGINT)
-    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
-    if hold:
-        signal.signal(signal.SIGINT, lambda *_: held.append(True))
-    try:
-        yield
-    finally:
-        if hold:
-            signal.signal(signal.SIGINT, old)
-    if held:
-        raise KeyboardInterrupt
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    torch.save(state, f"{path}.tmp-{os.getpid()}")
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def setting_of(args, *ignore: str) -> dict:
-    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
-    change only the evaluation or the logging)."""
-    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
-            "data_root", "seeds", *ignore)
-    return {k: v for k, v in vars(args).items() if k not in skip}
-
-
-def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
-    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if model is not None:
-        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
-        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
-                if old.get(k) != setting.get(k)]
-        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
-            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
-        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
-    return state
-
-
-def write_json(path: str, obj) -> None:
-    Path(f"{path}.tmp-{os.getpid()}").write_text(json.dumps(obj, indent=2))
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A run in out_dir (a results.json or checkpoint in it) is kept unless --resume or --overwrite."""
-    held = [p for p in Path(out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
-    if held and not (resume or overwrite):
-        raise UsageError(f"{out_dir} holds a run ({held[0].relative_to(out_dir)}); pass --resume to continue "
-                         "it or --overwrite to replace it")
-    os.makedirs(out_dir, exist_ok=True)
-
-
-def clear_outputs(args, rank: int = 0) -> None:
-    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
-    nothing): this script's outputs in args.out_dir go."""
-    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
-    for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
-            p.unlink()
-
-
-def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
-    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
-    params = list(model.parameters())  # de-duplicated by nn.Module
-    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
-    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
-    return n, m
-
-
-def mean_std(values) -> str:
-    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
-
-
-def run_cli(run, args):
-    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
-    try:
-        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
-        for k, v in vars(args).items():
-            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
-            if rule and v is not None and not rule[1](v):
-                raise UsageError(f"--{k} {v}: must be {rule[0]}")
-        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
-        return run(args)
-    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
-    except KeyboardInterrupt:
-        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-# End of infrastructure ======================================================================================
+    return run_cli(run, Args, argv)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,80 @@ def tiny_cnn_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ------------------------------------------------------- prefix_tuning.py / pt_peft_train.py's tiny BLIP-2
+BLIP2_PRETRAIN = dict(batch_size=32, lr=2e-3, warmup=50, steps=2000)
+BLIP2_PROMPT_WORDS = ["question", "answer", "caption", ":"]  # prefix_tuning.SYNTHETIC["prompts"]
+
+
+def tiny_blip2(vocab: int, init: str = "scaled"):
+    """ViT 2x48 (32 px images, 8 px patches), Q-Former 2x48 with 8 queries, OPT 2x64. init "hf": transformers'
+    BLIP-2 initialisation, made to be overwritten by a checkpoint (ViT std 1e-10, query tokens 0, std 0.02
+    elsewhere); "scaled": weights N(0, 1/d), query tokens N(0, 1).
+    DEVIATION: "scaled" for tiny-blip2. From "hf" (tiny-blip2-hf-init) the queries are all equal (the model
+    barely sees the image) and the width-64 OPT ends pre-training attending almost uniformly: input prefixes
+    do not train."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    vit_std, qformer_std, lm_std = (1e-10, 0.02, 0.02) if init == "hf" else (48 ** -.5, 48 ** -.5, 64 ** -.5)
+    layers = dict(num_hidden_layers=2, num_attention_heads=4)
+    vision = dict(hidden_size=48, intermediate_size=96, image_size=32, patch_size=8,
+                  initializer_range=vit_std)
+    qformer = dict(hidden_size=48, intermediate_size=96, encoder_hidden_size=48, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0, vocab_size=vocab, initializer_range=qformer_std)
+    text = dict(model_type="opt", vocab_size=vocab, hidden_size=64, ffn_dim=128, max_position_embeddings=128,
+                word_embed_proj_dim=64, dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                init_std=lm_std)
+    cfg = Blip2Config(vision_config=vision | layers, qformer_config=qformer | layers,
+                      text_config=text | layers, num_query_tokens=8, initializer_range=qformer_std)
+    model = Blip2ForConditionalGeneration(cfg).float()
+    if init == "scaled":
+        torch.nn.init.normal_(model.query_tokens)        # distinct queries (a LayerNorm follows: any scale)
+    return model
+
+
+def blip2_image_processor():
+    """32 px, mean = std = 0.5 per channel: the pixels prefix_tuning.Collate feeds the tiny ViT."""
+    from transformers import BlipImageProcessor
+    return BlipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def save_blip2(model, tok, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    blip2_image_processor().save_pretrained(folder)
+
+
+def pretrain_tiny_blip2(folder: Path, steps: Optional[int], init: str) -> None:
+    """ALL weights of the tiny BLIP-2 trained on four caption styles and four VQA families of
+    data.PRETRAIN_WORLD (prefix_tuning.mix_records), interleaved; AdamW, linear warm-up and decay."""
+    import prefix_tuning as pt
+    tok = data.build_tokenizer(data.synthetic_vocab() + BLIP2_PROMPT_WORDS)
+    torch.manual_seed(0)
+    model, r = tiny_blip2(len(tok), init), dict(BLIP2_PRETRAIN, steps=steps or BLIP2_PRETRAIN["steps"])
+    recs = pt.mix_records("train", data.PRETRAIN_WORLD)
+    processor = blip2_image_processor()
+    col = pt.Collate(tok, 32, pt.SYNTHETIC["prompts"], processor.image_mean, processor.image_std)
+    g = torch.Generator().manual_seed(0)
+    net = pt.PrefixBlip2(model.train(), 0, "none", False, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.99), weight_decay=0.01)
+    sched = pt.lr_schedule(opt, r["warmup"], r["steps"], decay="linear")
+    for _ in range(r["steps"]):
+        idx = torch.randint(len(recs), (r["batch_size"],), generator=g).tolist()
+        loss = net(col([recs[i] for i in idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    print(f"pre-trained the tiny BLIP-2 ({init} init): {r['steps']} steps, last loss {loss.item():.3f}")
+    save_blip2(model.eval(), tok, folder)
+
+
+@recipe("tiny-blip2")
+def make_tiny_blip2(folder: Path, steps: Optional[int]) -> None:
+    pretrain_tiny_blip2(folder, steps, "scaled")
+
+
+@recipe("tiny-blip2-hf-init")
+def make_tiny_blip2_hf_init(folder: Path, steps: Optional[int]) -> None:
+    pretrain_tiny_blip2(folder, steps, "hf")
 
 
 # ---------------------------------------------------------------------------------- rlp.py's tiny CLIPs

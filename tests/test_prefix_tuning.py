@@ -1,8 +1,8 @@
-"""Tests of prefix_tuning.py on the tiny BLIP-2 (pre-trained for 3 steps into the session cache),
-few samples."""
+"""Tests of prefix_tuning.py on the tiny BLIP-2 stand-in (stand_ins/tiny-blip2), few samples."""
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from formats import write_coco_karpathy  # noqa: E402
 import prefix_tuning as pt  # noqa: E402
 
-SMALL = ["--pretrain_steps", "3", "--train_limit", "8", "--eval_limit", "4", "--batch_size", "4",
-         "--num_beams", "2", "--max_new_tokens", "4", "--device", "cpu"]
+SMALL = ["--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--num_beams", "2",
+         "--max_new_tokens", "4", "--device", "cpu"]
+STAND_IN = os.path.join(ROOT, "stand_ins", "tiny-blip2")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,7 +32,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def s():
-    args = pt.Args(pretrain_steps=3, train_limit=8, eval_limit=4, num_beams=2, max_new_tokens=6)
+    args = pt.Args(train_limit=8, eval_limit=4, num_beams=2, max_new_tokens=6)
     return pt.setup(args, "cpu")
 
 
@@ -161,7 +162,7 @@ def test_cached_beam_search_equals_full_rerun(s, lm):
     if lm == "off":
         model.prefix_state = "off"
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # a 3-step model repeats one token; noise makes beams swap parents
+    with torch.no_grad():  # noise makes beams swap parents
         for p in model.lmm.language_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.5)
     b = s.collate(s.records["eval"][:4])
@@ -183,10 +184,7 @@ def test_caches_stay_within_their_bound(tmp_path):
     """A few hundred images through the real path: the ViT output cache stays within vision_cache_mb (least
     recently used dropped), the collate object keeps nothing per image, and cached == uncached outputs."""
     tok_dir = tmp_path / "blip2"
-    tok = pt.data.build_tokenizer(pt.data.synthetic_vocab())
-    torch.manual_seed(0)
-    pt.tiny_blip2(len(tok)).save_pretrained(tok_dir)
-    tok.save_pretrained(tok_dir)
+    shutil.copytree(STAND_IN, tok_dir)
     write_coco_karpathy(tmp_path, splits=("train",) * 300 + ("test",) * 4)
     args = pt.Args(model=str(tok_dir), dataset="coco", data_root=str(tmp_path), vision_cache_mb=0.04)
     s = pt.setup(args, "cpu")
@@ -213,12 +211,12 @@ def test_caches_stay_within_their_bound(tmp_path):
 
 
 def test_real_path_local_blip2_on_coco_karpathy(tmp_path):
-    """A local Blip2ForConditionalGeneration folder + COCO Karpathy files (official layout): Table 8 prefixes,
-    training on caption pairs, beam search, CIDEr; --eval_only reproduces the scores from the checkpoint."""
-    tok = pt.data.build_tokenizer(pt.data.synthetic_vocab())
-    torch.manual_seed(0)
-    pt.tiny_blip2(len(tok)).save_pretrained(tmp_path / "blip2")
-    tok.save_pretrained(tmp_path / "blip2")
+    """The stand-in re-made by its recipe (3 steps) as a local BLIP-2 folder + COCO Karpathy files (official
+    layout): Table 8 prefixes, training on caption pairs, beam search, CIDEr; --eval_only reproduces the
+    scores from the checkpoint."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import make_stand_ins
+    make_stand_ins.RECIPES["tiny-blip2"](tmp_path / "blip2", 3)
     write_coco_karpathy(tmp_path, splits=("train", "restval", "train", "val", "test", "test"))
     args = ["--model", str(tmp_path / "blip2"), "--dataset", "coco", "--data_root", str(tmp_path),
             "--max_steps", "2", "--batch_size", "2", "--num_beams", "2", "--max_new_tokens", "5",
@@ -243,17 +241,24 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 @pytest.mark.parametrize("extra,msg", [
-    (["--dataset", "nope"], "unknown --dataset"),
-    (["--lm_prefix", "deep"], "--lm_prefix"),
+    (["--dataset", "nope"], "--dataset nope: must be shapes_caption"),
+    (["--lm_prefix", "deep"], "--lm_prefix deep: must be input, kv or none"),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"), (["--bogus", "1"], "['--bogus', '1']"),
+    (["--lm_prefix", "none", "--no_qformer_prefix"], "no prefix to train"),
+    (["--model", "stand_ins/tiny-nope"], "no stand-in at"), (["--model", "NOPROC"], "image processor"),
     (["--seeds", "0,x"], "--seeds"),
     (["--dataset", "coco", "--data_root", "/nonexistent/x"], "/nonexistent/x"),
     (["--model", "/nonexistent/blip2"], "/nonexistent/blip2"),
     (["--eval_only"], "no checkpoint"),
-    (["--train_limit", "0"], "no records"), (["--eval_limit", "0"], "no records"),
-    (["--num_prefix", "0"], "--num_prefix 0: must be >= 1"), (["--pretrain_steps", "0"], "must be >= 1"),
+    (["--train_limit", "0"], "--train_limit 0: must be >= 1"), (["--eval_limit", "0"], "must be >= 1"),
+    (["--num_prefix", "0"], "--num_prefix 0: must be >= 1"), (["--prefix_hidden", "0"], "must be >= 1"),
     (["--max_steps", "-3"], "--max_steps -3: must be >= 0"), (["--model", "GPT2"], "gpt2; expected BLIP-2"),
 ])
 def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, extra, msg):
+    if extra[-1] == "NOPROC":  # a BLIP-2 folder without its image processor config
+        without = shutil.ignore_patterns("preprocessor_config.json")
+        shutil.copytree(STAND_IN, tmp_path / "noproc", ignore=without)
+        extra = extra[:-1] + [str(tmp_path / "noproc")]
     if extra[-1] == "GPT2":  # a model folder of another kind (config and tokenizer suffice)
         import transformers
         transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
@@ -283,14 +288,15 @@ def test_compare_over_seeds_table(tmp_path, capsys):
     rows = pt.main(SMALL + ["--max_steps", "1", "--compare", "--seeds", "0,1", "--eval_limit", "2",
                             "--out_dir", str(tmp_path / "o")])
     out = capsys.readouterr().out.splitlines()
-    table = out[[i for i, ln in enumerate(out) if ln.startswith("prefix-tuning a frozen tiny BLIP-2")][-1]:]
+    table = out[[i for i, ln in enumerate(out) if ln.startswith("prefix-tuning a frozen tiny-blip2")][-1]:]
     assert len(table) == 3 + 1 + len(pt.VARIANTS) and all(len(ln) <= 100 for ln in table)
     assert all("±" in ln for ln in table[4:]) and len(rows) == 1 + len(pt.VARIANTS)
     assert json.load(open(tmp_path / "o" / "lm_kv" / "seed1" / "results.json"))["steps"] == 1
-    variant = ["--lm_prefix", "kv", "--no-qformer_prefix", "--seed", "1",
-               "--out_dir", str(tmp_path / "o/lm_kv/seed1")]
-    alone = pt.main(SMALL + ["--max_steps", "1", "--eval_limit", "2", "--eval_only"] + variant)
-    assert alone["prefix-tuned"][0]["steps"] == 1  # a variant's checkpoint, evaluated on its own flags
+    folder = tmp_path / "o" / "lm_kv" / "seed1"       # a variant's checkpoint, evaluated on its own settings
+    alone = pt.main(SMALL + ["--eval_limit", "2", "--eval_only", "--out_dir", str(folder)])
+    prefix = torch.load(folder / "prefix.pt")           # LM kv prefixes (L, 2, P, d), no Q-Former prefix
+    assert alone["prefix-tuned"][0]["steps"] == 1 and set(prefix) == {"lm"} and prefix["lm"].dim() == 4
+    assert "ignored" not in capsys.readouterr().out
 
 
 def test_cli_subprocess(tmp_path):
@@ -318,15 +324,11 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert json.load(open(tmp_path / "d" / "results.json"))["rows"]["prefix-tuned"][0]["steps"] == 2
 
 
-def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
+def test_checkpoint_settings_win_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
     run = SMALL + ["--epochs", "2", "--out_dir", str(tmp_path)]  # 4 steps
     pt.main(run + ["--max_steps", "2"])
     good = pt.load_checkpoint(tmp_path / "ckpt.pt")
-    for other in (["--resume", "--prefix_hidden", "8"], ["--eval_only", "--lm_prefix", "none"]):
-        with pytest.raises(SystemExit) as e:                     # other sizes; fewer prefixes
-            pt.main(run + other)
-        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-        assert e.value.code == 2 and len(err) == 1 and "was trained with other flags" in err[0]
+    assert good["args"]["lm_prefix"] == "input" and good["args"]["prefix_hidden"] == 128
     forward = pt.PrefixBlip2.forward
     monkeypatch.setattr(pt.PrefixBlip2, "forward", lambda self, *a: forward(self, *a) * float("nan"))
     with pytest.raises(SystemExit) as e:
@@ -337,3 +339,39 @@ def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, mon
     kept = pt.load_checkpoint(ckpt)
     assert kept["step"] == 2
     assert all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())
+    monkeypatch.undo()
+    # another size or placement on the command line: the checkpoint's settings are used, and said so
+    full = pt.main(SMALL + ["--epochs", "2", "--out_dir", str(tmp_path / "full")])["prefix-tuned"][0]
+    resumed = pt.main(run + ["--resume", "--prefix_hidden", "8"])["prefix-tuned"][0]
+    assert "ignored: --prefix_hidden 8" in capsys.readouterr().out
+    assert resumed["steps"] == 4 and resumed["train_loss"] == full["train_loss"]
+    again = pt.main(run + ["--eval_only", "--lm_prefix", "none"])["prefix-tuned"][0]
+    assert "the checkpoint's settings are used, ignored: --lm_prefix none" in capsys.readouterr().out
+    assert again["downstream"] == resumed["downstream"]
+
+
+def _corrupt_coco(tmp_path):
+    """COCO Karpathy files whose second training image and first test image are not images."""
+    coco = write_coco_karpathy(tmp_path, splits=("train",) * 4 + ("test",) * 3)
+    for i in (1, 4):
+        (coco / "val2014" / f"COCO_val2014_{i:012d}.jpg").write_bytes(b"not a jpeg")
+    return coco
+
+
+def test_unreadable_images_dropped_in_training_zero_in_evaluation(tmp_path, capsys):
+    """The pixel path follows data.py's policy: a training record with an unreadable image is dropped; in
+    evaluation every record is kept (pixel values 0), counted and reported."""
+    _corrupt_coco(tmp_path)
+    rows = pt.main(["--model", STAND_IN, "--dataset", "coco", "--data_root", str(tmp_path),
+                    "--batch_size", "8", "--epochs", "1", "--num_beams", "1", "--max_new_tokens", "3",
+                    "--device", "cpu", "--out_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert err.count("its training record is dropped") == 2            # 2 caption pairs of the image, once
+    assert "warning: 1 of 3 evaluation records have an unreadable image" in err
+    r = rows["prefix-tuned"][0]
+    assert r["steps"] == 1 and r["downstream"]["unreadable"] == 1 and "CIDEr" in r["downstream"]
+    s = pt.setup(pt.Args(model=STAND_IN, dataset="coco", data_root=str(tmp_path)), "cpu")
+    train = s.collate(s.records["train"][:4])                          # pairs of images 0 and 1
+    test = s.collate(s.records["eval"], train=False)
+    assert len(train["image_ids"]) == 2 and train["unreadable"] == 0
+    assert len(test["image_ids"]) == 3 and test["unreadable"] == 1 and not test["pixel_values"][0].any()

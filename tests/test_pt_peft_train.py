@@ -15,6 +15,8 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from formats import write_coco_karpathy  # noqa: E402
 import pt_peft_train as P  # noqa: E402
 
 
@@ -185,7 +187,7 @@ def test_stage_orders_budget_and_lrs():
 
 # ---------------------------------------------------------------- tiny end-to-end runs
 TINY = ["--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--epochs", "1", "--num_prefix", "4",
-        "--lora_r", "4", "--adapter_dim", "4", "--pretrain_steps", "3", "--device", "cpu"]
+        "--lora_r", "4", "--adapter_dim", "4", "--device", "cpu"]
 
 
 def _ckpt(d):
@@ -249,15 +251,20 @@ def test_resume_across_stage_boundary_equals_uninterrupted_and_eval_only(tmp_pat
     assert os.path.exists(os.path.join(full, "merged", "model.safetensors"))
 
 
-@pytest.mark.parametrize("bad,msg", [(["--order", "sideways"], "unknown --order"),
-                                     (["--peft_target", "decoder"], "unknown --peft_target"),
-                                     (["--dataset", "nope"], "unknown --dataset"),
-                                     (["--epochs", "0"], "epochs not all 0"), (["--seeds", "0,x"], "--seeds"),
-                                     (["--pt_epochs", "-1"], "must be >= 0"), (["--save_every", "0"], "> 0"),
+@pytest.mark.parametrize("bad,msg", [(["--order", "sideways"], "--order sideways: must be pt_first"),
+                                     (["--peft_target", "decoder"], "--peft_target decoder: must be"),
+                                     (["--dataset", "nope"], "--dataset nope: must be"),
+                                     (["--epochs", "0"], "no epochs to train"), (["--seeds", "0,x"], "--seeds"),
+                                     (["--pt_epochs", "-1"], "--pt_epochs -1: must be >= 0"),
+                                     (["--save_every", "0"], "--save_every 0: must be >= 1"),
+                                     (["--rank_images", "0"], "--rank_images 0: must be >= 1"),
+                                     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+                                     (["--no_such_flag"], "['--no_such_flag']"),
+                                     (["--peft", "s_adapter", "--export_merged"], "no merged form"),
                                      (["--num_prefix", "0"], "--num_prefix 0: must be >= 1"),
                                      (["--lr", "-1"], "--lr -1.0: must be > 0"),   # param groups: no check
                                      (["--seeds", "1,0,1"], "distinct"), (["--lora_dropout", "1"], "[0, 1)"),
-                                     (["--eval_only"], "no checkpoint"), (["--train_limit", "0"], "records"),
+                                     (["--eval_only"], "no checkpoint"), (["--train_limit", "0"], "--train_limit 0: must be >= 1"),
                                      (["--model", "/nonexistent/blip2"], "/nonexistent/blip2")])
 def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, bad, msg):
     with pytest.raises(SystemExit) as e:
@@ -295,14 +302,11 @@ def test_ddp_two_gloo_processes(tmp_path):
     assert math.isfinite(res["rank"]["text"])
 
 
-def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
+def test_checkpoint_settings_win_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
     run = TINY + ["--out_dir", str(tmp_path)]             # 2 steps per stage
     P.main(run + ["--max_steps", "3"])
     good = _ckpt(tmp_path)
-    with pytest.raises(SystemExit) as e:                  # the same parameter names, another LoRA rank
-        P.main(run + ["--resume", "--lora_r", "2"])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert e.value.code == 2 and len(err) == 1 and "was trained with other flags" in err[0]
+    assert good["args"]["lora_r"] == 4 and good["args"]["order"] == "pt_first"
     forward = P.pt.PrefixBlip2.forward
     monkeypatch.setattr(P.pt.PrefixBlip2, "forward", lambda self, *a: forward(self, *a) * float("nan"))
     with pytest.raises(SystemExit) as e:
@@ -313,3 +317,32 @@ def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, mon
     kept = _ckpt(tmp_path)
     assert (kept["stage"], kept["step"], kept["global_step"]) == (1, 1, 3)
     assert all(torch.equal(good["trainable"][k], v) for k, v in kept["trainable"].items())
+    monkeypatch.undo()
+    # another LoRA rank on the command line: the checkpoint's rank is resumed, and the flag named as ignored
+    rows = P.main(run + ["--resume", "--lora_r", "2"])
+    assert "the checkpoint's settings are used, ignored: --lora_r 2" in capsys.readouterr().out
+    assert rows["Prefix -> LoRA-QF"][0]["finished"] and _ckpt(tmp_path)["args"]["lora_r"] == 4
+
+
+def test_rank_analysis_on_a_fixed_sample_of_images(capsys):
+    recs = [{"id": i, "image_id": f"im{i // 2}"} for i in range(20)]           # 10 images, 2 records each
+    assert P.rank_sample(recs, 10) == recs and P.rank_sample(recs, 1000) == recs  # <= n: all, in order
+    a, b = P.rank_sample(recs, 3), P.rank_sample(list(recs), 3)
+    assert a == b and len(a) == 6 and len({r["image_id"] for r in a}) == 3        # fixed; whole images
+    assert [r["id"] for r in a] == sorted(r["id"] for r in a)
+
+
+def test_unreadable_images_dropped_in_training_zero_in_evaluation(tmp_path, capsys):
+    coco = write_coco_karpathy(tmp_path, splits=("train",) * 4 + ("test",) * 3)
+    for i in (1, 4):                                     # a training image and an evaluation image
+        (coco / "val2014" / f"COCO_val2014_{i:012d}.jpg").write_bytes(b"not a jpeg")
+    rows = P.main(["--model", os.path.join(ROOT, "stand_ins", "tiny-blip2"), "--dataset", "coco",
+                   "--data_root", str(tmp_path), "--batch_size", "8", "--epochs", "1", "--num_beams", "1",
+                   "--num_prefix", "4", "--lora_r", "4", "--rank_images", "2", "--device", "cpu",
+                   "--out_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert err.count("its training record is dropped") == 4            # 2 pairs of the image, in 2 stages
+    assert "warning: 1 of 3 evaluation records have an unreadable image" in err
+    r = rows["Prefix -> LoRA-QF"][0]
+    assert r["finished"] and r["global_step"] == 2 and r["downstream"]["unreadable"] == 1
+    assert r["rank"]["images"] == 2 and "rank = Table 1 rank % on 2 images" in out
