@@ -119,13 +119,13 @@ def make_tiny_clip(folder: Path, steps: Optional[int], seed: int) -> None:
     vision = dict(image_size=rc["image_size"], patch_size=rc["patch"], **tower)
     torch.manual_seed(seed)                                          # the tiny CLIP's init and batches
     clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=w))
+    tok.save_pretrained(folder)                                      # before the batches set its padding
     pretrain_clip(clip, tok, seed, rc["steps"] if steps is None else steps)
     clip.save_pretrained(folder)
-    tok.save_pretrained(folder)
     # its pixels: the 48-px scenes unchanged, CLIP's mean / std (what the pre-training saw)
-    size = {"height": rc["image_size"], "width": rc["image_size"]}
-    CLIPImageProcessor(size={"shortest_edge": rc["image_size"]}, crop_size=size, image_mean=list(data.CLIP_MEAN),
-                       image_std=list(data.CLIP_STD)).save_pretrained(folder)
+    side = rc["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                       image_mean=list(data.CLIP_MEAN), image_std=list(data.CLIP_STD)).save_pretrained(folder)
 
 
 for _seed, _name in ((0, "tiny-clip"), (1, "tiny-clip-seed1"), (2, "tiny-clip-seed2")):

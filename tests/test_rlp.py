@@ -234,8 +234,8 @@ def test_real_model_path_coop_folder_layout_and_local_hf_clip(tmp_path, hf_dir, 
                "--model", hf_dir, "--shots", "2", "--max_steps", "2", "--cache_dir", str(tmp_path / "cache"))
     assert res["args"]["dataset"] == "caltech101" and res["results"]["RLP r=1 p=0.1"][0]["tunable"] == 4 + D
     assert list((tmp_path / "cache" / "features").glob("caltech101-test-base-*.npy"))
-    expect_exit(2, tmp_path / "dtd", capsys, ["--dataset", "DTD", "--data_root", folder_dataset(tmp_path, "dtd"),
-                                              "--model", hf_dir], "texture.'", "does not know")
+    dtd = ["--dataset", "DTD", "--data_root", folder_dataset(tmp_path, "dtd"), "--model", hf_dir]
+    expect_exit(2, tmp_path / "dtd", capsys, dtd, "texture.'", "does not know")
 
 
 # ------------------------------------------------------------------ command line, DDP
