@@ -14,10 +14,9 @@ Equation -> code
 Unknown (the paper's text is not at hand): r and p, here flags (--rank 1: the paper's 0.5K parameters;
 --rlp_dropout 0.1), and whether prompts also enter the image tower (here: text side only, as CoOp).
 
-Offline default: a tiny CLIP pre-trained on captioned scenes of another synthetic world (cached) stands in
-for ViT-B/16 on shapes_cls (48 "colour shape" classes). Base classes: circles, squares, triangles; new: stars,
-crosses, diamonds, so each new class name holds a word never seen in tuning, as with real datasets
-(--shapes_split checker: data.py's split, where new class names recombine the words of base class names).
+Offline default: stand_ins/tiny-clip (a tiny CLIP, scripts/make_stand_ins.py) stands in for ViT-B/16 on
+shapes_cls (48 "colour shape" classes). Base classes: circles, squares, triangles; new: stars, crosses,
+diamonds, so each new class name holds a word never seen in tuning, as with real datasets.
   python rlp.py [--seeds 1,2,3]            # zero-shot vs CoOp vs RLP, base-to-new (seed 1, or mean ± std)
   python rlp.py --sweep --seeds 1,2,3      # r, p, epochs, shots, CoOp n=4 / n=16: one at a time
   python rlp.py --dataset OxfordPets --data_root $DATA --seeds 1,2,3      # openai/clip-vit-base-patch16
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import itertools
@@ -35,9 +33,9 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -46,9 +44,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
-from tokenizers.processors import TemplateProcessing
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+import transformers
+from transformers import AutoTokenizer, CLIPModel
 
 import data
 
@@ -146,8 +143,6 @@ def build_prompt_model(kind: str, clip: CLIPModel, tok, a: Args) -> tuple[Prompt
     p_init = torch.randn(a.n_ctx, clip.config.text_config.hidden_size) * 0.02                 # (n, d)
     if a.ctx_init:
         ids, eos = tokenize(tok, [a.ctx_init], clip)
-        if tok.unk_token_id in ids[0, 1:eos[0]].tolist():
-            raise UsageError(f"--ctx_init {a.ctx_init!r}: a word the tokenizer does not know")
         p_init = clip.text_model.embeddings.token_embedding(ids[0, 1:eos[0]]).detach()   # no [SOS], [EOS]
     (n, d), r, p_init = p_init.shape, a.rank, p_init.to(clip.logit_scale.device)
     if kind == "coop":
@@ -157,97 +152,35 @@ def build_prompt_model(kind: str, clip: CLIPModel, tok, a: Args) -> tuple[Prompt
 
 
 def tokenize(tok, texts, clip: CLIPModel):
-    """-> ids (C, L), eos (C,): "[SOS] words [EOS]" right-padded to the longest text (not to 77: causal)."""
+    """-> ids (C, L), eos (C,): "[SOS] words [EOS]" right-padded to the longest text (not to 77: causal).
+    A word the tokenizer does not know (a class name or --ctx_init) is an error, not an <unk>."""
     enc = tok(list(texts), padding=True, truncation=True, return_tensors="pt",
               max_length=clip.config.text_config.max_position_embeddings)
-    return enc["input_ids"], enc["attention_mask"].sum(1) - 1
+    ids, eos = enc["input_ids"], enc["attention_mask"].sum(1) - 1
+    for text, row, end in zip(texts, ids, eos):
+        if tok.unk_token_id in row[1:end].tolist():
+            raise UsageError(f"{text!r}: a word the tokenizer of --model does not know")
+    return ids, eos
 
 
-# DEVIATION: ViT-B/16 needs the hub. Offline, a 2+2-layer CLIP (width 64; 48x48 images, a 3x3 grid of 16-px
-# patches) is pre-trained with CLIP's loss on scenes of world data.PRETRAIN_WORLD (the benchmark is world 0),
-# half with 1 object, half with 1-3, captioned "a photo of a red circle.", ... (so CoOp's init is meaningful).
-TINY_CLIP = dict(width=64, layers=2, heads=4, image_size=48, patch=16, scenes=2000, steps=1000, batch=64,
-                 lr=2e-3, weight_decay=0.05, warmup=50)
-SHAPES_TEST_IMAGES = 1920  # 40 per class (data.py's default 500 leaves ~10: one image would be 0.4 points)
-
-
-def scene_captions(scene: dict) -> list:
-    """-> ["a photo of a red circle and a blue star.", "an image with a red circle and a blue star.", ...]"""
-    where = {"center": "in the center", "top": "at the top", "bottom": "at the bottom"}
-    things = [[f"{o['color']} {o['shape']}", f"{o['size']} {o['color']} {o['shape']}",
-               f"{o['color']} {o['shape']} " + where.get(o["pos"], "on the " + o["pos"])]
-              for o in scene["objects"]]
-    a = [[("an " if t[0] in "aeiou" else "a ") + t for t in ts] for ts in zip(*things)]        # per style
-    join = [x[0] if len(x) == 1 else ", ".join(x[:-1]) + " and " + x[-1] for x in a]
-    return [f"a photo of {join[0]}.", f"an image with {join[0]}.", f"{join[1]}.", f"there is {join[2]}."]
-
-
-def pretrain(clip: CLIPModel, tok, seed: int) -> CLIPModel:
-    """CLIP's symmetric InfoNCE on (image, one of its captions); scenes of the same objects are positives."""
-    rc, rng = TINY_CLIP, random.Random(seed)
-    kw = dict(world_seed=data.PRETRAIN_WORLD, image_size=rc["image_size"],
-              split_sizes={"train": rc["scenes"] // 2, "val": 1, "test": 1})
-    recs = data.load_records("shapes_cls", "train", **kw) + data.load_records("shapes_caption", "train", **kw)
-    captions = [scene_captions(r["meta"]["scene"]) for r in recs]
-    objects = [str(sorted((o["color"], o["shape"]) for o in r["meta"]["scene"]["objects"])) for r in recs]
-    key = torch.from_numpy(np.unique(objects, return_inverse=True)[1])               # same key: positives
-    x = torch.from_numpy(np.stack([np.asarray(data.load_image(r, rc["image_size"])) for r in recs])) / 255
-    images = ((x - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)).permute(0, 3, 1, 2)  # NCHW
-    opt = torch.optim.AdamW(clip.parameters(), lr=rc["lr"], weight_decay=rc["weight_decay"])
-    sched = lr_schedule(opt, rc["warmup"], rc["steps"])
-    for _ in tqdm(range(rc["steps"]), desc="pre-train the tiny CLIP", mininterval=10):
-        idx = torch.randint(len(recs), (rc["batch"],))
-        ids = tokenize(tok, [rng.choice(captions[i]) for i in idx.tolist()], clip)[0]
-        logits = clip(input_ids=ids, pixel_values=images[idx]).logits_per_image                # (B, B)
-        same = (key[idx, None] == key[None, idx]).float()
-        target = same / same.sum(1, keepdim=True)                                               # symmetric
-        loss = -((target * logits.log_softmax(1)).sum(1) + (target * logits.log_softmax(0)).sum(0)).mean() / 2
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-    return clip
-
-
-def load_clip(a: Args, device, rank: int):
-    """-> (CLIP, tokenizer, name): a HF CLIP, or the tiny CLIP, pre-trained once (on CPU) and cached."""
-    if a.model != "tiny":
-        try:
-            clip, tok = CLIPModel.from_pretrained(a.model), AutoTokenizer.from_pretrained(a.model)
-            return clip.to(device).eval().requires_grad_(False), tok, a.model
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot load CLIP model '{a.model}' ({str(e).splitlines()[0]})")
-    # the tiny CLIP's tokenizer puts "<s> ... <eot>" around each text: data.py's [EOS] is id 2, which HF's
-    # CLIPTextModel reads as legacy "pool at argmax(id)"; <eot> is the last id
-    tok = data.build_tokenizer(["a an the of and is there photo image with on at in x , .", *data.COLORS,
-                                *data.SHAPES, *data.SIZES, *data.POSITIONS])
-    tok.add_special_tokens({"eos_token": "<eot>"})
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single="<s> $A <eot>", special_tokens=[("<s>", tok.bos_token_id), ("<eot>", tok.eos_token_id)])
-    w, rc = TINY_CLIP["width"], TINY_CLIP
-    tower = dict(hidden_size=w, intermediate_size=4 * w, num_attention_heads=rc["heads"], projection_dim=w,
-                 num_hidden_layers=rc["layers"], bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
-    text = dict(vocab_size=len(tok), max_position_embeddings=48, eos_token_id=tok.eos_token_id, **tower)
-    vision = dict(image_size=rc["image_size"], patch_size=rc["patch"], **tower)
-    torch.manual_seed(a.clip_seed)                                   # the tiny CLIP's init and batches
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=w))
-    key = json.dumps([TINY_CLIP, a.clip_seed, data.PRETRAIN_WORLD, data.DATA_VERSION, sorted(tok.vocab)])
-    name = f"tiny_clip_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    path = data.stand_in(os.path.join(a.cache_dir, "rlp", name))  # the shipped copy, else the cache
-    if rank == 0 and not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_checkpoint(path, {"state_dict": pretrain(clip, tok, a.clip_seed).state_dict()})
-    if dist.is_initialized():
-        dist.barrier()
-    clip.load_state_dict(torch.load(path, map_location="cpu")["state_dict"])
-    return clip.to(device).eval().requires_grad_(False), tok, "rlp-" + Path(path).stem
+# ---------------------------------------------------------------------- CLIP, data -> frozen features
+def load_clip(a: Args, device: torch.device):
+    """-> (frozen CLIP, its tokenizer), loaded from a hub id or a folder (the offline stand-in is one)."""
+    try:
+        path = data.model_path(a.model)
+        clip, tok = CLIPModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load CLIP model '{a.model}' ({str(e).splitlines()[0]})")
+    return clip.to(device).eval().requires_grad_(False), tok
 
 
 def load_split(a: Args, split: str, subset: str, seed: int, shots: Optional[int]):
     """-> (records, class names) of one split and class subset ("base" or "new")."""
     kw = dict(seed=seed, num_shots=shots, shapes_split=a.shapes_split)  # shapes_split: shapes_cls only
     if a.dataset == "shapes_cls" and split == "test":
-        kw["split_sizes"] = {"train": 2000, "val": 200, "test": SHAPES_TEST_IMAGES}
+        # DEVIATION: 1920 test images (40 per class): data.py's default 500 leaves ~10 per class, where one
+        # image would move a class subset's accuracy by 0.4 points
+        kw["split_sizes"] = {"train": 2000, "val": 200, "test": 1920}
     recs = data.load_records(a.dataset, split, a.data_root, subset=subset, **kw)
     return recs, data.classnames_of(recs)
 
@@ -256,9 +189,9 @@ def load_split(a: Args, split: str, subset: str, seed: int, shots: Optional[int]
 class Env:  # what every run of one command shares
     clip: CLIPModel
     tok: object
-    name: str                                    # the CLIP's name in the feature cache
     device: torch.device
     rank: int
+    args: dict                                   # the command's settings, saved in every checkpoint
     test: dict = dataclasses.field(default_factory=dict)  # "base", "new" -> (features, labels, class names)
 
 
@@ -266,42 +199,38 @@ class Env:  # what every run of one command shares
 def image_features(a: Args, env: Env, records, split: str, train: bool):
     """-> frozen image features (N, p), cached, and labels (N,); unreadable training images are dropped."""
     # DEVIATION: features of the plain image, computed once (CoOp trains on random-crop + flip views)
-    tiny = {"model": copy.deepcopy(env.clip)} if a.model == "tiny" else {}   # data.py sets its device, dtype
     size, cache = env.clip.config.vision_config.image_size, os.path.join(a.cache_dir, "features")
-    feats, rows, missing = data.extract_features(records, env.name, dataset=a.dataset, split=split,
-                                                 train=train, pooled=True, image_size=size, cache_dir=cache,
-                                                 device=str(env.device), progress=False, **tiny)
+    feats, rows, missing = data.extract_features(records, data.model_path(a.model), dataset=a.dataset,
+                                                 split=split, train=train, pooled=True, image_size=size,
+                                                 cache_dir=cache, device=str(env.device), progress=False)
     if train:
         records, rows = data.drop_missing(records, rows, missing)
     return feats[rows, 0].float(), torch.tensor([r["label"] for r in records])               # (N, p), (N,)
 
 
-IN_PATH = ("prompt", "seed")  # a checkpoint's folder names its prompt kind and seed: not in its setting
-
-
+# ---------------------------------------------------------------------- training and evaluation
 def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed: int, ckpt: str, env: Env):
     """SGD on the context with cross-entropy over the class logits (CoOp's recipe). -> the steps done."""
     loader = data.make_loader(torch.utils.data.TensorDataset(feats, labels), a.batch_size, shuffle=True,
                               seed=seed, num_workers=a.num_workers)
     spe, total = len(loader), a.epochs * len(loader)
     stop = total if a.max_steps is None else min(total, a.max_steps)
-    params, setting = [p for p in model.parameters() if p.requires_grad], setting_of(a, *IN_PATH)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)              # CoOp's (Dassl's)
     # CoOp: one epoch at a constant 1e-5, then cosine to 0  # DEVIATION: stepped per iteration, not per epoch
     sched = lr_schedule(opt, spe, total, "constant", "cosine", 1e-5 / a.lr)
-    state = load_checkpoint(ckpt, model, setting) if a.resume and os.path.exists(ckpt) else None
-    if state is not None:
+    state = load_checkpoint(ckpt, model) if a.resume and os.path.exists(ckpt) else {}   # tensors, RNG
+    if state:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-    step = state["step"] if state is not None else 0
+    step = state.get("step", 0)
 
     def save():
         if env.rank == 0:
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
             trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
-            save_checkpoint(ckpt, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step, "rng":
-                                   rng_state(), "scheduler": sched.state_dict(), "setting": setting})
+            save_checkpoint(ckpt, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step,
+                                   "scheduler": sched.state_dict(), "args": env.args})
     net = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
         model, device_ids=[env.device] if env.device.type == "cuda" else None)
     model.train()
@@ -311,12 +240,12 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
             data.set_epoch(loader, epoch)            # order = f(seed, epoch): a resumed run skips what it saw
             for x, y in itertools.islice(loader, skip, None):
                 with whole_step():
-                    with autocast(env.device):
+                    with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
                         logits = net(prompts, x.to(env.device))                                    # (B, C)
                     loss = F.cross_entropy(logits.float(), y.to(env.device))
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                            f"{ckpt if os.path.exists(ckpt) else 'none'}")
+                        raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                                 f"{ckpt if os.path.exists(ckpt) else 'none'}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -335,7 +264,7 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
 
 def run_one(kind: str, a: Args, seed: int, tag: str, env: Env, log) -> dict:
     """Train (unless zero-shot or --eval_only) and evaluate one prompt learner with one seed."""
-    seed_everything(seed)
+    transformers.set_seed(seed)
     model, expected, n_ctx = build_prompt_model(kind, env.clip, env.tok, a)
     count_trainable(model.to(env.device), expected, log)
     x, y = image_features(a, env, load_split(a, "train", "base", seed, a.shots)[0],
@@ -344,7 +273,7 @@ def run_one(kind: str, a: Args, seed: int, tag: str, env: Env, log) -> dict:
     ckpt = os.path.join(a.out_dir, f"seed{seed}", tag, "ckpt.pt")
     res = dict(seed=seed, tunable=expected, steps=0)
     if kind != "zeroshot" and a.eval_only:
-        res["steps"] = load_checkpoint(ckpt, model, setting_of(a, *IN_PATH))["step"]
+        res["steps"] = load_checkpoint(ckpt, model)["step"]
     elif kind != "zeroshot":
         prompts = ClassPrompts(env.clip, env.tok, env.test["base"][2], template, n_ctx)
         res["steps"] = train(a, model, prompts, x, y, seed, ckpt, env)
@@ -383,169 +312,73 @@ def format_table(rows: list, head: str) -> str:
     return "\n".join([text[0], "-+-".join("-" * x for x in w)] + text[1:])
 
 
-def arg(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-@dataclasses.dataclass
-class Args:
-    dataset: str = arg("shapes_cls", "shapes_cls or a CoOp dataset: imagenet, oxford_pets, dtd, eurosat, ...")
-    data_root: Optional[str] = arg(None, "root of the CoOp-layout datasets")
-    model: str = arg("auto", "tiny | a HF CLIP id or path; auto: tiny for shapes_cls, else ViT-B/16")
-    prompt: Optional[str] = arg(None, "zeroshot | coop | rlp; unset: all three in one table")
-    sweep: bool = arg(False, "r, p, epochs x4, shots 1 / 4 and CoOp n=16, one at a time")
-    shapes_split: str = arg("shape", "shapes_cls base / new classes: shape (new = other shapes) | checker")
-    shots: int = arg(16, "training images per base class (CoCoOp: 16)")
-    seed: int = arg(1, "seed of a single run")
-    seeds: Optional[str] = arg(None, "comma-separated seeds, e.g. 1,2,3 (the paper's): mean ± std")
-    n_ctx: Optional[int] = arg(None, "context length n; auto: the words of --ctx_init, else 4 (random P)")
-    ctx_init: str = arg("a photo of a", "words that initialise P (n = their count); '': random")
-    rank: int = arg(1, "RLP rank r (not in the summary; 1 gives the paper's 0.5K parameters)")
-    rlp_dropout: float = arg(0.1, "RLP dropout ratio p on P_A P_B (not in the summary)")
-    epochs: Optional[int] = arg(None, "auto: CoOp's 50 for ImageNet, 200 otherwise")
-    max_steps: Optional[int] = arg(None, "stop each run after N steps (the schedule still spans --epochs)")
-    batch_size: int = arg(32, "batch size per process (CoOp: 32)")
-    lr: float = arg(0.002, "SGD learning rate (CoOp: 0.002)")
-    device: str = arg("auto", "auto | cpu | cuda")
-    out_dir: Optional[str] = arg(None, "auto: runs/rlp/<dataset>-<mode>-<hash of the flags>")
-    resume: bool = arg(False, "continue the runs in --out_dir")
-    overwrite: bool = arg(False, "replace a finished run in --out_dir")
-    eval_only: bool = arg(False, "evaluate the checkpoints in --out_dir without training")
-    num_workers: int = arg(0, "DataLoader workers (the features are in memory: 0 is best)")
-    cache_dir: Optional[str] = arg(None, "auto: data.cache_dir()")
-    clip_seed: int = arg(0, "--model tiny: seed of its pre-training (another seed, another stand-in)")
-
-
-def resolve(a: Args) -> tuple[Args, list]:
-    """Check the flags, fill in the automatic values -> (args, seeds)."""
-    a.dataset = {k.replace("_", ""): k for k in TEMPLATES}.get(a.dataset.lower().replace("_", ""), a.dataset)
-    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
-    valid = {"dataset": a.dataset in TEMPLATES, "prompt": a.prompt in (None, "zeroshot", "coop", "rlp"),
-             "shapes_split": a.shapes_split in ("shape", "checker")}
-    for k in ("shots", "epochs", "batch_size", "rank", "n_ctx"):
-        valid[k] = getattr(a, k) is None or getattr(a, k) >= 1
-    for k in [k for k, ok in valid.items() if not ok][:1]:                    # the first bad flag
-        raise UsageError(f"--{k} {getattr(a, k)}: not a valid value (see --help)")
-    a.ctx_init, words = a.ctx_init.strip(), len(a.ctx_init.split())
-    if a.n_ctx is not None and words and a.n_ctx != words:
-        raise UsageError(f"--n_ctx {a.n_ctx}: --ctx_init has {words} words; add --ctx_init '' for a random P")
-    a.n_ctx = a.n_ctx or words or 4
-    if a.model == "auto":
-        a.model = "tiny" if a.dataset == "shapes_cls" else "openai/clip-vit-base-patch16"
-    if a.model == "tiny" and a.dataset != "shapes_cls":
-        raise UsageError("--model tiny knows only the synthetic world's words; use --dataset shapes_cls")
-    a.epochs = a.epochs or (50 if a.dataset == "imagenet" else 200)
-    a.cache_dir = a.cache_dir or data.cache_dir()
-    if a.out_dir is None:
-        flags = dict(setting_of(a), data_root=a.data_root, seeds=a.seeds)   # a folder per setting and seeds
-        digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
-        a.out_dir = f"runs/rlp/{a.dataset}-{'sweep' if a.sweep else a.prompt or 'compare'}-{digest}"
-    return a, seeds
-
-
-def run(a: Args) -> dict:
-    a, seeds = resolve(a)
-    device, rank, _ = setup_device(a.device, tiny=a.model == "tiny")
-    test = {s: load_split(a, "test", s, 0, None) for s in ("base", "new")}   # bad data fails before the model
-    for s in ("base", "new"):
-        tr, te = load_split(a, "train", s, seeds[0], a.shots)[1], test[s][1]
-        if tr != te:
-            raise data.DataError(f"class name mismatch: train has {sorted(set(tr) - set(te))} where test has "
-                                 f"{sorted(set(te) - set(tr))}")
-    prepare_out_dir(a.out_dir, a.resume or a.eval_only, a.overwrite, rank)
-    env = Env(*load_clip(a, device, rank), device, rank)
-    for s, (recs, names) in test.items():
-        env.test[s] = (*image_features(a, env, recs, f"test-{s}", train=False), names)
-    clear_outputs(a, rank)  # --overwrite: only now that the inputs have loaded
-    rows = []
-    for label, kind, s in settings(a):
-        tag = label.lower().replace(" ", "").replace(",", "-") if a.sweep else kind
-        log = (lambda msg, lab=label: print(f"{lab}: {msg}")) if rank == 0 else (lambda msg: None)
-        rows.append((label, [run_one(kind, s, seed, tag, env, log) for seed in seeds]))
-    model = f"tiny CLIP {a.clip_seed}, {a.shapes_split} split" if a.model == "tiny" else a.model
-    title = f"{a.dataset} ({model}), base-to-new, {a.shots} shots, {a.epochs} epochs, seeds {seeds}"
-    table = format_table(rows, "setting" if a.sweep else "method")
-    if rank == 0:
-        print(f"\n{title}\n{table}")
-    if rank == 0 and not a.eval_only:
-        write_json(os.path.join(a.out_dir, "results.json"), {"setting": title, "results": dict(rows)})
-    return {"args": dataclasses.asdict(a), "results": dict(rows), "table": table}
-
-
-def main(argv=None) -> dict:
-    return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
+def seed_pairs(coop: list, rlp: list) -> str:
+    """Paired by seed (the same shots drawn): in how many runs RLP's new-class accuracy beats CoOp's."""
+    wins = sum(r["new"] > c["new"] for c, r in zip(coop, rlp))
+    return f"RLP > CoOp on new classes in {wins} of {len(coop)} seed pairs"
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
+RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume", "overwrite",
+                "eval_only", "seeds")  # what --resume / --eval_only take from the command line, with EVAL_ONLY
+EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops, the last good checkpoint stays, exit code 1."""
+def arg(default, help: str, eval_only: bool = False):
+    """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
+    help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse formats it
 
 
-def parse_cli(cls, argv=None, description: str = ""):
-    """An `Args` dataclass from the command line: one --flag per field; 'auto' or 'none' -> None."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        kind, text = str(f.type), f.metadata.get("help", "")
-        if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-            continue
-        conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        if "Optional" in kind:
-            conv = lambda s, b=conv: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
-        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: {f.default})")
-    return cls(**vars(p.parse_args(argv)))
+def check_values(args, rules: dict) -> None:
+    """For Args.__post_init__: {flag: (rule, ok)}, then the rules shared by name ending (lr, dropout) and --seeds."""
+    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for k, v in dataclasses.asdict(args).items():
+        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
+        if ok is not None and v is not None and not ok(v):
+            raise UsageError(f"--{k} {v}: must be {rule}")
+    seeds = (args.seeds or "0").split(",")
+    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
 
 
-def setup_device(device: str, tiny: bool = False):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
-    Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
+def from_checkpoint(args, state: dict):
+    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
+    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
+    saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
+    default = type(args)()
+    ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items() if v != getattr(args, k) != getattr(default, k)]
+    if ignored:
+        print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
+    return dataclasses.replace(args, **saved)
+
+
+def setup_device(device: str):
+    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
         torch.cuda.set_device(torch.device(device))
-    elif tiny:
-        torch.set_num_threads(1)
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def pin_threads(model: nn.Module, device: torch.device) -> None:
+    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+        torch.set_num_threads(1)
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
                 decay: str = "cosine", warmup_factor: float = 0.0):
-    """LambdaLR: warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then
-    'cosine' or 'linear' decay to 0 at total_steps ('none': constant)."""
+    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
+    decay to 0 at total_steps ('none': constant)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
@@ -557,69 +390,50 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
 @contextlib.contextmanager
 def whole_step():
     """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
-    held, old = [], signal.getsignal(signal.SIGINT)
-    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
-    if hold:
-        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    held = []
+    old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
         yield
     finally:
-        if hold:
-            signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old)
     if held:
         raise KeyboardInterrupt
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    torch.save(state, f"{path}.tmp-{os.getpid()}")
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
+    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def setting_of(args, *ignore: str) -> dict:
-    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
-    change only the evaluation or the logging)."""
-    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
-            "data_root", "seeds", *ignore)
-    return {k: v for k, v in vars(args).items() if k not in skip}
-
-
-def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
-    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if model is not None:
-        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
-        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
-                if old.get(k) != setting.get(k)]
-        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
-            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
 
 
-def write_json(path: str, obj) -> None:
-    Path(f"{path}.tmp-{os.getpid()}").write_text(json.dumps(obj, indent=2))
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A run in out_dir (a results.json or checkpoint in it) is kept unless --resume or --overwrite."""
-    held = [p for p in Path(out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
-    if held and not (resume or overwrite):
-        raise UsageError(f"{out_dir} holds a run ({held[0].relative_to(out_dir)}); pass --resume to continue "
-                         "it or --overwrite to replace it")
-    os.makedirs(out_dir, exist_ok=True)
-
-
-def clear_outputs(args, rank: int = 0) -> None:
-    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
-    nothing): this script's outputs in args.out_dir go."""
-    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
+def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
+    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
+    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
+    if held and not (args.resume or args.eval_only or args.overwrite):
+        raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume to "
+                         "continue it or --overwrite to replace it")
+    os.makedirs(args.out_dir, exist_ok=True)
+    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
     for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
             p.unlink()
 
 
@@ -634,34 +448,131 @@ def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print)
 
 def mean_std(values) -> str:
     """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
 
 
-def run_cli(run, args):
-    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
+def run_cli(run, cls, argv=None):
+    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
+    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
+    parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
+                                           formatter_class=argparse.HelpFormatter)
     try:
-        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
-        for k, v in vars(args).items():
-            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
-            if rule and v is not None and not rule[1](v):
-                raise UsageError(f"--{k} {v}: must be {rule[0]}")
-        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+        try:
+            args = parser.parse_args_into_dataclasses(argv)[0]
+        except (ValueError, argparse.ArgumentError) as e:  # an unknown flag, a value of the wrong type
+            raise UsageError(str(e)) from None
         return run(args)
-    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, FloatingPointError, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
+        raise SystemExit(1 if isinstance(e, FloatingPointError) else 2)
     except KeyboardInterrupt:
         print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 # End of infrastructure ======================================================================================
+
+
+# ---------------------------------------------------------------------- flags and the run
+MODELS = {"shapes_cls": "stand_ins/tiny-clip"}  # DEVIATION: the synthetic world's CLIP (ViT-B/16 elsewhere)
+VIT_B16 = "openai/clip-vit-base-patch16"
+
+
+@dataclasses.dataclass
+class Args:
+    dataset: str = arg("shapes_cls", "shapes_cls or a CoOp dataset: imagenet, oxford_pets, dtd, eurosat, ...")
+    data_root: Optional[str] = arg(None, "root of the CoOp-layout datasets")
+    model: Optional[str] = arg(None, f"a HF CLIP id or folder (default: {MODELS['shapes_cls']} on "
+                                     f"shapes_cls, else {VIT_B16})")
+    prompt: Optional[str] = arg(None, "zeroshot | coop | rlp (default: all three in one table)")
+    sweep: bool = arg(False, "r, p, epochs x4, shots 1 / 4 and CoOp n=16, one at a time")
+    shapes_split: str = arg("shape", "shapes_cls base / new classes: shape (new = other shapes) | checker")
+    shots: int = arg(16, "training images per base class (CoCoOp: 16)")
+    seed: int = arg(1, "seed of a single run")
+    seeds: Optional[str] = arg(None, "comma-separated seeds, e.g. 1,2,3 (the paper's): mean ± std")
+    n_ctx: Optional[int] = arg(None, "context length n (default: the words of --ctx_init, else 4: random P)")
+    ctx_init: str = arg("a photo of a", "words that initialise P (n = their count); '': random")
+    rank: int = arg(1, "RLP rank r (not in the summary; 1 gives the paper's 0.5K parameters)")
+    rlp_dropout: float = arg(0.1, "RLP dropout ratio p on P_A P_B (not in the summary)")
+    epochs: Optional[int] = arg(None, "epochs (default: CoOp's 50 for imagenet, 200 otherwise)")
+    max_steps: Optional[int] = arg(None, "stop each run after N steps (the schedule still spans --epochs)")
+    batch_size: int = arg(32, "batch size per process (CoOp: 32)")
+    lr: float = arg(0.002, "SGD learning rate (CoOp: 0.002)")
+    device: str = arg("auto", "auto | cpu | cuda[:index]")
+    out_dir: Optional[str] = arg(None, "output folder (default: runs/rlp/<dataset>-<mode>-<flags' hash>)")
+    resume: bool = arg(False, "continue the runs in --out_dir")
+    overwrite: bool = arg(False, "replace a finished run in --out_dir")
+    eval_only: bool = arg(False, "evaluate the checkpoints in --out_dir without training")
+    num_workers: int = arg(0, "DataLoader workers (the features are in memory: 0 is best)")
+    cache_dir: Optional[str] = arg(None, "cache folder (default: data.cache_dir())")
+
+    def __post_init__(self):
+        """Check every flag, then fill in the values that default per dataset."""
+        self.dataset = {k.replace("_", ""): k for k in TEMPLATES}.get(self.dataset.lower().replace("_", ""),
+                                                                   self.dataset)
+        one_of = lambda *ok: (f"one of {', '.join(map(str, ok))}", lambda v: v in ok)  # noqa: E731
+        at_least = lambda low: (f">= {low}", lambda v: v >= low)  # noqa: E731
+        check_values(self, {"dataset": one_of(*TEMPLATES), "prompt": one_of("zeroshot", "coop", "rlp"),
+                            "shapes_split": one_of("shape", "checker"), "num_workers": at_least(0),
+                            "max_steps": at_least(0),
+                            **{k: at_least(1) for k in ("shots", "epochs", "batch_size", "rank", "n_ctx")}})
+        words = len(self.ctx_init.split())
+        if self.n_ctx is not None and words and self.n_ctx != words:
+            raise UsageError(f"--n_ctx {self.n_ctx}: --ctx_init has {words} words; add --ctx_init '' for a "
+                             "random P")
+        self.ctx_init, self.n_ctx = self.ctx_init.strip(), self.n_ctx or words or 4
+        self.model = self.model or MODELS.get(self.dataset, VIT_B16)
+        self.epochs = self.epochs or (50 if self.dataset == "imagenet" else 200)
+        self.cache_dir = self.cache_dir or data.cache_dir()
+        if self.out_dir is None:                  # a folder per setting, data and seeds
+            flags = {k: v for k, v in dataclasses.asdict(self).items()
+                     if k not in RUN_CONTROLS or k in ("data_root", "seeds")}
+            digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
+            mode = "sweep" if self.sweep else self.prompt or "compare"
+            self.out_dir = f"runs/rlp/{self.dataset}-{mode}-{digest}"
+
+
+def run(a: Args) -> dict:
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
+    device, rank, _ = setup_device(a.device)
+    prepare_out_dir(a, rank)
+    found = sorted(Path(a.out_dir).rglob("ckpt.pt")) if a.resume or a.eval_only else []
+    if found:                               # nanoGPT's way: the settings of the run in --out_dir
+        a = from_checkpoint(a, load_checkpoint(str(found[0])))
+    test = {s: load_split(a, "test", s, 0, None) for s in ("base", "new")}   # bad data fails before the model
+    for s in ("base", "new"):
+        tr, te = load_split(a, "train", s, seeds[0], a.shots)[1], test[s][1]
+        if tr != te:
+            raise data.DataError(f"class name mismatch: train has {sorted(set(tr) - set(te))} where test has "
+                                 f"{sorted(set(te) - set(tr))}")
+    env = Env(*load_clip(a, device), device, rank, dataclasses.asdict(a))
+    pin_threads(env.clip, device)
+    for s, (recs, names) in test.items():
+        env.test[s] = (*image_features(a, env, recs, f"test-{s}", train=False), names)
+    prepare_out_dir(a, rank, inputs_loaded=True)
+    rows, first = [], {}
+    for label, kind, s in settings(a):
+        tag = label.lower().replace(" ", "").replace(",", "-") if a.sweep else kind
+        log = (lambda msg, lab=label: print(f"{lab}: {msg}")) if rank == 0 else (lambda msg: None)
+        rows.append((label, [run_one(kind, s, seed, tag, env, log) for seed in seeds]))
+        first.setdefault(kind, rows[-1][1])
+    model = a.model + (f", {a.shapes_split} split" if a.dataset == "shapes_cls" else "")
+    title = f"{a.dataset} ({model}), base-to-new, {a.shots} shots, {a.epochs} epochs, seeds {seeds}"
+    table = format_table(rows, "setting" if a.sweep else "method")
+    if len(seeds) > 1 and {"coop", "rlp"} <= set(first):
+        table += "\n" + seed_pairs(first["coop"], first["rlp"])
+    if rank == 0:
+        print(f"\n{title}\n{table}")
+    if rank == 0 and not a.eval_only:
+        results = {"setting": title, "results": dict(rows)}
+        Path(a.out_dir, "results.json").write_text(json.dumps(results, indent=2))
+    return {"args": dataclasses.asdict(a), "results": dict(rows), "table": table}
+
+
+def main(argv=None) -> dict:
+    return run_cli(run, Args, argv)
 
 
 if __name__ == "__main__":
