@@ -1028,10 +1028,13 @@ def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device, 
                             f"with config.json): {_first_line(e)}") from None
         clip = cfg.model_type in ("clip", "clip_vision_model")
         model = (tf.CLIPVisionModelWithProjection if pooled else tf.CLIPVisionModel) if clip else tf.AutoModel
+        verbosity = tf.logging.get_verbosity()
+        tf.logging.set_verbosity_error()  # a full CLIP folder: its text tower is not loaded, by design
         model = model.from_pretrained(encoder)
+        tf.logging.set_verbosity(verbosity)
         if preprocess is None:
-            try:
-                image_processor = tf.AutoImageProcessor.from_pretrained(encoder)
+            try:  # the PIL backend: the original CLIP preprocessing, pixel for pixel
+                image_processor = tf.AutoImageProcessor.from_pretrained(encoder, backend="pil")
             except Exception as e:
                 raise UsageError(f"cannot load the image processor of vision encoder {encoder!r} "
                                  f"({_first_line(e)}); save the tower's image processor with it") from None
