@@ -345,10 +345,10 @@ def load_lm(a: Args, task: str, device):
 
 def visual_features(a: Args, records, split: str, train: bool, device):
     """-> (records, feats (images, N, C) memory-mapped, rows); unreadable train images drop their records."""
-    kw = dict(dataset=a.dataset, split=split, train=train, pooled=a.visual_tokens == "pooled")
-    kw.update({} if a.vision == "tiny-cnn" else dict(image_size=a.image_size, device=str(device)))
-    feats, rows, missing = data.extract_features(records, a.vision, cache_dir=os.path.join(
-        a.cache_dir or data.cache_dir(), "features"), **kw)
+    cache = os.path.join(a.cache_dir or data.cache_dir(), "features")
+    feats, rows, missing = data.extract_features(records, a.vision, dataset=a.dataset, split=split, train=train,
+                                                 pooled=a.visual_tokens == "pooled", image_size=a.image_size,
+                                                 device=str(device), cache_dir=cache)
     if train:
         records, rows = data.drop_missing(records, rows, missing)
     return records, feats, torch.as_tensor(rows).long()
@@ -733,7 +733,7 @@ class Args:
     data_root: Optional[str] = arg(None, "root of the official dataset files (not for shapes_*)")
     model: Optional[str] = arg(None, f"the LM, a HF id or folder ({by_dataset('model')})")
     vision: Optional[str] = arg(None, f"vision tower, tiny-cnn or a HF ViT/CLIP ({by_dataset('vision')})")
-    image_size: int = arg(224, "image side for a HF vision encoder")
+    image_size: Optional[int] = arg(None, "image side for a HF vision tower (default: 224; tiny-cnn: its own)")
     method: str = arg("lora", "the runs: lora | adapter | both", eval_only=True)
     kinds: str = arg("none,mul", f"routings: {', '.join(f'{k}={r.formula}' for k, r in ROUTINGS.items())}",
                      eval_only=True)
