@@ -249,7 +249,6 @@ class VisualLM(nn.Module):
         return out.logits if self.task == "caption" else self.head(out.pooler_output)
 
 
-
 def build_model(a: Args, p: Prepared, method: str, kind: str) -> VisualLM:
     """The run's own copy of the frozen LM (built from its config, the frozen weights loaded) with the PEFT
     modules of (method, routing kind), all drawn after torch.manual_seed(--seed)."""
