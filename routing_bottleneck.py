@@ -10,7 +10,7 @@ function mixes the two before W_up. The pooled visual feature (N = 1) is also th
 
 Poster -> code
   x_t = W_down x_H, x_v = W_down x_R                            RoutedLoRA.forward, RoutedAdapter.forward
-  x_t | x_t o x'_v | x_t + x'_v | x_t (x_v)^T x_v | x_t x''_v   route
+  x_t | x_t o x'_v | x_t + x'_v | x_t (x_v)^T x_v | x_t x''_v   ROUTINGS, route (one branch each)
   LoRA:    h = W x_H + (alpha / r) W_up route(x_t, x_v)         RoutedLoRA
   Adapter: h = x_H + W_up act(route(x_t, x_v))                  RoutedAdapter, after the sub-layer's dropout
   x_R as the first input token                                  VisualLM.inputs
@@ -18,12 +18,13 @@ Poster -> code
 
 As released: frozen ViT pooled feature; GPT-2 captioning (LoRA on q, v of c_attn; adapters after attention
 and MLP; beam search); RoBERTa VQA as classification (frozen pooler on the visual token, 2-layer head, BCE).
-Offline: tiny GPT-2 / RoBERTa pre-trained on another synthetic world (cached); data.py's tiny-cnn features.
+Offline (shapes_*): the stand-ins stand_ins/tiny-gpt2 and stand_ins/tiny-roberta (scripts/make_stand_ins.py)
+and data.py's tiny-cnn features.
 
   python routing_bottleneck.py                                  # tiny GPT-2 captions: LoRA none vs x_t o x'_v
   python routing_bottleneck.py --compare --seeds 0,1,2          # LoRA and Adapter x 5 routings, 3 seeds
   python routing_bottleneck.py --dataset shapes_vqa --compare --seeds 0,1,2      # tiny RoBERTa VQA
-  python routing_bottleneck.py --dataset coco --data_root DATA --model gpt2 --compare
+  python routing_bottleneck.py --dataset coco --data_root DATA --compare         # GPT-2 + ViT-B/16
   torchrun --nproc_per_node 2 routing_bottleneck.py --max_steps 200
 """
 from __future__ import annotations
@@ -32,7 +33,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -41,29 +41,38 @@ import random
 import re
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from tqdm import tqdm
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 import data
 
-ROUTINGS = ("none", "mul", "add", "xtxvTxv", "xtxv2")
-LABELS = {"none": "None", "mul": "x_t o x'_v", "add": "x_t + x'_v", "xtxvTxv": "x_t (x_v)^T x_v",
-          "xtxv2": "x_t x''_v"}
-
 
 # --- 1. The method: routing functions and the two PEFT modules ----------------------------------------------
+class Routing(NamedTuple):
+    label: str      # in the results table (the poster's notation in ASCII)
+    formula: str    # in --help (the poster's notation)
+
+
+ROUTINGS = {  # name -> routing function; a new one is an entry here and a branch in `route`
+    "none": Routing("None", "x_t"),
+    "mul": Routing("x_t o x'_v", "x_t∘x'_v"),
+    "add": Routing("x_t + x'_v", "x_t+x'_v"),
+    "xtxvTxv": Routing("x_t (x_v)^T x_v", "x_t(x_v)^T x_v"),
+    "xtxv2": Routing("x_t x''_v", "x_t x''_v"),
+}
+
+
 def route(x_t: torch.Tensor, x_v: Optional[torch.Tensor], kind: str) -> torch.Tensor:
     """x_t (B, L, r) = W_down x_H, x_v (B, N, r) = W_down x_R -> routed bottleneck feature (B, L, r).
 
@@ -73,8 +82,6 @@ def route(x_t: torch.Tensor, x_v: Optional[torch.Tensor], kind: str) -> torch.Te
     """
     if kind == "none":
         return x_t                                       # plain LoRA / Adapter
-    if kind not in ROUTINGS:
-        raise ValueError(f"unknown routing kind {kind!r}; choose from {ROUTINGS}")
     if kind == "xtxvTxv":
         # x_t (x_v)^T x_v: (B, L, r) @ (B, r, N) @ (B, N, r); for N = 1 it is <x_t, x_v> x_v.
         # DEVIATION (N > 1 only): the released code uses x_v.reshape(B, r, N), which equals the
@@ -88,9 +95,11 @@ def route(x_t: torch.Tensor, x_v: Optional[torch.Tensor], kind: str) -> torch.Te
         return x_t * x_v1                                # x_t o x'_v (element-wise)
     if kind == "add":
         return x_t + x_v1                                # x_t + x'_v
-    # x_t x''_v: x''_v is the r x r matrix whose every row is x'_v, so
-    # (x_t x''_v)[l, j] = (sum_k x_t[l, k]) * x'_v[j].
-    return x_t @ x_v1.expand(-1, x_t.size(-1), -1)
+    if kind == "xtxv2":
+        # x_t x''_v: x''_v is the r x r matrix whose every row is x'_v, so
+        # (x_t x''_v)[l, j] = (sum_k x_t[l, k]) * x'_v[j].
+        return x_t @ x_v1.expand(-1, x_t.size(-1), -1)
+    raise ValueError(f"route has no branch for the routing function {kind!r}")
 
 
 class VisualContext:
@@ -241,16 +250,12 @@ class VisualLM(nn.Module):
 
 
 def build_model(a: Args, p: Prepared, method: str, kind: str) -> VisualLM:
-    from transformers import AutoModel, AutoModelForCausalLM
+    """The run's own copy of the frozen LM (built from its config, the frozen weights loaded) with the PEFT
+    modules of (method, routing kind), all drawn after torch.manual_seed(--seed)."""
     torch.manual_seed(a.seed)                                  # the same PEFT init for every routing kind
-    hf = AutoModel if p.task == "vqa" else AutoModelForCausalLM
-    lm = tiny_lm(a.model, p.tok, a.tiny_hidden, a.tiny_layers) if p.lm_state else from_hf(hf, a.model)
-    if p.lm_state:
-        lm.load_state_dict(p.lm_state)
-    ctx = VisualContext()
-    fam, adapters = patch_lm(lm, method, rank_of(a, method), kind, ctx, a.lora_dropout, a.adapter_residual)
-    if (p.task == "vqa") != (fam == "roberta"):
-        raise UsageError(f"{a.model} ({fam}) does not fit {a.dataset}: captions: GPT-2/LLaMA, VQA: RoBERTa")
+    lm, ctx = type(p.lm)(p.lm.config), VisualContext()
+    lm.load_state_dict(p.lm.state_dict())
+    adapters = patch_lm(lm, method, rank_of(a, method), kind, ctx, a.lora_dropout, a.adapter_residual)[1]
     return VisualLM(lm, p.task, ctx, adapters, len(p.answers))
 
 
@@ -265,126 +270,87 @@ def expected_trainable(model: VisualLM) -> int:
     return n
 
 
-# --- 3. The offline stand-ins: tiny GPT-2 / RoBERTa, pre-trained once on another world (cached) -------------
-def tiny_lm(name: str, tok, hidden: int, layers: int, mlm: bool = False):
-    """Tiny LM: width `hidden`, 16-dim heads, dropout 0, init std d^-0.5; RoBERTa: a last row for <mask>."""
-    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM, RobertaModel
-    kw = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-              initializer_range=hidden ** -0.5)
-    if name == "tiny-gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=160, n_embd=hidden, n_layer=layers,
-                                          n_head=hidden // 16, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
-                                          **kw))
-    cfg = RobertaConfig(vocab_size=len(tok) + 1, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=hidden // 16, intermediate_size=4 * hidden, type_vocab_size=1,
-                        max_position_embeddings=160, hidden_dropout_prob=0, attention_probs_dropout_prob=0,
-                        **kw)
-    return RobertaForMaskedLM(cfg) if mlm else RobertaModel(cfg)
+# --- 3. Data: records -> frozen visual features x_R + token ids (data.py) -----------------------------------
+@dataclasses.dataclass
+class VisualMap:
+    """x_R of a batch from the cached vision features (B, N, C) -- the cache stays memory-mapped and only the
+    batch is converted: x_R = feats.float() @ norm - mean, with norm (C, d) and mean (d,) frozen."""
+    norm: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+
+    def __call__(self, feats: torch.Tensor, rows, device) -> torch.Tensor:
+        x = feats[rows].float()                                                   # (B, N, C)
+        x = x if self.norm is None else x @ self.norm                             # (B, N, d)
+        return (x if self.mean is None else x - self.mean).to(device)
 
 
-def pretrain_texts(task: str, tok, rng) -> list[tuple[list[int], int]]:
-    """(ids, #answer tokens) of the pre-training world, the scene described in context: GPT-2 '<scene> <s>
-    caption </s>' (a quarter without the scene), RoBERTa '<s> <scene> </s> question answer </s>'."""
-    def enc(texts):
-        return tok(list(texts), add_special_tokens=False)["input_ids"]
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    if task == "caption":
-        recs = data.load_records("shapes_caption", "train", world_seed=data.PRETRAIN_WORLD)
-        scene, caption = zip(*[(data.describe_scene(r["meta"]["scene"], rng) if rng.random() < 0.75 else "",
-                                c) for r in recs for c in r["captions"]])
-        return [(s + [bos] + c + [eos], 0) for s, c in zip(enc(scene), enc(caption))]
-    recs = data.load_records("shapes_vqa", "train", world_seed=data.PRETRAIN_WORLD)
-    scene = enc(data.describe_scene(r["meta"]["scene"], rng) for r in recs)
-    question, answer = enc(r["question"] for r in recs), enc(r["answer"] for r in recs)
-    return [([bos] + s + [eos] + q + a + [eos], len(a)) for s, q, a in zip(scene, question, answer)]
+FIT_ROWS = 100_000  # the visual map is fitted on at most this many train feature rows
 
 
-def pretrained_tiny_lm(a: Args, task: str, tok, device) -> dict:
-    """DEVIATION (offline): stand-in for pre-trained GPT-2 / RoBERTa, trained on the text of another world
-    (data.PRETRAIN_WORLD) with the scene described in context -- causal LM, or masked LM with the answer
-    always masked -- so that it has learned to read a context; frozen afterwards. Cached by recipe."""
-    mlm, steps = task == "vqa", a.tiny_pretrain_steps
-    key = hashlib.sha1(f"{data.DATA_VERSION} {sorted(tok.get_vocab())}".encode()).hexdigest()[:8]
-    recipe = f"{a.model}-d{a.tiny_hidden}-l{a.tiny_layers}-s{steps}-w{data.PRETRAIN_WORLD}-{key}-v2"
-    path = data.stand_in(os.path.join(a.cache_dir or data.cache_dir(), "routing_bottleneck", f"{recipe}.pt"))
-    if os.path.isfile(path):
-        return torch.load(path, map_location="cpu", weights_only=True)
-    seed_everything(0)
-    lm = tiny_lm(a.model, tok, a.tiny_hidden, a.tiny_layers, mlm=mlm).to(device)
-    texts, g = pretrain_texts(task, tok, np.random.default_rng(0)), torch.Generator().manual_seed(0)
-    opt = torch.optim.AdamW(lm.parameters(), lr=1e-3, weight_decay=0.01)
-    sched = lr_schedule(opt, steps // 20, steps, decay="cosine")
-    for _ in tqdm(range(steps), desc=f"pre-train {a.model} (cached)", leave=False):
-        batch = [texts[j] for j in torch.randint(len(texts), (64,), generator=g).tolist()]
-        ids, mask = pad([t for t, _ in batch], tok.pad_token_id)
-        labels = ids.masked_fill(mask == 0, -100)
-        if mlm:   # 15% of the question words and the answer -> <mask> (the last row); the loss on those only
-            pos, ends = torch.arange(ids.size(1)), mask.sum(1, keepdim=True) - 1
-            answer = (pos < ends) & (pos >= ends - torch.tensor([n for _, n in batch])[:, None])
-            question = (ids == tok.eos_token_id).cumsum(1) > 0                  # after the scene's </s>
-            pick = ((torch.rand(ids.shape, generator=g) < 0.15) & question & (ids > 3)) | answer
-            ids, labels = ids.masked_fill(pick, len(tok)), labels.masked_fill(~pick, -100)
-        loss = lm(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    print(f"{recipe}: pre-trained, loss {loss.item():.3f}", file=sys.stderr)
-    if mlm:   # keep the encoder; the pooler keeps its seeded init (RoBERTa's is not pre-trained either)
-        encoder = tiny_lm(a.model, tok, a.tiny_hidden, a.tiny_layers)
-        encoder.load_state_dict(lm.roberta.state_dict(), strict=False)
-        lm = encoder
-    state = {k: v.detach().cpu() for k, v in lm.state_dict().items()}
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_checkpoint(path, state)
-    return state
-
-
-def from_hf(cls, name: str):
-    try:
-        return cls.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load model {name!r} ({str(e).splitlines()[0]}); offline, use --model tiny")
-
-
-# --- 4. Data: records -> frozen visual features x_R + token ids (data.py) -----------------------------------
-@dataclass
-class Prepared:
-    """What every run shares: token ids, frozen visual features x_R, the frozen tiny LM's weights."""
-    task: str
-    tok: object
-    x_train: torch.Tensor                            # (train images, N, d)
-    train: list                                      # (row of x_train, token ids, example index)
-    x_eval: torch.Tensor
-    rows_eval: torch.Tensor                          # eval record -> row of x_eval
-    eval_records: list
-    norm: Optional[torch.Tensor]                     # frozen map of the vision features to width d
-    answers: list = field(default_factory=list)      # VQA: the answer strings the classifier outputs
-    targets: Optional[torch.Tensor] = None           # VQA: soft scores (train examples, #answers)
-    lm_state: Optional[dict] = None                  # tiny LM: pre-trained weights
-
-
-def visual_features(a: Args, records, split, train, width, device, norm=None):
-    """-> (records, x_R (images, N, width), rows, norm); unreadable train images drop their records."""
-    kw = dict(dataset=a.dataset, split=split, train=train, pooled=a.visual_tokens == "pooled")
-    kw.update({} if a.vision == "tiny-cnn" else dict(image_size=a.image_size, device=str(device)))
-    feats, rows, missing = data.extract_features(records, a.vision, cache_dir=os.path.join(
-        a.cache_dir or data.cache_dir(), "features"), **kw)
-    if train:
-        records, rows = data.drop_missing(records, rows, missing)
-    x = feats.float()
-    if norm is None and x.size(-1) != width:
+def fit_visual_map(feats: torch.Tensor, width: int, center: bool) -> VisualMap:
+    """The frozen map, fitted on all train feature rows, or on a seeded sample of FIT_ROWS of them when there
+    are more (grid features of a large dataset): the memory it takes is bounded, whatever the dataset."""
+    flat = feats.reshape(-1, feats.size(-1))                                      # (rows, C)
+    if len(flat) > FIT_ROWS:
+        pick = torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:FIT_ROWS]
+        flat = flat[pick.sort().values]
+    flat, m = flat.float(), VisualMap()
+    if flat.size(1) != width:
         # DEVIATION (vision width C != LM width d only): the paper feeds the ViT pooled output as it is (ViT-B
         # width = GPT-2 width); here x is mapped on its top-d directions (SVD of the train features, not
         # centred, so the mean feature is kept; random directions if there are too few), unit RMS; frozen.
-        flat = x.reshape(-1, x.size(-1))
         if min(flat.shape) >= width:
             norm = torch.linalg.svd(flat, full_matrices=False)[2][:width].T                   # (C, d)
         else:
             norm = torch.randn(flat.size(1), width, generator=torch.Generator().manual_seed(0))
-        norm = norm / (flat @ norm).pow(2).mean().sqrt()
-    x = x if norm is None else x @ norm
-    return records, x.contiguous(), torch.as_tensor(rows).long(), norm
+        m.norm = norm / (flat @ norm).pow(2).mean().sqrt()
+    if center:   # --center_visual: x_R minus its train mean
+        m.mean = (flat if m.norm is None else flat @ m.norm).mean(0)
+    return m
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What every run shares: the frozen LM and its tokenizer, token ids, the cached visual features."""
+    task: str
+    tok: object
+    lm: nn.Module                                    # frozen, unpatched (each run patches a copy)
+    feats_train: torch.Tensor                        # (train images, N, C), memory-mapped
+    train: list                                      # (row of feats_train, token ids, example index)
+    feats_eval: torch.Tensor
+    rows_eval: torch.Tensor                          # eval record -> row of feats_eval
+    eval_records: list
+    visual: VisualMap                                # cached feature -> x_R
+    answers: list = dataclasses.field(default_factory=list)    # VQA: the answers the classifier outputs
+    targets: Optional[torch.Tensor] = None           # VQA: soft scores (train examples, #answers)
+
+
+def load_lm(a: Args, task: str, device):
+    """The frozen LM and tokenizer of --model (a hub id or folder, stand_ins/ included) -> (tok, lm)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    transformers.utils.logging.disable_progress_bar()      # stderr: the run's own messages (one line on error)
+    try:
+        tok = AutoTokenizer.from_pretrained(data.model_path(a.model))
+        lm = (AutoModel if task == "vqa" else AutoModelForCausalLM).from_pretrained(data.model_path(a.model))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {a.model!r} ({str(e).splitlines()[0]})") from None
+    if (task == "vqa") != (lm_family(lm) == "roberta"):
+        raise UsageError(f"{a.model} ({lm_family(lm)}) does not fit {a.dataset}: captions: GPT-2/LLaMA, "
+                         "VQA: RoBERTa")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    pin_threads(lm, device)
+    return tok, lm.eval()
+
+
+def visual_features(a: Args, records, split: str, train: bool, device):
+    """-> (records, feats (images, N, C) memory-mapped, rows); unreadable train images drop their records."""
+    cache = os.path.join(a.cache_dir or data.cache_dir(), "features")
+    feats, rows, missing = data.extract_features(records, a.vision, dataset=a.dataset, split=split, train=train,
+                                                 pooled=a.visual_tokens == "pooled", image_size=a.image_size,
+                                                 device=str(device), cache_dir=cache)
+    if train:
+        records, rows = data.drop_missing(records, rows, missing)
+    return records, feats, torch.as_tensor(rows).long()
 
 
 def encode(tok, text: str, max_len: int = 50) -> list[int]:
@@ -394,38 +360,22 @@ def encode(tok, text: str, max_len: int = 50) -> list[int]:
     return [bos] + tok(text, add_special_tokens=False)["input_ids"][: max_len - 2] + [eos]
 
 
-def prepare(a: Args, device, rank: int) -> Prepared:
-    task = "caption" if a.dataset in CAPTION_SETS else "vqa"
+def prepare(a: Args, device) -> Prepared:
+    task = TASK[a.dataset]
     train = data.load_records(a.dataset, "train", a.data_root, limit=a.train_limit)
     evals = data.load_records(a.dataset, a.eval_split, a.data_root, limit=a.eval_limit)
-    if a.model.startswith("tiny"):
-        tok, width = data.build_tokenizer(), a.tiny_hidden
-    else:
-        from transformers import AutoConfig, AutoTokenizer
-        tok, cfg = from_hf(AutoTokenizer, a.model), from_hf(AutoConfig, a.model)
-        width = getattr(cfg, "hidden_size", None)
-        if not isinstance(width, int):
-            raise UsageError(f"--model {a.model!r} is not a language model (no hidden_size in its config)")
-        tok.pad_token = tok.pad_token or tok.eos_token
+    tok, lm = load_lm(a, task, device)
     if task == "caption":
         train = data.caption_pairs(train)                    # one example per (image, caption)
-    train, x_train, rows, norm = visual_features(a, train, "train", True, width, device)
-    x_eval, rows_eval = visual_features(a, evals, a.eval_split, False, width, device, norm)[1:3]
-    if a.center_visual:
-        mean = x_train.reshape(-1, width).mean(0)
-        x_train, x_eval = x_train - mean, x_eval - mean
-    p = Prepared(task, tok, x_train, [], x_eval, rows_eval, evals, norm)
+    train, feats_train, rows = visual_features(a, train, "train", True, device)
+    feats_eval, rows_eval = visual_features(a, evals, a.eval_split, False, device)[1:]
+    visual = fit_visual_map(feats_train, lm.config.hidden_size, a.center_visual)
+    p = Prepared(task, tok, lm, feats_train, [], feats_eval, rows_eval, evals, visual)
     text = [r["caption"] if task == "caption" else r["question"] for r in train]
     p.train = [(int(rows[i]), encode(tok, t), i) for i, t in enumerate(text)]
     if task == "vqa":
-        p.answers = data.answer_vocab(train, min_freq=1 if a.dataset.startswith("shapes") else 9)
+        p.answers = data.answer_vocab(train, min_freq=DEFAULTS[a.dataset]["answer_min_count"])
         p.targets = torch.stack([data.vqa_soft_targets(r, p.answers) for r in train]).float()
-    if a.model.startswith("tiny"):
-        if dist.is_initialized() and rank != 0:
-            dist.barrier()                                 # rank 0 pre-trains the tiny LM and caches it first
-        p.lm_state = pretrained_tiny_lm(a, task, tok, device)
-        if dist.is_initialized() and rank == 0:
-            dist.barrier()
     return p
 
 
@@ -439,7 +389,7 @@ def pad(seqs, value):
 
 def loss_fn(model, p: Prepared, items: list, device) -> torch.Tensor:
     """Captions: CE on the caption tokens after [x_R, <s>]. VQA: BCE on the soft VQA scores (released)."""
-    x_r = p.x_train[[it[0] for it in items]].to(device)                      # (B, N, d)
+    x_r = p.visual(p.feats_train, [it[0] for it in items], device)          # (B, N, d)
     ids, mask = (t.to(device) for t in pad([it[1] for it in items], p.tok.pad_token_id))
     out = model(x_r, ids, mask)
     if p.task == "vqa":
@@ -449,24 +399,18 @@ def loss_fn(model, p: Prepared, items: list, device) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=-100)
 
 
-# --- 5. Training and evaluation -----------------------------------------------------------------------------
+# --- 4. Training and evaluation -----------------------------------------------------------------------------
 def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     """Train one (method, routing) on the shared data and budget (--resume: continue it; --eval_only: load
     its checkpoint), then evaluate it -> (results, model)."""
     ckpt, done = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "results.json")
-    setting = setting_of(a, "compare", "method", "kinds", "eval_split", "eval_limit", "num_beams",
-                         "export_merged")                         # these change no trained weight
     os.makedirs(run_dir, exist_ok=True)
     if a.resume and os.path.isfile(done) and not a.export_merged:    # a complete run is not repeated
-        with open(done) as f:
-            res = json.load(f)
-        if res.get("setting") != setting:
-            raise UsageError(f"{done} is a run with other flags; resume it with them, or pass --overwrite")
-        return res, None
-    seed_everything(a.seed)
+        return json.loads(Path(done).read_text()), None
+    transformers.set_seed(a.seed)
     model = build_model(a, p, method, kind).to(device)
     if a.eval_only:
-        state = load_checkpoint(ckpt, model, setting)
+        state = load_checkpoint(ckpt, model)
         return {"method": method, "routing": kind, "seed": a.seed, "trainable": expected_trainable(model),
                 "steps": state["step"], **evaluate(model, a, p, device, rank, world)}, model
     log = print if rank == 0 else lambda *_: None                        # only rank 0 prints
@@ -479,17 +423,16 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     sched = lr_schedule(opt, int(a.warmup if a.warmup >= 1 else a.warmup * total), total, decay="linear")
     step, loss = 0, torch.zeros(())
     if a.resume and os.path.isfile(ckpt):
-        state = load_checkpoint(ckpt, model, setting)
+        state = load_checkpoint(ckpt, model)                 # the trained tensors and the RNG states
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         step = state["step"]
 
     def save():
         if rank == 0:
             trainable = {n: q.detach().cpu() for n, q in model.named_parameters() if q.requires_grad}
             save_checkpoint(ckpt, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step,
-                                   "scheduler": sched.state_dict(), "rng": rng_state(), "setting": setting})
+                                   "scheduler": sched.state_dict(), "args": dataclasses.asdict(a)})
 
     stop, t0 = total if a.max_steps is None else min(total, a.max_steps), time.time()
     bar = tqdm(total=stop, initial=step, desc=f"{method}/{kind} seed {a.seed}", disable=rank > 0, leave=False)
@@ -503,8 +446,8 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
                     with autocast(device):
                         loss = loss_fn(net, p, items, device)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                            f"{ckpt if os.path.isfile(ckpt) else 'none'}")
+                        raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                                 f"{ckpt if os.path.isfile(ckpt) else 'none'}")
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -528,8 +471,13 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
            "final_loss": loss.item(), "train_time": time.time() - t0}
     res.update(evaluate(model, a, p, device, rank, world))
     if rank == 0 and step == total:
-        write_json(done, dict(res, setting=setting))                # the run is complete: --resume skips it
+        Path(done).write_text(json.dumps(res, indent=2))           # the run is complete: --resume skips it
     return res, model
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -552,7 +500,7 @@ def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> 
     recs, preds, bs = p.eval_records if rank == 0 else [], [], max(1, a.batch_size)
     model.eval()
     for s in tqdm(range(0, len(recs), bs), desc="eval", leave=False, disable=rank > 0):
-        x_r = p.x_eval[p.rows_eval[s: s + bs]].to(device)
+        x_r = p.visual(p.feats_eval, p.rows_eval[s: s + bs], device)
         with autocast(device):
             if p.task == "caption":
                 preds += generate(model, p, x_r, a.num_beams)
@@ -578,228 +526,72 @@ def export_merged(model: VisualLM, p: Prepared, out: str) -> None:
     merge_lora(model.lm).save_pretrained(out)
     p.tok.save_pretrained(out)
     head = None if model.head is None else model.head.state_dict()
-    torch.save({"norm": p.norm, "head": head, "answers": p.answers}, os.path.join(out, "visual_prefix.pt"))
+    torch.save({"norm": p.visual.norm, "mean": p.visual.mean, "head": head, "answers": p.answers},
+               os.path.join(out, "visual_prefix.pt"))
     print(f"merged LoRA model written to {out}", file=sys.stderr)
 
 
-# --- 6. Arguments, the runs, the table ----------------------------------------------------------------------
-CAPTION_SETS, VQA_SETS = ("shapes_caption", "coco", "flickr30k"), ("shapes_vqa", "vqav2", "gqa")
-
-
-def opt(default, help_text):
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass
-class Args:
-    dataset: str = opt("shapes_caption", "shapes_caption | coco | flickr30k (captions), shapes_vqa | vqav2 "
-                                         "| gqa (VQA)")
-    data_root: Optional[str] = opt(None, "root of the official dataset files (not for shapes_*)")
-    model: str = opt("tiny", "tiny (GPT-2 for captions, RoBERTa for VQA) | a HF id/path (gpt2, roberta-base)")
-    vision: str = opt("auto", "tiny-cnn | HF ViT/CLIP id/path; auto: tiny-cnn if tiny, else ViT-B/16 in21k")
-    image_size: int = opt(224, "image side for a HF vision encoder")
-    method: str = opt("lora", "lora | adapter | both")
-    kinds: str = opt("none,mul", "routing functions: none,mul,add,xtxvTxv,xtxv2")
-    compare: bool = opt(False, "both methods x all routings on the same data and budget")
-    r_bottleneck: Optional[int] = opt(None, "rank r = LoRA alpha (released 128; RoBERTa VQA adapter 64)")
-    lora_dropout: Optional[float] = opt(None, "dropout on the LoRA inputs (released: GPT-2 0, RoBERTa 0.1)")
-    adapter_residual: bool = opt(True, "the adapter adds x back (released: GPT-2 yes; RoBERTa VQA no)")
-    visual_tokens: str = opt("pooled", "pooled (N = 1, paper) | grid (N > 1 visual tokens)")
-    center_visual: bool = opt(False, "ablation: x_R minus its train mean (x_v loses its image-free part)")
-    tiny_hidden: int = opt(64, "width of the tiny LMs")
-    tiny_layers: int = opt(2, "layers of the tiny LMs")
-    tiny_pretrain_steps: Optional[int] = opt(None, "tiny LM pre-training steps (GPT-2 600, RoBERTa 3000)")
-    train_limit: Optional[int] = opt(None, "use only the first N train records")
-    eval_split: str = opt("test", "split of the final evaluation (Karpathy test for COCO)")
-    eval_limit: Optional[int] = opt(None, "evaluate only the first N records")
-    num_beams: Optional[int] = opt(None, "beam size for captions (released 5; tiny 3)")
-    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
-    seed: int = opt(0, "seed of the PEFT init and the data order")
-    seeds: Optional[str] = opt(None, "comma list: run each seed (out_dir/seed<N>), table of mean ± std")
-    out_dir: Optional[str] = opt(None, "default runs/routing_bottleneck/<dataset>-<model>-<what>")
-    resume: bool = opt(False, "continue from the checkpoints in out_dir")
-    overwrite: bool = opt(False, "replace a finished run in out_dir")
-    eval_only: bool = opt(False, "evaluate the checkpoints in out_dir without training")
-    export_merged: Optional[str] = opt(None, "folder: the LoRA (routing none) model merged into the LM")
-    epochs: Optional[int] = opt(None, "training epochs (released 20; tiny 2 captions, 3 VQA)")
-    max_steps: Optional[int] = opt(None, "stop after N steps (the LR schedule still spans --epochs)")
-    batch_size: Optional[int] = opt(None, "batch size per process (released 40 captions, 512 VQA; tiny 32)")
-    lr: Optional[float] = opt(None, "AdamW lr (released 3e-5 captions, 3e-4 VQA; tiny 3e-3)")
-    warmup: Optional[float] = opt(None, "linear warm-up: steps if >= 1, else a fraction (released 5000, .05)")
-    num_workers: int = opt(0, "DataLoader workers")
-    cache_dir: Optional[str] = opt(None, "cache of features and tiny LMs (default: data.cache_dir())")
-
-
-# Released values (official scripts) and the offline tiny overrides, in one place. Tiny (one CPU core): rank 8
-# and lr 3e-3 adapt a 64-wide LM in a few hundred steps; 2-3 epochs of batch 32 and beam 3 take ~20 s a run.
-RELEASED = {"caption": dict(lr=3e-5, batch_size=40, epochs=20, warmup=5000, num_beams=5, lora_dropout=0.0),
-            "vqa": dict(lr=3e-4, batch_size=512, epochs=20, warmup=0.05, num_beams=1, lora_dropout=0.1)}
-TINY = {"caption": dict(r_bottleneck=8, lr=3e-3, batch_size=32, epochs=2, warmup=0.05, num_beams=3,
-                        lora_dropout=0.0, tiny_pretrain_steps=600),
-        "vqa": dict(r_bottleneck=8, lr=3e-3, batch_size=32, epochs=3, warmup=0.05, num_beams=1,
-                    lora_dropout=0.0, tiny_pretrain_steps=3000)}
-
-
-def rank_of(a: Args, method: str) -> int:
-    return a.r_bottleneck or (64 if a.dataset in VQA_SETS and method == "adapter" else 128)   # released
-
-
-def resolve(a: Args) -> Args:
-    """Check the flags; fill the defaults (released values, or TINY for --model tiny)."""
-    if a.dataset not in CAPTION_SETS + VQA_SETS:
-        raise UsageError(f"unknown dataset {a.dataset!r}; choose from {', '.join(CAPTION_SETS + VQA_SETS)}")
-    task = "caption" if a.dataset in CAPTION_SETS else "vqa"
-    a.model = {"tiny": f"tiny-{'gpt2' if task == 'caption' else 'roberta'}"}.get(a.model, a.model)
-    tiny = a.model.startswith("tiny")
-    if a.compare:
-        a.method, a.kinds = "both", ",".join(ROUTINGS)
-    kinds = a.kinds.split(",")
-    bad = [k for k in kinds if k not in ROUTINGS] + [k for i, k in enumerate(kinds) if k in kinds[:i]]
-    for ok, msg in [(not tiny or a.model in ("tiny-gpt2", "tiny-roberta"), f"unknown tiny model {a.model!r}"),
-                    (not tiny or a.model == f"tiny-{'gpt2' if task == 'caption' else 'roberta'}",
-                     f"{a.model} does not fit {a.dataset}: captions need tiny-gpt2, VQA tiny-roberta"),
-                    (a.method in ("lora", "adapter", "both"), f"unknown --method {a.method!r}"),
-                    (not bad, f"--kinds: unknown or repeated {bad}; choose from {','.join(ROUTINGS)}"),
-                    (a.visual_tokens in ("pooled", "grid"), f"unknown --visual_tokens {a.visual_tokens!r}"),
-                    (all(v is None or v >= 1 for v in (a.epochs, a.batch_size, a.r_bottleneck, a.num_beams)),
-                     "--epochs, --batch_size, --r_bottleneck and --num_beams must be >= 1"),
-                    (a.max_steps is None or a.max_steps >= 0, f"--max_steps {a.max_steps}: must be >= 0"),
-                    (a.warmup is None or 0 <= a.warmup < math.inf, f"--warmup {a.warmup}: must be >= 0"),
-                    (not a.export_merged or (a.method != "adapter" and "none" in a.kinds.split(",")),
-                     "--export_merged needs a LoRA run with routing none (a routed LoRA cannot be merged)")]:
-        if not ok:
-            raise UsageError(msg)
-    for k, v in (TINY if tiny else RELEASED)[task].items():
-        setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
-    a.vision = {"auto": "tiny-cnn" if tiny else "google/vit-base-patch16-224-in21k"}.get(a.vision, a.vision)
-    what = ("compare" if a.compare else f"{a.method}-{a.kinds.replace(',', '_')}") + (
-        f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
-    a.out_dir = a.out_dir or f"runs/routing_bottleneck/{a.dataset}-{a.model.split('/')[-1]}-{what}"
-    return a
-
-
-def table(results: list, task: str) -> str:
-    keys = ["BLEU-4", "CIDEr"] if task == "caption" else ["VQA"]
-    multi = len({r["seed"] for r in results}) > 1
-    lines = [f"{'PEFT':8s}{'routing':17s}" + "".join(f"{k:>15s}" for k in keys) + f"{'Δ' + keys[-1]:>9s}"
-             f"{'trainable':>11s}"]
-    for method, name in (("lora", "LoRA"), ("adapter", "Adapter")):
-        base = [r[keys[-1]] for r in results if r["method"] == method and r["routing"] == "none"]
-        for kind in ROUTINGS:
-            rs = [r for r in results if r["method"] == method and r["routing"] == kind]
-            if rs:
-                cells = "".join(f"{mean_std([r[k] for r in rs]) if multi else f'{rs[0][k]:.2f}':>15s}"
-                                for k in keys)
-                delta = f"{np.mean([r[keys[-1]] for r in rs]) - np.mean(base):+.2f}" if base else ""
-                lines.append(f"{name:8s}{LABELS[kind]:17s}{cells}{delta if kind != 'none' else '':>9s}"
-                             f"{rs[0]['trainable']:>11,d}")
-    return "\n".join(lines)
-
-
-def run(a: Args) -> dict:
-    a = resolve(a)
-    device, rank, world = setup_device(a.device, tiny=a.model.startswith("tiny"))
-    if not a.eval_only:
-        prepare_out_dir(a.out_dir, a.resume, a.overwrite, rank)
-    t0, p = time.time(), prepare(a, device, rank)
-    clear_outputs(a, rank)  # --overwrite: only now that the inputs have loaded
-    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
-    methods = ["lora", "adapter"] if a.method == "both" else [a.method]
-    results = []
-    for seed, method, kind in itertools.product(seeds, methods, a.kinds.split(",")):
-        run_dir = os.path.join(a.out_dir, *([f"seed{seed}"] if a.seeds else []), f"{method}-{kind}")
-        res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, run_dir, device, rank,
-                               world)
-        results.append(res)
-        if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
-            export_merged(model, p, a.export_merged)
-    out = {"task": p.task, "runs": results, "args": dataclasses.asdict(a)}
-    if rank == 0:
-        if not a.eval_only:
-            write_json(os.path.join(a.out_dir, "results.json"), out)
-        r = f"{rank_of(a, 'lora')}/{rank_of(a, 'adapter')}" if a.method == "both" else rank_of(a, a.method)
-        steps = max(x["steps"] for x in results)
-        print(f"{a.dataset}, {a.model} + {a.vision}, r={r}, {steps} steps/run, {len(p.eval_records)} "
-              f"{a.eval_split} records, seed(s) {a.seeds or a.seed}")
-        print(table(results, p.task))
-        print(f"time: {time.time() - t0:.1f}s")
-    return out
-
-
-def main(argv=None) -> dict:
-    return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
-
-
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
+RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume", "overwrite",
+                "eval_only", "seeds")  # what --resume / --eval_only take from the command line, with EVAL_ONLY
+EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops, the last good checkpoint stays, exit code 1."""
+def arg(default, help: str, eval_only: bool = False):
+    """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
+    help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse formats it
 
 
-def parse_cli(cls, argv=None, description: str = ""):
-    """An `Args` dataclass from the command line: one --flag per field; 'auto' or 'none' -> None."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        kind, text = str(f.type), f.metadata.get("help", "")
-        if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-            continue
-        conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        if "Optional" in kind:
-            conv = lambda s, b=conv: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
-        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: {f.default})")
-    return cls(**vars(p.parse_args(argv)))
+def check_values(args, rules: dict) -> None:
+    """For Args.__post_init__: {flag: (rule, ok)}, then the rules shared by name ending (lr, dropout) and --seeds."""
+    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for k, v in dataclasses.asdict(args).items():
+        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
+        if ok is not None and v is not None and not ok(v):
+            raise UsageError(f"--{k} {v}: must be {rule}")
+    seeds = (args.seeds or "0").split(",")
+    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
 
 
-def setup_device(device: str, tiny: bool = False):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
-    Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
+def from_checkpoint(args, state: dict):
+    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
+    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
+    saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
+    default = type(args)()
+    ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items() if v != getattr(args, k) != getattr(default, k)]
+    if ignored:
+        print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
+    return dataclasses.replace(args, **saved)
+
+
+def setup_device(device: str):
+    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
         torch.cuda.set_device(torch.device(device))
-    elif tiny:
-        torch.set_num_threads(1)
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def pin_threads(model: nn.Module, device: torch.device) -> None:
+    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+        torch.set_num_threads(1)
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
                 decay: str = "cosine", warmup_factor: float = 0.0):
-    """LambdaLR: warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then
-    'cosine' or 'linear' decay to 0 at total_steps ('none': constant)."""
+    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
+    decay to 0 at total_steps ('none': constant)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
@@ -811,69 +603,50 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "l
 @contextlib.contextmanager
 def whole_step():
     """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
-    held, old = [], signal.getsignal(signal.SIGINT)
-    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
-    if hold:
-        signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    held = []
+    old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
         yield
     finally:
-        if hold:
-            signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old)
     if held:
         raise KeyboardInterrupt
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    torch.save(state, f"{path}.tmp-{os.getpid()}")
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
+    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
-def setting_of(args, *ignore: str) -> dict:
-    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
-    change only the evaluation or the logging)."""
-    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
-            "data_root", "seeds", *ignore)
-    return {k: v for k, v in vars(args).items() if k not in skip}
-
-
-def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
-    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if model is not None:
-        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
-        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
-                if old.get(k) != setting.get(k)]
-        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
-            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
 
 
-def write_json(path: str, obj) -> None:
-    Path(f"{path}.tmp-{os.getpid()}").write_text(json.dumps(obj, indent=2))
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A run in out_dir (a results.json or checkpoint in it) is kept unless --resume or --overwrite."""
-    held = [p for p in Path(out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
-    if held and not (resume or overwrite):
-        raise UsageError(f"{out_dir} holds a run ({held[0].relative_to(out_dir)}); pass --resume to continue "
-                         "it or --overwrite to replace it")
-    os.makedirs(out_dir, exist_ok=True)
-
-
-def clear_outputs(args, rank: int = 0) -> None:
-    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
-    nothing): this script's outputs in args.out_dir go."""
-    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
+def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
+    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
+    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
+    if held and not (args.resume or args.eval_only or args.overwrite):
+        raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume to "
+                         "continue it or --overwrite to replace it")
+    os.makedirs(args.out_dir, exist_ok=True)
+    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
     for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
+        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
             p.unlink()
 
 
@@ -888,34 +661,197 @@ def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print)
 
 def mean_std(values) -> str:
     """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
 
 
-def run_cli(run, args):
-    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
+def run_cli(run, cls, argv=None):
+    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
+    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
+    parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
+                                           formatter_class=argparse.HelpFormatter)
     try:
-        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
-        for k, v in vars(args).items():
-            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
-            if rule and v is not None and not rule[1](v):
-                raise UsageError(f"--{k} {v}: must be {rule[0]}")
-        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+        try:
+            args = parser.parse_args_into_dataclasses(argv)[0]
+        except (ValueError, argparse.ArgumentError) as e:  # an unknown flag, a value of the wrong type
+            raise UsageError(str(e)) from None
         return run(args)
-    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, FloatingPointError, OSError) as e:  # OSError: a path it cannot use
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
+        raise SystemExit(1 if isinstance(e, FloatingPointError) else 2)
     except KeyboardInterrupt:
         print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 # End of infrastructure ======================================================================================
+
+
+# --- 5. Arguments: the released values and the synthetic datasets' own, the runs, the table -----------------
+TASK = {"shapes_caption": "caption", "shapes_vqa": "vqa", "coco": "caption", "flickr30k": "caption",
+        "vqav2": "vqa", "gqa": "vqa"}
+VIT = "google/vit-base-patch16-224-in21k"
+RELEASED = {  # the official scripts: GPT-2 COCO captioning, RoBERTa-base VQAv2 (r: LoRA, adapter)
+    "caption": dict(model="gpt2", vision=VIT, r=(128, 128), lr=3e-5, batch_size=40, epochs=20, warmup=5000,
+                    num_beams=5, lora_dropout=0.0, answer_min_count=9),
+    "vqa": dict(model="roberta-base", vision=VIT, r=(128, 64), lr=3e-4, batch_size=512, epochs=20,
+                warmup=0.05, num_beams=1, lora_dropout=0.1, answer_min_count=9)}
+SYNTHETIC = {  # the synthetic datasets: a 64-wide LM on one CPU core, ~20 s a run
+    "shapes_caption": dict(
+        model="stand_ins/tiny-gpt2",  # DEVIATION: a tiny GPT-2 pre-trained on another synthetic world
+        vision="tiny-cnn",            # DEVIATION: data.py's frozen CNN, trained on another world, not a ViT
+        r=(8, 8), lr=3e-3,            # DEVIATION: rank 8, lr 3e-3: a 64-wide LM adapts in a few hundred steps
+        batch_size=32, epochs=2,      # DEVIATION: 624 steps a run
+        warmup=0.05,                  # DEVIATION: 5% (released 5000 steps, more than a whole run here)
+        num_beams=3),                 # DEVIATION: beam 3 (released 5), faster
+    "shapes_vqa": dict(
+        model="stand_ins/tiny-roberta", vision="tiny-cnn", r=(8, 8), lr=3e-3,   # DEVIATION: as shapes_caption
+        batch_size=32, epochs=3,         # DEVIATION: 1056 steps a run
+        lora_dropout=0.0,                # DEVIATION: no LoRA dropout in 3 epochs (released 0.1 in 20)
+        answer_min_count=1)}             # every answer of the small world (released: seen 9 times)
+DEFAULTS = {ds: {**RELEASED[task], **SYNTHETIC.get(ds, {})} for ds, task in TASK.items()}
+
+
+def by_dataset(key: str, show=str) -> str:
+    """'default: <value> <datasets>; ...' of DEFAULTS, for the help of a flag whose default is per dataset."""
+    groups: dict = {}
+    for ds, values in DEFAULTS.items():
+        groups.setdefault(show(values[key]), []).append(ds)
+    text = "; ".join(f"{value} {'/'.join(names)}" for value, names in groups.items())
+    for names, short in {"shapes_caption/shapes_vqa": "shapes_*", "coco/flickr30k": "captions",
+                         "vqav2/gqa": "VQA"}.items():
+        text = text.replace(names, short)
+    return "default: " + text
+
+
+@dataclasses.dataclass
+class Args:
+    dataset: str = arg("shapes_caption", "; ".join(f"{task}: {' | '.join(d for d in TASK if TASK[d] == task)}"
+                                                   for task in RELEASED))
+    data_root: Optional[str] = arg(None, "root of the official dataset files (not for shapes_*)")
+    model: Optional[str] = arg(None, f"the LM, a HF id or folder ({by_dataset('model')})")
+    vision: Optional[str] = arg(None, f"vision tower, tiny-cnn or a HF ViT/CLIP ({by_dataset('vision')})")
+    image_size: Optional[int] = arg(None, "image side for a HF vision tower (default: 224; tiny-cnn: its own)")
+    method: str = arg("lora", "the runs: lora | adapter | both", eval_only=True)
+    kinds: str = arg("none,mul", f"routings: {', '.join(f'{k}={r.formula}' for k, r in ROUTINGS.items())}",
+                     eval_only=True)
+    compare: bool = arg(False, "the runs: both methods x all routings, one data and budget", eval_only=True)
+    r_bottleneck: Optional[int] = arg(None, "rank r = LoRA alpha (" + by_dataset(
+        "r", lambda r: f"{r[0]}" if r[0] == r[1] else f"{r[0]} LoRA/{r[1]} adapter") + ")")
+    lora_dropout: Optional[float] = arg(None, f"dropout on the LoRA inputs ({by_dataset('lora_dropout')})")
+    adapter_residual: bool = arg(True, "the adapter adds x back (released: GPT-2 yes; RoBERTa VQA no)")
+    visual_tokens: str = arg("pooled", "pooled (N = 1, paper) | grid (N > 1 visual tokens)")
+    center_visual: bool = arg(False, "ablation: x_R minus its train mean (x_v loses its image-free part)")
+    train_limit: Optional[int] = arg(None, "use only the first N train records")
+    eval_split: str = arg("test", "split of the final evaluation (Karpathy test for COCO)", eval_only=True)
+    eval_limit: Optional[int] = arg(None, "evaluate only the first N records", eval_only=True)
+    num_beams: Optional[int] = arg(None, f"beam size for captions ({by_dataset('num_beams')})",
+                                   eval_only=True)
+    device: str = arg("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = arg(0, "seed of the PEFT init and the data order")
+    seeds: Optional[str] = arg(None, "comma list: run each seed (out_dir/seed<N>), table of mean ± std")
+    out_dir: Optional[str] = arg(None, "default: runs/routing_bottleneck/<dataset>-<model>-<runs>")
+    resume: bool = arg(False, "continue from the checkpoints in out_dir")
+    overwrite: bool = arg(False, "replace a finished run in out_dir")
+    eval_only: bool = arg(False, "evaluate the checkpoints in out_dir without training")
+    export_merged: Optional[str] = arg(None, "folder: the LoRA (routing none) model merged into the LM",
+                                       eval_only=True)
+    epochs: Optional[int] = arg(None, f"training epochs ({by_dataset('epochs')})")
+    max_steps: Optional[int] = arg(None, "stop after N steps (the LR schedule still spans --epochs)")
+    batch_size: Optional[int] = arg(None, f"batch size per process ({by_dataset('batch_size')})")
+    lr: Optional[float] = arg(None, f"AdamW lr ({by_dataset('lr')})")
+    warmup: Optional[float] = arg(None, f"linear warm-up: steps if >= 1, else a fraction "
+                                        f"({by_dataset('warmup')})")
+    num_workers: int = arg(0, "DataLoader workers")
+    cache_dir: Optional[str] = arg(None, "cache of the frozen features (default: data.cache_dir())")
+
+    def __post_init__(self):
+        kinds = self.kinds.split(",")
+        bad = [k for k in kinds if k not in ROUTINGS] + [k for i, k in enumerate(kinds) if k in kinds[:i]]
+        at_least_1 = (">= 1", lambda v: v >= 1)
+        check_values(self, {
+            "dataset": (f"one of {', '.join(TASK)}", lambda v: v in TASK),
+            "method": ("lora, adapter or both", lambda v: v in ("lora", "adapter", "both")),
+            "kinds": (f"distinct names of {','.join(ROUTINGS)}; unknown or repeated: {bad}",
+                      lambda v: not bad),
+            "visual_tokens": ("pooled or grid", lambda v: v in ("pooled", "grid")),
+            "epochs": at_least_1, "batch_size": at_least_1, "r_bottleneck": at_least_1,
+            "num_beams": at_least_1,
+            "max_steps": (">= 0", lambda v: v >= 0), "num_workers": (">= 0", lambda v: v >= 0),
+            "warmup": ("a number >= 0", lambda v: 0 <= v < math.inf),
+            "export_merged": ("given with a LoRA run with routing none (a routed LoRA cannot be merged)",
+                              lambda v: self.compare or self.method != "adapter" and "none" in kinds)})
+
+
+def with_defaults(a: Args) -> Args:
+    """The per-dataset defaults (DEFAULTS) of the flags left out; --compare: every method and routing."""
+    filled = {k: v for k, v in DEFAULTS[a.dataset].items() if getattr(a, k, "not a flag") is None}
+    if a.compare:
+        filled.update(method="both", kinds=",".join(ROUTINGS))
+    a = dataclasses.replace(a, **filled)
+    what = ("compare" if a.compare else f"{a.method}-{a.kinds.replace(',', '_')}") + (
+        f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
+    return dataclasses.replace(a, out_dir=a.out_dir or f"runs/routing_bottleneck/{a.dataset}-"
+                                                       f"{a.model.split('/')[-1]}-{what}")
+
+
+def rank_of(a: Args, method: str) -> int:
+    return a.r_bottleneck or DEFAULTS[a.dataset]["r"][method == "adapter"]
+
+
+def table(results: list, task: str) -> str:
+    keys = ["BLEU-4", "CIDEr"] if task == "caption" else ["VQA"]
+    multi, width = len({r["seed"] for r in results}) > 1, 2 + max(len(r.label) for r in ROUTINGS.values())
+    lines = [f"{'PEFT':8s}{'routing':{width}s}" + "".join(f"{k:>15s}" for k in keys) + f"{'Δ' + keys[-1]:>9s}"
+             f"{'trainable':>11s}"]
+    for method, name in (("lora", "LoRA"), ("adapter", "Adapter")):
+        base = [r[keys[-1]] for r in results if r["method"] == method and r["routing"] == "none"]
+        for kind, routing in ROUTINGS.items():
+            rs = [r for r in results if r["method"] == method and r["routing"] == kind]
+            if rs:
+                cells = "".join(f"{mean_std([r[k] for r in rs]) if multi else f'{rs[0][k]:.2f}':>15s}"
+                                for k in keys)
+                delta = f"{np.mean([r[keys[-1]] for r in rs]) - np.mean(base):+.2f}" if base else ""
+                lines.append(f"{name:8s}{routing.label:{width}s}{cells}{delta if kind != 'none' else '':>9s}"
+                             f"{rs[0]['trainable']:>11,d}")
+    return "\n".join(lines)
+
+
+def run(a: Args) -> dict:
+    held = sorted(Path(with_defaults(a).out_dir).rglob("checkpoint.pt")) if a.resume or a.eval_only else []
+    if held:   # --resume / --eval_only: the settings the runs were trained with
+        a = from_checkpoint(a, load_checkpoint(str(held[0])))
+    a = with_defaults(a)
+    device, rank, world = setup_device(a.device)
+    prepare_out_dir(a, rank)
+    t0, p = time.time(), prepare(a, device)
+    prepare_out_dir(a, rank, inputs_loaded=True)
+    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else [a.seed]
+    methods = ["lora", "adapter"] if a.method == "both" else [a.method]
+    results = []
+    for seed, method, kind in itertools.product(seeds, methods, a.kinds.split(",")):
+        run_dir = os.path.join(a.out_dir, *([f"seed{seed}"] if a.seeds else []), f"{method}-{kind}")
+        res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, run_dir, device, rank,
+                               world)
+        results.append(res)
+        if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
+            export_merged(model, p, a.export_merged)
+    out = {"task": p.task, "runs": results, "args": dataclasses.asdict(a)}
+    if rank == 0:
+        if not a.eval_only:
+            Path(a.out_dir, "results.json").write_text(json.dumps(out, indent=2))
+        r = f"{rank_of(a, 'lora')}/{rank_of(a, 'adapter')}" if a.method == "both" else rank_of(a, a.method)
+        steps = max(x["steps"] for x in results)
+        print(f"{a.dataset}, {a.model} + {a.vision}, r={r}, {steps} steps/run, {len(p.eval_records)} "
+              f"{a.eval_split} records, seed(s) {a.seeds or a.seed}")
+        print(table(results, p.task))
+        print(f"time: {time.time() - t0:.1f}s")
+    return out
+
+
+def main(argv=None) -> dict:
+    return run_cli(run, Args, argv)
 
 
 if __name__ == "__main__":
