@@ -424,7 +424,7 @@ def test_ddp_two_gloo_processes(tiny, tmp_path):
 def test_real_formats_local_gpt2_and_vit(tmp_path):
     """COCO Karpathy files (dataset_coco.json + JPEGs), a local GPT-2 folder (+ tokenizer) and a local HF ViT
     tower whose pooled output (width 32 = GPT-2 width) is x_R, fed as it is."""
-    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTModel
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel
     tok = data.build_tokenizer()
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
@@ -432,6 +432,7 @@ def test_real_formats_local_gpt2_and_vit(tmp_path):
     tok.save_pretrained(tmp_path / "gpt2")
     ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                        image_size=32, patch_size=8)).save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "vit")
     write_coco_karpathy(tmp_path)
     out = rb.main(["--out_dir", str(tmp_path / "out"), "--dataset", "coco", "--data_root", str(tmp_path),
                    "--model", str(tmp_path / "gpt2"), "--vision", str(tmp_path / "vit"), "--image_size", "32",
