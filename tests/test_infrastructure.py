@@ -26,14 +26,24 @@ def block(name: str) -> str:
     return text[text.index(BEGIN):text.index(END)]
 
 
+def arg_text(text: str) -> str:
+    """EVAL_ONLY and arg(): the part of the flags' machinery that must come before the Args class."""
+    start = text.index("\nEVAL_ONLY = ")
+    return text[start:text.index("\n\n\n", text.index("\ndef arg(", start))]
+
+
 def test_same_block_in_every_method_file():
     blocks = {name: block(name) for name in METHOD_FILES}
     for name, b in blocks.items():
         assert b == blocks[METHOD_FILES[0]], f"{name}: infrastructure block differs from {METHOD_FILES[0]}"
     names = set(re.findall(r"^(?:def|class) (\w+)|^(\w+) = ", blocks[METHOD_FILES[0]], re.M))
     names = {a or b for a, b in names}
-    assert {"UsageError", "arg", "check_values", "from_checkpoint", "setup_device", "lr_schedule",
+    assert {"UsageError", "check_values", "from_checkpoint", "setup_device", "lr_schedule",
             "save_checkpoint", "load_checkpoint", "prepare_out_dir", "run_cli"} <= names
+    for name in METHOD_FILES:  # last in the file; `arg` (which Args uses as the class is made) before Args
+        text = (REPO / name).read_text()
+        assert text.index(BEGIN) > text.index("\ndef main(") > text.index("\ndef arg(")
+        assert arg_text(text) == arg_text((REPO / METHOD_FILES[0]).read_text()), f"{name}: arg() differs"
 
 
 def test_pt_peft_train_takes_the_block_from_prefix_tuning():
