@@ -130,6 +130,37 @@ def make_tiny_t5(folder: Path, steps: Optional[int]) -> None:
     pretrain_memvp_lm(folder, steps, "t5", t5_ffn="gated-gelu")
 
 
+def scienceqa_texts(task: str, n_images: int) -> list:
+    """VQA questions of data.PRETRAIN_WORLD as ScienceQA problems in the official QCM-A format
+    (data.scienceqa_prompt): the answer and 1-4 other answers of its question type as options A-E, half of
+    them with a description of the scene as the context; target "The answer is X."."""
+    import numpy as np
+    rng, pool, out = np.random.default_rng(0), {}, []
+    sizes = {"train": n_images}
+    recs = data.load_records("shapes_vqa", "train", world_seed=data.PRETRAIN_WORLD, split_sizes=sizes)
+    for r in recs:
+        pool.setdefault(r["question_type"], set()).add(r["answer"])
+    for r in recs:
+        others = sorted(pool[r["question_type"]] - {r["answer"]})
+        choices = [str(c) for c in rng.permutation(others)[:int(rng.integers(1, 5))]] + [r["answer"]]
+        choices = [choices[i] for i in rng.permutation(len(choices))]
+        context = data.describe_scene(r["meta"]["scene"], rng) if rng.random() < 0.5 else ""
+        problem = {"question": r["question"], "context": context, "choices": choices, "meta": {"caption": ""},
+                   "answer": "ABCDE"[choices.index(r["answer"])]}
+        out.append(data.scienceqa_prompt(problem))
+    return out
+
+
+@recipe("tiny-llama-scienceqa")
+def make_tiny_llama_scienceqa(folder: Path, steps: Optional[int]) -> None:
+    """The tiny LLaMA for --dataset scienceqa offline: its tokenizer keeps the option letters A-E upper-case
+    (the official scorer reads the first capital letter) and it is pre-trained on scienceqa_texts."""
+    from tokenizers import AddedToken
+    tok = data.build_tokenizer(data.synthetic_vocab() + MEMVP_WORDS + ["( )"])
+    tok.add_tokens([AddedToken(letter, single_word=True, normalized=False) for letter in "ABCDE"])
+    pretrain_memvp_lm(folder, steps, "llama", tok=tok, texts=scienceqa_texts)
+
+
 @recipe("tiny-llama-caption")
 def make_tiny_llama_caption(folder: Path, steps: Optional[int]) -> None:
     """The tiny LLaMA pre-trained on captions instead (--dataset shapes_caption)."""
