@@ -383,8 +383,8 @@ def test_scienceqa_fixture(tmp_path, capsys):
     write_scienceqa(tmp_path)
     make_stand_ins.make_tiny_llama_scienceqa(tmp_path / "lm", 2)
     tok = memvp.load_lm(str(tmp_path / "lm"))[1]
-    ids = tok("The answer is (B).", add_special_tokens=False)["input_ids"]
-    assert tok.decode(ids) == "the answer is ( B ) ."
+    ids = tok("Options: (A) red (B) blue The answer is B.", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "options : ( A ) red ( B ) blue the answer is B ."
     res = memvp.main(small(tmp_path / "run", "--dataset", "scienceqa", "--data_root", str(tmp_path),
                            "--batch_size", "2", "--model", str(tmp_path / "lm"), "--vision", "tiny-cnn",
                            "--max_text_len", "12"))
