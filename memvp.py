@@ -341,7 +341,8 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
     for i, (s, t) in enumerate(texts(r, task, train) for r in recs):
         src = enc(s)  # decoder-only: the target's tokens as in the whole text (as the official code)
         tgt = enc(s + sep + t)[len(src):] if t and llama else enc(t)
-        # official: the first 512 tokens of prompt + answer (training), the first 511 of the prompt (test)
+        # official: the first 512 tokens of prompt + answer (training), the first 511 of the prompt (test).
+        # DEVIATION: bos / eos are not counted (the official 512 include them): the same text for short prompts
         kept = (src[:n], tgt[:n - len(src[:n])] if llama else tgt[:n])
         cut += len(kept[0]) + len(kept[1]) < len(src) + len(tgt)
         items.append((i, *kept))
