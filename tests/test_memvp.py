@@ -457,7 +457,7 @@ def run_bad(argv, capsys):
 
 
 def test_bad_inputs(tmp_path, capsys):
-    assert "--lr abc" in run_bad(["--lr", "abc"], capsys)
+    assert "--lr: invalid float value: 'abc'" in run_bad(["--lr", "abc"], capsys)
     assert "not used by the HfArgumentParser: ['--arch'" in run_bad(["--arch", "t5"], capsys)
     assert "--prompting cross: must be one of both, memvp, input" in run_bad(["--prompting", "cross"], capsys)
     assert "--memory_layers 1-2: must be comma-separated FFN indices" in run_bad(["--memory_layers", "1-2"],
