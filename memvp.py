@@ -7,24 +7,24 @@ Input-space prompting (LLaVA) puts n projected image tokens before the L text to
 alone and appends the visual features to the FFNs of the frozen LM as n extra key-value memory entries,
 training only the projector f and the position embeddings p^k, p^v (+ the norms of BART/T5): a layer costs
 4ndL more FLOPs (Eq. 15) instead of 4nd(6d+n+2L) (Eq. 14). BART/T5: the encoder FFNs (Sec. 5.1); LLaMA:
-every decoder FFN, with one p^k/p^v table for all layers (Sec. 5.2).
+every decoder FFN, with one p^k/p^v table for all layers (Sec. 5.2); --memory_layers picks others.
 
 Equation -> code
   Eq. 5       Retrieval(x) = sum_i phi(<x, K(z_i)>) V(z_i)                    visual_memory
   Eq. 7       K, V = lam f(z) + p^k, lam f(z) + p^v (zero-padded to n_pos)   MemVPPrompts.forward, projector
-  Eq. 6, 8    FFN with the n entries appended to W1, W2                      MemVPFFN.forward
+  Eq. 6, 8    FFN with the n entries appended to W1, W2                      MemVPFFN.forward, patch_memvp
   Eq. 9-12    gated FFN (LLaMA SwiGLU, T5 gated-gelu): entries skip the gate  MemVPFFN.forward
-  Eq. 13-15   FLOPs of a layer; of the whole LM                               eq13_15, analytic_flops
+  Eq. 13-15   FLOPs of a layer; of the whole LM (memory layers only)          eq13_15, analytic_flops
   Tables 5, 7 hyper-parameters (BART/T5; LLaMA + official code)               FAMILY
   baseline    input-space prompting + LoRA on q/v (Table 7 LLaVA-LoRA)        VLModel.lm_inputs, add_lora
 
-Offline default: VQA on data.py's synthetic world, frozen tiny-cnn grid tokens, a tiny LLaMA-style LM
-pre-trained once (cached) to answer questions about scene descriptions of another world.
+Offline default: VQA on data.py's synthetic world, frozen tiny-cnn grid tokens, stand_ins/tiny-llama (a
+tiny LLaMA-style LM pre-trained on another world's questions by scripts/make_stand_ins.py).
 
   python memvp.py                                 # MemVP vs input-space + LoRA on the tiny LLaMA
   python memvp.py --seeds 0,1,2                   # the same, mean ± std over three seeds
-  python memvp.py --arch bart                     # tiny BART: memory in the encoder FFNs (Sec. 5.1)
-  python memvp.py --arch t5 --t5_ffn gated-gelu   # tiny T5 with a gated FFN (Eq. 11-12)
+  python memvp.py --model stand_ins/tiny-bart     # tiny BART: memory in the encoder FFNs (Sec. 5.1)
+  python memvp.py --model stand_ins/tiny-t5       # tiny T5 with a gated FFN (Eq. 11-12)
   python memvp.py --benchmark                     # speed / memory / FLOPs at SmolLM2-135M's shape
   python memvp.py --dataset scienceqa --data_root $DATA --model $LLAMA   # Table 2 (batch 4 per GPU x 8)
   torchrun --nproc_per_node 8 memvp.py --dataset vqav2 --data_root $DATA --model facebook/bart-base
@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import multiprocessing
@@ -44,7 +43,6 @@ import random
 import re
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -165,15 +163,21 @@ def find_ffns(lm: nn.Module) -> list:
     return [(k, f"{prefix}.{n}".strip("."), m, a) for k, n, m, a in found]
 
 
-def patch_memvp(lm: nn.Module, bank: MemoryBank, scale: float, dropout: float, shared: bool) -> int:
-    """Wrap every FFN of find_ffns in place (BART: its fc2); -> the number of patched layers."""
+def patch_memvp(lm: nn.Module, bank: MemoryBank, scale: float, dropout: float, shared: bool,
+                layers: Optional[list] = None) -> list:
+    """Wrap the FFNs of find_ffns numbered `layers` (default: all of them, the paper's choice) in place
+    (BART: its fc2); the k-th patched FFN reads table k (shared: table 0). -> the patched FFNs' names."""
     ffns = find_ffns(lm)
-    for i, (kind, name, m, act) in enumerate(ffns):
+    layers = list(range(len(ffns))) if layers is None else layers
+    if not layers or not all(0 <= i < len(ffns) for i in layers):
+        raise UsageError(f"--memory_layers {layers}: {type(lm).__name__} has FFNs 0-{len(ffns) - 1}")
+    for table, i in enumerate(layers):
+        kind, name, m, act = ffns[i]
         if kind == "bart":
-            m.fc2 = MemVPFFN(m.fc2, act, bank, 0 if shared else i, scale, dropout, fc1=m.fc1)
+            m.fc2 = MemVPFFN(m.fc2, act, bank, 0 if shared else table, scale, dropout, fc1=m.fc1)
         else:
-            lm.set_submodule(name, MemVPFFN(m, act, bank, 0 if shared else i, scale, dropout))
-    return len(ffns)
+            lm.set_submodule(name, MemVPFFN(m, act, bank, 0 if shared else table, scale, dropout))
+    return [ffns[i][1] for i in layers]
 
 
 class LoRALinear(nn.Module):
@@ -199,30 +203,24 @@ def add_lora(lm: nn.Module, r: int, alpha: float) -> int:
     return sum(r * (m.in_features + m.out_features) for _, m in hits)
 
 
-def merge_lora(lm: nn.Module) -> nn.Module:
-    """Fold every LoRA branch into its weight, W + (alpha/r) B A: a plain HF model again (save_pretrained)."""
-    for name, m in list(lm.named_modules()):
-        if isinstance(m, LoRALinear):
-            m.base.weight.data += m.scaling * (m.lora_B @ m.lora_A).to(m.base.weight.dtype)
-            lm.set_submodule(name, m.base)
-    return lm
-
-
 class VLModel(nn.Module):
     """Frozen LM + trainable visual bridge: memory space (MemVP) or input space + LoRA on q/v."""
 
     def __init__(self, lm: nn.Module, mode: str, d_vis: int, *, lam=0.01, scale=1.0, n_pos=240,
-                 shared_pos=False, proj_hidden=128, mem_dropout=0.0, lora_rank=0, bos_first=True):
+                 shared_pos=False, proj_hidden=128, mem_dropout=0.0, lora_rank=0, bos_first=True,
+                 memory_layers: Optional[list] = None):
         super().__init__()
         self.lm, self.mode, self.enc_dec = lm, mode, bool(lm.config.is_encoder_decoder)
         self.lead = int(not self.enc_dec and bos_first)  # decoder-only: the text starts with bos
         d, hidden = lm.get_input_embeddings().embedding_dim, 0 if self.enc_dec else proj_hidden
-        # DEVIATION: LoRA alpha = r (the paper gives only r)
-        self.lora_params = add_lora(lm, lora_rank, lora_rank) if mode == "input" and lora_rank else 0
+        if mode == "input" and lora_rank:
+            add_lora(lm, lora_rank, lora_rank)  # DEVIATION: LoRA alpha = r (the paper gives only r)
+        self.memory_layers = []  # the names of the FFNs that carry the memory
         if mode == "memvp":
             self.bank = MemoryBank()
-            layers = patch_memvp(lm, self.bank, scale, mem_dropout, shared_pos)
-            self.prompts = MemVPPrompts(d_vis, d, n_pos, 1 if shared_pos else layers, lam, hidden)
+            self.memory_layers = patch_memvp(lm, self.bank, scale, mem_dropout, shared_pos, memory_layers)
+            tables = 1 if shared_pos else len(self.memory_layers)
+            self.prompts = MemVPPrompts(d_vis, d, n_pos, tables, lam, hidden)
         else:
             self.projector = projector(d_vis, d, hidden)
 
@@ -271,96 +269,26 @@ def freeze(model: VLModel) -> list:
     return names
 
 
-def expected_trainable(model: VLModel, d_vis: int, d: int, hidden: int, n_pos: int, tables: int) -> int:
-    """The method's parameter count from its shapes: f, + p^k and p^v or + LoRA, + the norms (BART/T5)."""
-    f = d_vis * d + d if model.enc_dec else d_vis * hidden + hidden + hidden * d + d
-    norms = sum(p.numel() for m in model.lm.modules() if "norm" in type(m).__name__.lower()
-                for p in m.parameters(False))
-    own = 2 * tables * n_pos * d if model.mode == "memvp" else model.lora_params
-    return f + own + model.enc_dec * norms
-
-
-# ------------------------------------------- the offline stand-in: a tiny LM that reads its context, cached
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # Table 6
-
-
-def tiny_lm(arch: str, vocab: int, d: int, layers: int, ffn: int, heads: int, kv_heads: int = 0,
-            t5_ffn: str = "relu", max_pos: int = 1024):
-    """Config-built LM, random weights (pad 0, bos 1, eos 2, as data.build_tokenizer). DEVIATION (tiny LMs):
-    init std d^-0.5 (T5's own) for BART and LLaMA too, not HF's 0.02: with 0.02 a width-64 LM barely moves its
-    first layers in pre-training and never learns to read its context."""
-    ids, std = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), d ** -0.5
-    if arch == "bart":
-        return transformers.BartForConditionalGeneration(transformers.BartConfig(
-            vocab_size=vocab, d_model=d, encoder_layers=layers, decoder_layers=layers, encoder_ffn_dim=ffn,
-            decoder_ffn_dim=ffn, encoder_attention_heads=heads, decoder_attention_heads=heads, dropout=0.0,
-            max_position_embeddings=max_pos, decoder_start_token_id=2, forced_eos_token_id=None, init_std=std,
-            **ids))
-    if arch == "t5":
-        return transformers.T5ForConditionalGeneration(transformers.T5Config(
-            vocab_size=vocab, d_model=d, d_kv=d // heads, d_ff=ffn, num_layers=layers, num_heads=heads,
-            dropout_rate=0.0, feed_forward_proj=t5_ffn, decoder_start_token_id=0, **ids))
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=max_pos,
-        tie_word_embeddings=True, initializer_range=std, **ids))
-
-
-def pretrain_texts(task: str, n_images: int) -> list:
-    """(source, target) texts of data.PRETRAIN_WORLD (never the benchmark's world), half of them after a
-    description of the scene, so that the LM learns to read its context as a real LM can (ScienceQA: VQA)."""
-    sizes, rng = {"train": n_images}, np.random.default_rng(0)
-    dataset = "shapes_caption" if task == "caption" else "shapes_vqa"
-    recs = data.load_records(dataset, "train", world_seed=data.PRETRAIN_WORLD, split_sizes=sizes)
-    recs = data.caption_pairs(recs) if task == "caption" else recs
-    return [((data.describe_scene(r["meta"]["scene"], rng) + " " if rng.random() < 0.5 else "")
-             + (CAPTION_PROMPT if task == "caption" else r["question"]), r.get("caption", r.get("answer")))
-            for r in recs]
-
-
-def pretrained_tiny_lm(args: Args, recs: dict, task: str, device, rank: int):
-    """-> (LM, tokenizer) offline: a word-level tokenizer of the synthetic world (+ the ScienceQA texts) and
-    tiny_lm pre-trained (all weights; seed 0: one LM for every seed) on pretrain_texts, cached by its recipe.
-    DEVIATION: the paper starts from BART-base / T5-base / LLaMA-7B (no download offline)."""
-    words = data.synthetic_vocab() + [CAPTION_PROMPT, "question context options response answer is n / a"]
-    if task == "mcq":
-        words += [t for rs in recs.values() for r in rs for t in texts(r, task, True)]  # + answer letters
-    tok, d, steps = data.build_tokenizer(words), args.tiny_d, args.lm_pretrain_steps
-    make = lambda: tiny_lm(args.arch, len(tok), d, args.tiny_layers, 4 * d, max(1, d // 16),  # noqa: E731
-                           max(1, d // 32), args.t5_ffn)
-    key = json.dumps([make().config.to_dict(), task, tok.get_vocab(), steps, 2], sort_keys=True, default=str)
-    key = hashlib.sha1(key.encode()).hexdigest()[:12]
-    path = data.stand_in(os.path.join(args.cache_dir, "memvp", f"tiny-{args.arch}-{key}.pt"))
-    if rank == 0 and not os.path.exists(path):
-        seed_everything(0)
-        lm, enc = make().to(device).train(), lambda t: tok(t, add_special_tokens=False)["input_ids"]
-        items = [(0, enc(s), enc(t)) for s, t in pretrain_texts(task, min(4000, max(64, 8 * steps)))]
-        collate = Collator(None, lm.config.is_encoder_decoder, tok, generate=False)
-        opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
-        sched, g = lr_schedule(opt, steps // 10, steps), torch.Generator().manual_seed(0)
-        for _ in tqdm(range(steps), desc=f"pre-train the tiny {args.arch} LM (cached)", file=sys.stderr):
-            b = collate([items[i] for i in torch.randint(len(items), (64,), generator=g).tolist()])
-            inputs = {k: b[k].to(device) for k in ("input_ids", "attention_mask")}
-            lm_loss(lm, inputs, b["labels"].to(device)).backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_checkpoint(path, lm.cpu().state_dict())
-    if dist.is_initialized():
-        dist.barrier()
-    lm = make()
-    lm.load_state_dict(torch.load(path, map_location="cpu"))
-    return lm, tok
+def method_parameters(model: VLModel) -> int:
+    """The size of what the method added, from the shapes of those modules (not from requires_grad): f and
+    p^k, p^v (MemVP) or f and every LoRA A, B (input space), + the LM's norms for BART/T5 (Sec. 5.1)."""
+    added = list((model.prompts if model.mode == "memvp" else model.projector).parameters())
+    added += [t for m in model.lm.modules() if isinstance(m, LoRALinear) for t in (m.lora_A, m.lora_B)]
+    if model.enc_dec:
+        norms = [m for m in model.lm.modules() if "norm" in type(m).__name__.lower()]
+        added += [p for m in norms for p in m.parameters(False)]
+    return sum(p.numel() for p in added)
 
 
 def load_lm(model: str):
-    """A real LM and its tokenizer, by hub id or local path (fp32 weights; bf16 autocast on GPU)."""
+    """An LM and its tokenizer by hub id or folder (the offline stand-ins: stand_ins/<name>, data.model_path);
+    fp32 weights, bf16 autocast on GPU."""
+    path = data.model_path(model)
     try:
-        seq2seq = transformers.AutoConfig.from_pretrained(model).is_encoder_decoder
+        seq2seq = transformers.AutoConfig.from_pretrained(path).is_encoder_decoder
         auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-        lm = auto.from_pretrained(model, dtype=torch.float32)
-        return lm, transformers.AutoTokenizer.from_pretrained(model)
+        lm = auto.from_pretrained(path, dtype=torch.float32)
+        return lm, transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load --model {model!r}: {str(e).splitlines()[0]}") from None
 
@@ -368,6 +296,7 @@ def load_lm(model: str):
 # ------------------------------------------ data -> batches (data.py: records, frozen features, metrics)
 TASKS = {"shapes_vqa": "vqa", "vqav2": "vqa", "gqa": "vqa", "shapes_caption": "caption", "coco": "caption",
          "scienceqa": "mcq"}
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # Table 6
 
 
 def texts(rec: dict, task: str, train: bool) -> tuple:
@@ -379,7 +308,7 @@ def texts(rec: dict, task: str, train: bool) -> tuple:
     if task == "caption":
         return CAPTION_PROMPT, rec["caption"] if train else ""
     src, tgt = data.scienceqa_prompt(rec)
-    return (src, tgt) if train else (src + "The answer is", "")
+    return (src, tgt) if train else (src + "The answer is", "")  # scored on the raw generated text
 
 
 @dataclasses.dataclass
@@ -399,6 +328,8 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
     # the last layer's grid. DEVIATION: no ViT adapters (App. A.2): the tower is frozen, its features cached
     kw = {} if args.vision == "tiny-cnn" else dict(image_size=args.image_size, layer=-2 if llama else -1,
                                                    device=str(device))
+    if args.dataset == "scienceqa" and kw:  # official: 224 x 224 resize (no crop), ImageNet mean/std
+        kw["preprocess"] = "imagenet-resize"
     cache = os.path.join(args.cache_dir, "features")
     feats, rows, missing = data.extract_features(recs, args.vision, dataset=args.dataset, split=split,
                                                  train=train, cache_dir=cache, **kw)
@@ -406,11 +337,17 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
         recs, rows = data.drop_missing(recs, rows, missing)
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"] if t else []  # noqa: E731
     sep = "" if task == "mcq" else " "  # Table 6: "[Question] [Answer]"; official ScienceQA: "Response:The"
-    items = []
+    n, items, cut = args.max_text_len - (not train), [], 0
     for i, (s, t) in enumerate(texts(r, task, train) for r in recs):
         src = enc(s)  # decoder-only: the target's tokens as in the whole text (as the official code)
         tgt = enc(s + sep + t)[len(src):] if t and llama else enc(t)
-        items.append((i, src[-args.max_text_len:], tgt[:args.max_text_len]))
+        # official: the first 512 tokens of prompt + answer (training), the first 511 of the prompt (test).
+        # DEVIATION: bos / eos are not counted (the official 512 include them): the same text for short prompts
+        kept = (src[:n], tgt[:n - len(src[:n])] if llama else tgt[:n])
+        cut += len(kept[0]) + len(kept[1]) < len(src) + len(tgt)
+        items.append((i, *kept))
+    if cut:
+        print(f"{args.dataset} {split}: {cut} of {len(items)} texts cut to their first {n} tokens")
     post = None
     if llama and args.vision != "tiny-cnn":
         kind = transformers.AutoConfig.from_pretrained(args.vision).model_type
@@ -459,8 +396,6 @@ class Collator:
 def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, world: int, out_dir: str):
     """One plain loop, exactly resumable from its checkpoint; --eval_only: load it and take no step."""
     ckpt, params = os.path.join(out_dir, "checkpoint.pt"), [p for p in model.parameters() if p.requires_grad]
-    setting = setting_of(args, "prompting", "eval_batch_size", "eval_limit", "eval_split", "max_new_tokens",
-                         "log_every", "ckpt_every", "export_merged")  # these change no trained weight
     # official LLaMA recipe: AdamW betas (0.9, 0.95), no weight decay on biases and norms (timm param groups)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
@@ -475,22 +410,20 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     sched = lr_schedule(opt, int(args.warmup_ratio * total), total)  # official: linear warm-up, cosine to 0
     step, spent, recent, saved = 0, 0.0, [], args.eval_only or (args.resume and os.path.exists(ckpt))
     if saved:
-        state = load_checkpoint(ckpt, model, setting)
+        state = load_checkpoint(ckpt, model)  # the trained tensors, and the RNG states restored
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, spent, recent = state["step"], state["train_time_s"], state["recent_losses"]
-        set_rng_state(state["rng"])
         target = step if args.eval_only else target
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     t0, losses = time.perf_counter(), []
 
     def save():
         if rank == 0:
-            save_checkpoint(ckpt, {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters()
-                                                 if p.requires_grad}, "step": step, "rng": rng_state(),
+            trained = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            save_checkpoint(ckpt, {"trainable": trained, "step": step, "args": dataclasses.asdict(args),
                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "train_time_s": spent + time.perf_counter() - t0, "recent_losses": recent,
-                                   "setting": setting})
+                                   "train_time_s": spent + time.perf_counter() - t0, "recent_losses": recent})
     bar = tqdm(total=target, initial=step, desc=f"train {model.mode}", disable=rank != 0, file=sys.stderr,
                position=int(model.mode == "input"))  # one line per side: they may train side by side
     model.train()
@@ -505,8 +438,8 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
                         loss = ddp(*(batch[k].to(device) for k in ("feats", "input_ids", "attention_mask",
                                                                     "labels")))
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                            f"{ckpt if saved else 'none'}")
+                        raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: "
+                                                 f"{ckpt if saved else 'none'}")
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -533,6 +466,11 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
             "train_loss": float(np.mean(recent))}
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(args: Args, model: VLModel, evalset: Split, tok, device) -> dict:
     """Greedy answers / captions / ScienceQA letters, scored by data.py's official metrics."""
@@ -557,8 +495,7 @@ def score(task: str, preds: list, recs: list) -> dict:
     if task == "caption":
         refs = {r["id"]: r["captions"] for r in recs}
         return data.caption_metrics({r["id"]: p for p, r in zip(preds, recs)}, refs)
-    # official: the first capital letter of the answer (upper-cased here: the tiny tokenizer is lower-case)
-    return data.scienceqa_accuracy([(re.findall(r"[A-Z]", p.upper()) or ["FAILED"])[0] for p in preds], recs)
+    return data.scienceqa_accuracy(preds, recs)  # official: the first capital letter, if one of the choices
 
 
 def answer_prior(task: str, train_recs: list, eval_recs: list) -> Optional[dict]:
@@ -579,11 +516,13 @@ def eq13_15(d: int, n: int, L: int) -> dict:
     return {"lm": lm, "input": lm + 4 * n * d * (6 * d + n + 2 * L), "memvp": lm + 4 * n * d * L}
 
 
-def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int = 0, head: int = -1) -> float:
+def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int = 0, head: int = -1,
+                   memory_layers: int = 0) -> float:
     """Forward FLOPs of the whole LM per sample (2 per multiply-add): Eq. 13-15 with the real layer shapes
-    (GQA, gated FFN), MemVP's n_mem entries (padding included), LoRA r on every q/v (decoders too), the LM
-    head on `head` positions (-1: every text / target position; 1: prefill). Causal self-attention (LLaMA,
-    BART/T5 decoders) counts the T(T+1)/2 pairs a causal kernel computes, not Eq. 13's T x T square."""
+    (GQA, gated FFN), MemVP's n_mem entries (padding included) in the `memory_layers` FFNs that carry them,
+    LoRA r on every q/v (decoders too), the LM head on `head` positions (-1: every text / target position;
+    1: prefill). Causal self-attention (LLaMA, BART/T5 decoders) counts the T(T+1)/2 pairs a causal kernel
+    computes, not Eq. 13's T x T square."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     dq = h * (getattr(cfg, "head_dim", None) or d // h)
     dkv = dq // h * (getattr(cfg, "num_key_value_heads", None) or h)
@@ -593,7 +532,7 @@ def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int 
     r, T = (r, L + n) if mode == "input" else (0, L)  # T: tokens through the encoder / decoder-only layers
     layer = T * (4 * d * dq + 4 * d * dkv + ffn + 2 * r * (2 * d + dq + dkv))
     layer += attn(T, T, not cfg.is_encoder_decoder)
-    total = cfg.num_hidden_layers * (layer + (4 * n_mem * d * L if mode == "memvp" else 0))  # + Eq. 15
+    total = cfg.num_hidden_layers * layer + (memory_layers * 4 * n_mem * d * L if mode == "memvp" else 0)
     if cfg.is_encoder_decoder:  # decoder: self-attention, cross-attention over the T encoder states, FFN
         t = tgt
         dec = t * (12 * d * dq + ffn) + 4 * T * d * dq + attn(t, t, True) + attn(t, T, False)
@@ -615,15 +554,22 @@ def saved_activations_mb(fn) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
+def smollm2_shape(layers: int) -> nn.Module:
+    """A random-weight LLaMA of SmolLM2-135M's shape (9 heads, 3 key/value heads), init std d^-0.5."""
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+        initializer_range=576 ** -0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+
+
 def run_benchmark(args: Args, device) -> dict:
-    """Both sides on one LM (random weights at SmolLM2-135M's shape, or --model) with the paper's n_pos and
-    LoRA rank of its family: FLOPs, training step, prefill, decoding, activations."""
+    """Both sides on one LM (random weights at SmolLM2-135M's shape, or --bench_model) with the paper's n_pos
+    and LoRA rank of its family: FLOPs, training step, prefill, decoding, activations."""
     from torch.utils.flop_counter import FlopCounterMode
-    seed_everything(args.seed)
-    # SmolLM2-135M: 9 heads, 3 key/value heads; CLIP ViT-L/14 features (d_v 1024)
-    lm = (tiny_lm("llama", 49152, 576, args.bench_layers, 1536, 9, 3, max_pos=2048)
-          if args.model == "tiny" else load_lm(args.model)[0])
-    resolve_family(args, lm.requires_grad_(False), 1, paper=True)
+    transformers.set_seed(args.seed)
+    # CLIP ViT-L/14 features (d_v 1024)
+    lm = load_lm(args.bench_model)[0] if args.bench_model else smollm2_shape(args.bench_layers)
+    resolve_family(args, lm.requires_grad_(False), 1, synthetic=False)
     B, n, L, cfg = args.bench_batch, args.bench_n, args.bench_L, lm.config
     n_mem, tgt, dv, gen = max(args.n_pos, n), (16 if cfg.is_encoder_decoder else L), 1024, 8
     g = torch.Generator().manual_seed(args.seed)
@@ -638,10 +584,11 @@ def run_benchmark(args: Args, device) -> dict:
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
         with FlopCounterMode(display=False) as fc, torch.no_grad(), autocast(device):
             m(*batch)
+        k, r = len(m.memory_layers), args.lora_rank
         s = sides[mode] = {"params": sum(p.numel() for p in m.parameters() if p.requires_grad),
                            "counted": fc.get_total_flops() / B,
-                           "analytic": analytic_flops(cfg, mode, n, n_mem, L, tgt, args.lora_rank),
-                           "prefill_analytic": analytic_flops(cfg, mode, n, n_mem, L, 1, args.lora_rank, 1),
+                           "analytic": analytic_flops(cfg, mode, n, n_mem, L, tgt, r, -1, k),
+                           "prefill_analytic": analytic_flops(cfg, mode, n, n_mem, L, 1, r, 1, k),
                            "model": m, "opt": opt, "train": [], "prefill": [], "decode": []}
         s["act_mb"] = saved_activations_mb(lambda: bench_step(s, batch, device))
     for _ in range(args.bench_iters + 1):  # the sides alternate, so drifting machine load hits both
@@ -696,66 +643,169 @@ def format_benchmark(r: dict) -> str:
     return "\n".join([r["title"], head] + [f"{a:{w}}  {b:>10}  {c:>10}  {d:>11}" for a, b, c, d in rows])
 
 
+# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
+RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume", "overwrite",
+                "eval_only", "seeds")  # what --resume / --eval_only take from the command line, with EVAL_ONLY
+EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
+
+
+def arg(default, help: str, eval_only: bool = False):
+    """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
+    help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse formats it
+
+
+def check_values(args, rules: dict) -> None:
+    """For Args.__post_init__: {flag: (rule, ok)}, then the rules shared by name ending (lr, dropout) and --seeds."""
+    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for k, v in dataclasses.asdict(args).items():
+        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
+        if ok is not None and v is not None and not ok(v):
+            raise UsageError(f"--{k} {v}: must be {rule}")
+    seeds = (args.seeds or "0").split(",")
+    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+
+
+def from_checkpoint(args, state: dict):
+    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
+    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
+    saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
+    default = type(args)()
+    ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items() if v != getattr(args, k) != getattr(default, k)]
+    if ignored:
+        print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
+    return dataclasses.replace(args, **saved)
+
+
+def setup_device(device: str):
+    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
+        torch.cuda.set_device(torch.device(device))
+    return torch.device(device), dist.get_rank() if world > 1 else 0, world
+
+
+def pin_threads(model: nn.Module, device: torch.device) -> None:
+    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+        torch.set_num_threads(1)
+
+
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
+                decay: str = "cosine", warmup_factor: float = 0.0):
+    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
+    decay to 0 at total_steps ('none': constant)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextlib.contextmanager
+def whole_step():
+    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+    held = []
+    old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if model is not None:
+        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
+    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
+    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
+    if held and not (args.resume or args.eval_only or args.overwrite):
+        raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume to "
+                         "continue it or --overwrite to replace it")
+    os.makedirs(args.out_dir, exist_ok=True)
+    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
+    for p in Path(args.out_dir).rglob("*") if clear else []:
+        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
+            p.unlink()
+
+
+def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
+    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
+    params = list(model.parameters())  # de-duplicated by nn.Module
+    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
+    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
+    return n, m
+
+
+def mean_std(values) -> str:
+    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
+
+
+def run_cli(run, cls, argv=None):
+    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
+    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
+    parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
+                                           formatter_class=argparse.HelpFormatter)
+    try:
+        try:
+            args = parser.parse_args_into_dataclasses(argv)[0]
+        except (ValueError, argparse.ArgumentError) as e:  # an unknown flag, a value of the wrong type
+            raise UsageError(str(e)) from None
+        return run(args)
+    except (UsageError, FloatingPointError, OSError) as e:  # OSError: a path it cannot use
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, FloatingPointError) else 2)
+    except KeyboardInterrupt:
+        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+# End of infrastructure ======================================================================================
+
+
 # --------------------------------------------------------------------------------------- Args, CLI, main
-def arg(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
-@dataclasses.dataclass
-class Args:
-    dataset: str = arg("shapes_vqa", "shapes_vqa | shapes_caption | vqav2 | gqa | coco | scienceqa")
-    data_root: Optional[str] = arg(None, "root of the real datasets")
-    model: str = arg("tiny", "tiny (pre-trained here, see --arch) or a HF id/path: BART, T5, LLaMA family")
-    arch: str = arg("llama", "tiny LM: llama | bart | t5")
-    t5_ffn: str = arg("relu", "tiny T5 feed_forward_proj: relu | gated-gelu")
-    tiny_d: int = arg(64, "tiny LM width")
-    tiny_layers: int = arg(2, "tiny LM layers (per stack for BART/T5)")
-    lm_pretrain_steps: int = arg(1000, "tiny LM pre-training steps (cached)")
-    vision: Optional[str] = arg(None, "tiny-cnn | a HF CLIP id/path; auto: TINY, FAMILY")
-    image_size: Optional[int] = arg(None, "CLIP input size; auto: its image processor's")
-    prompting: str = arg("both", "both (the comparison) | memvp | input (+ LoRA)")
-    lam: Optional[float] = arg(None, "lambda of Eq. 7 (Tables 5, 7: 0.01)")
-    scale: Optional[float] = arg(None, "output scale s of the retrieval (official LLaMA code: 0.1)")
-    n_pos: Optional[int] = arg(None, "position embeddings, >= n (Tables 5, 7: 240, 320)")
-    proj_hidden: int = arg(128, "hidden width of the LLaMA projector (official code)")
-    mem_dropout: Optional[float] = arg(None, "dropout on act(<x, K>) (official LLaMA code: 0.1)")
-    lora_rank: Optional[int] = arg(None, "input side: LoRA rank on q, v (Table 5: 40, Table 7: 6)")
-    epochs: Optional[int] = arg(None, "epochs (Tables 5, 7: 20)")
-    max_steps: int = arg(-1, "stop after N steps; the LR schedule still spans --epochs")
-    batch_size: Optional[int] = arg(None, "per process (Table 5: 64 x 8 GPUs, Table 7: 4 x 8)")
-    lr: Optional[float] = arg(None, "AdamW LR; auto: 1e-3 (BART/T5), 9e-3 x total batch / 256 (LLaMA)")
-    weight_decay: float = arg(0.02, "AdamW weight decay (official LLaMA script)")
-    warmup_ratio: float = arg(0.1, "linear warm-up fraction, then cosine decay (official: 2 of 20 epochs)")
-    max_text_len: int = arg(512, "max source / target tokens (official: 512)")
-    max_new_tokens: Optional[int] = arg(None, "greedy tokens; auto: 8 VQA, 30 captions, 1 ScienceQA")
-    eval_batch_size: int = arg(128, "evaluation batch size")
-    train_limit: Optional[int] = arg(None, "use the first N training records")
-    eval_limit: Optional[int] = arg(None, "evaluate the first N records")
-    eval_split: str = arg("test", "val | test")
-    log_every: int = arg(50, "log to <mode>/metrics.jsonl every N steps")
-    ckpt_every: int = arg(500, "checkpoint every N steps (and at the end)")
-    export_merged: bool = arg(False, "save the input side's LM with its LoRA merged (<mode>/merged_lm)")
-    device: str = arg("auto", "auto | cpu | cuda")
-    seed: int = arg(0, "random seed")
-    seeds: Optional[str] = arg(None, "comma-separated seeds (out_dir/seed<N>), one table of mean ± std")
-    eval_only: bool = arg(False, "evaluate the checkpoints in --out_dir")
-    out_dir: Optional[str] = arg(None, "auto: runs/memvp/<dataset>-<model>")
-    resume: bool = arg(False, "continue from the checkpoints in --out_dir")
-    overwrite: bool = arg(False, "replace the results in --out_dir")
-    num_workers: int = arg(0, "DataLoader workers")
-    cache_dir: Optional[str] = arg(None, "features and tiny LMs; auto: data.cache_dir()")
-    benchmark: bool = arg(False, "measure speed / memory / FLOPs (random weights) instead of training")
-    bench_layers: int = arg(12, "benchmark layers (per stack)")
-    bench_n: int = arg(256, "visual tokens n (CLIP ViT-L/14: 256)")
-    bench_L: int = arg(64, "text tokens L")
-    bench_batch: int = arg(4, "benchmark batch (Table 3: 4 per GPU)")
-    bench_iters: int = arg(5, "timed repetitions (median)")
-
-
 # The paper's values per LM family: (BART/T5: Sec. 5.1, Table 5; LLaMA: Sec. 5.2, Table 7, the official code)
 FAMILY = {
     "batch_size": (64, 4),  # per GPU, x 8 GPUs = 512 / 32
     "epochs": (20, 20),
+    "lr": (1e-3, 9e-3),  # LLaMA: Table 7's 9e-3 is the official --blr: lr = blr x total batch / 256
     "lam": (0.01, 0.01),
     "scale": (1.0, 0.1),  # s: not in the paper; official LLaMA adapter_scale 0.1 (BART/T5 code unreleased: 1)
     "mem_dropout": (0.1, 0.1),  # official LLaMA code (BART/T5: the same)
@@ -764,56 +814,110 @@ FAMILY = {
     # DEVIATION: CLIP ViT-B/32 grid tokens stand in for the CLIP RN101 grid of Sec. 5.1 (no RN101 tower in HF)
     "vision": ("openai/clip-vit-base-patch32", "openai/clip-vit-large-patch14"),
 }
-TINY = {  # DEVIATION: the offline stand-in's overrides, each with its reason
+SYNTHETIC = {  # DEVIATION: the defaults of the synthetic datasets (shapes_*), each with its reason
     "vision": "tiny-cnn",  # data.py's frozen CNN pre-trained on another synthetic world: 3x3 grid tokens
-    "batch_size": 32,  # Table 7's total batch
+    "batch_size": 32,  # Table 7's total batch, on one process
     "n_pos": 0,  # = n: nothing to pad
 }
+NEW_TOKENS = {"vqa": 8, "caption": 30, "mcq": 1}  # greedy tokens per task
+NEW_TOKENS_HELP = ", ".join(f"{v} {task}" for task, v in NEW_TOKENS.items())
+
+
+def family(text: str, name: str, source: str = "", llama: str = "") -> str:
+    """Help text that shows what a per-family default resolves to (FAMILY, SYNTHETIC) and its source."""
+    bart_t5, llama_value = (str(v).rpartition("/")[2] for v in FAMILY[name])  # hub ids: without owner
+    synthetic = f", {SYNTHETIC[name]} on shapes_*" if name in SYNTHETIC else ""
+    source = f"; {source}" if source else ""
+    return f"{text} (default: {bart_t5} BART/T5, {llama_value}{llama} LLaMA{synthetic}{source})"
+
+
+@dataclasses.dataclass
+class Args:
+    dataset: str = arg("shapes_vqa", f"{' | '.join(TASKS)}")
+    data_root: Optional[str] = arg(None, "root of the real datasets")
+    model: str = arg("stand_ins/tiny-llama", "a HF id or folder of the BART, T5 or LLaMA family")
+    vision: Optional[str] = arg(None, family("image tower", "vision"))
+    image_size: Optional[int] = arg(None, "CLIP input size (default: its image processor's)")
+    prompting: str = arg("both", "both (the comparison) | memvp | input (+ LoRA)", eval_only=True)
+    lam: Optional[float] = arg(None, family("λ of Eq. 7", "lam", "Tables 5, 7"))
+    scale: Optional[float] = arg(None, family("output scale s of the retrieval", "scale", "official code"))
+    n_pos: Optional[int] = arg(None, family("position embeddings, >= n", "n_pos", "Tables 5, 7"))
+    proj_hidden: int = arg(128, "hidden width of the LLaMA projector (official code)")
+    mem_dropout: Optional[float] = arg(None, family("dropout on act(<x, K>)", "mem_dropout", "official code"))
+    memory_layers: Optional[str] = arg(None, "FFNs with the memory, e.g. 6,7 (default: all, Sec. 5.1, 5.2)")
+    lora_rank: Optional[int] = arg(None, family("input side: LoRA rank on q, v", "lora_rank", "Tables 5, 7"))
+    epochs: Optional[int] = arg(None, family("epochs", "epochs", "Tables 5, 7"))
+    max_steps: int = arg(-1, "stop after N steps; the LR schedule still spans --epochs")
+    batch_size: Optional[int] = arg(None, family("per process", "batch_size", "Tables 5, 7 (x 8 GPUs)"))
+    lr: Optional[float] = arg(None, family("AdamW LR", "lr", "Tables 5, 7", " x total batch / 256"))
+    weight_decay: float = arg(0.02, "AdamW weight decay (official LLaMA script)")
+    warmup_ratio: float = arg(0.1, "linear warm-up fraction, then cosine decay (official: 2 of 20 epochs)")
+    max_text_len: int = arg(512, "max tokens of source + target (official: 512)")
+    max_new_tokens: Optional[int] = arg(None, f"greedy tokens (default: {NEW_TOKENS_HELP})", eval_only=True)
+    eval_batch_size: int = arg(128, "evaluation batch size", eval_only=True)
+    train_limit: Optional[int] = arg(None, "use the first N training records")
+    eval_limit: Optional[int] = arg(None, "evaluate the first N records", eval_only=True)
+    eval_split: str = arg("test", "val | test", eval_only=True)
+    log_every: int = arg(50, "log to <mode>/metrics.jsonl every N steps", eval_only=True)
+    ckpt_every: int = arg(500, "checkpoint every N steps (and at the end)", eval_only=True)
+    device: str = arg("auto", "auto | cpu | cuda")
+    seed: int = arg(0, "random seed")
+    seeds: Optional[str] = arg(None, "comma-separated seeds (out_dir/seed<N>), one table of mean ± std")
+    eval_only: bool = arg(False, "evaluate the checkpoints in --out_dir")
+    out_dir: Optional[str] = arg(None, "default: runs/memvp/<dataset>-<model>")
+    resume: bool = arg(False, "continue from the checkpoints in --out_dir")
+    overwrite: bool = arg(False, "replace the results in --out_dir")
+    num_workers: int = arg(0, "DataLoader workers")
+    cache_dir: Optional[str] = arg(None, "frozen features (default: data.cache_dir())")
+    benchmark: bool = arg(False, "measure speed / memory / FLOPs instead of training")
+    bench_model: Optional[str] = arg(None, "benchmark LM (default: random weights of SmolLM2-135M's shape)")
+    bench_layers: int = arg(12, "benchmark layers of the random LM")
+    bench_n: int = arg(256, "visual tokens n (CLIP ViT-L/14: 256)")
+    bench_L: int = arg(64, "text tokens L")
+    bench_batch: int = arg(4, "benchmark batch (Table 3: 4 per GPU)")
+    bench_iters: int = arg(5, "timed repetitions (median)")
+
+    def __post_init__(self):
+        one_of = lambda *ok: (f"one of {', '.join(ok)}", lambda v: v in ok)  # noqa: E731
+        at_least = lambda low: (f">= {low}", lambda v: v >= low)  # noqa: E731
+        check_values(self, {
+            "dataset": one_of(*TASKS), "prompting": one_of("both", "memvp", "input"),
+            "eval_split": one_of("val", "test"), "warmup_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+            "memory_layers": ("comma-separated FFN indices", lambda v: re.fullmatch(r"\d+(,\d+)*", v)),
+            "seeds": ("left out with --benchmark (it measures once)", lambda v: not self.benchmark),
+            "lora_rank": at_least(0), "num_workers": at_least(0),
+            **{k: at_least(1) for k in ("epochs", "batch_size", "eval_batch_size", "log_every", "ckpt_every",
+                                        "proj_hidden", "max_text_len", "max_new_tokens", "image_size",
+                                        "bench_layers", "bench_n", "bench_L", "bench_batch", "bench_iters")}})
 
 
 def resolve(args: Args) -> Args:
-    """Validate the flags; fill what does not depend on the LM."""
-    for name, ok in (("arch", ("llama", "bart", "t5")), ("prompting", ("both", "memvp", "input")),
-                     ("dataset", tuple(TASKS)), ("t5_ffn", ("relu", "gated-gelu")),
-                     ("eval_split", ("val", "test"))):
-        if getattr(args, name) not in ok:
-            raise UsageError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(ok)}")
-    least = dict(epochs=1, batch_size=1, eval_batch_size=1, log_every=1, ckpt_every=1, proj_hidden=1,
-                 tiny_layers=1, max_text_len=1, max_new_tokens=1, lm_pretrain_steps=0, lora_rank=0,
-                 image_size=1, bench_layers=1, bench_n=1, bench_L=1, bench_batch=1, bench_iters=1)
-    for name, v in ((k, getattr(args, k)) for k in least):
-        if v is not None and not v >= least[name]:
-            raise UsageError(f"--{name} {v}: must be >= {least[name]}")
-    for bad, msg in ((args.tiny_d < 32 or args.tiny_d % 32, f"--tiny_d {args.tiny_d}: not a multiple of 32"),
-                     (not 0 <= args.warmup_ratio <= 1, f"--warmup_ratio {args.warmup_ratio}: not in [0, 1]"),
-                     (args.benchmark and args.seeds, "--benchmark measures once: drop --seeds")):
-        if bad:
-            raise UsageError(msg)
+    """Fill what does not depend on the LM."""
     args.cache_dir = args.cache_dir or data.cache_dir()
-    args.max_new_tokens = args.max_new_tokens or {"vqa": 8, "caption": 30, "mcq": 1}[TASKS[args.dataset]]
-    name = f"tiny-{args.arch}" if args.model == "tiny" else os.path.basename(args.model.rstrip("/"))
+    args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[TASKS[args.dataset]]
     seeds = f"-seeds{args.seeds.replace(',', '_')}" if args.seeds else ""  # its own folder
+    name = os.path.basename(args.model.rstrip("/"))
     args.out_dir = args.out_dir or os.path.join("runs", "memvp", "benchmark" if args.benchmark
                                                 else f"{args.dataset}-{name}{seeds}")
     return args
 
 
-def resolve_family(args: Args, lm, world: int, paper: bool = False) -> None:
-    """The auto values: FAMILY, and TINY for the offline LM (unless `paper`: the benchmark)."""
+def resolve_family(args: Args, lm, world: int, synthetic: bool) -> None:
+    """The values left out: FAMILY, or SYNTHETIC on a synthetic dataset."""
     llama = not lm.config.is_encoder_decoder
     for name, vals in FAMILY.items():
         if getattr(args, name) is None:
-            tiny = args.model == "tiny" and not paper and name in TINY
-            setattr(args, name, TINY[name] if tiny else vals[llama])
-    # Table 7's 9e-3 is the official script's --blr: lr = blr x total batch / 256 (1.1e-3 at 4 x 8 GPUs)
-    args.lr = args.lr or (9e-3 * args.batch_size * world / 256 if llama else 1e-3)
+            value = SYNTHETIC[name] if synthetic and name in SYNTHETIC else vals[llama]
+            setattr(args, name, value * args.batch_size * world / 256 if name == "lr" and llama else value)
 
 
 def build_vl(args: Args, lm, mode: str, d_vis: int, bos_first: bool) -> VLModel:
     """A fresh copy of the frozen LM with the visual bridge of `mode` (the same LM weights on both sides)."""
+    layers = None if args.memory_layers is None else [int(i) for i in args.memory_layers.split(",")]
     return VLModel(copy.deepcopy(lm), mode, d_vis, lam=args.lam, scale=args.scale, n_pos=args.n_pos,
                    shared_pos=not lm.config.is_encoder_decoder, proj_hidden=args.proj_hidden,  # Sec. 5.2
-                   mem_dropout=args.mem_dropout, lora_rank=args.lora_rank, bos_first=bos_first)
+                   mem_dropout=args.mem_dropout, lora_rank=args.lora_rank, bos_first=bos_first,
+                   memory_layers=layers)
 
 
 def run(args: Args) -> dict:
@@ -825,37 +929,40 @@ def run(args: Args) -> dict:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(format_table(runs))
         return {"seeds": seeds, "runs": runs}
-    device, rank, world = setup_device(args.device, tiny=args.model == "tiny")
-    prepare_out_dir(args.out_dir, args.resume or args.eval_only, args.overwrite, rank)
+    device, rank, world = setup_device(args.device)
+    prepare_out_dir(args, rank)
     if args.benchmark:
         res = run_benchmark(args, device)
-        write_json(os.path.join(args.out_dir, "results.json"), res)
+        Path(args.out_dir, "results.json").write_text(json.dumps(res, indent=2))
         return res
-    seed_everything(args.seed)
+    modes = ("memvp", "input") if args.prompting == "both" else (args.prompting,)
+    saved = [os.path.join(args.out_dir, mode, "checkpoint.pt") for mode in modes]
+    found = [p for p in saved if os.path.isfile(p)]
+    if args.eval_only or (args.resume and found):  # the run's settings come from its checkpoint
+        args = from_checkpoint(args, load_checkpoint((found or saved)[0]))
+    transformers.set_seed(args.seed)
     task, recs = TASKS[args.dataset], {}
     for split, n in (("train", args.train_limit), (args.eval_split, args.eval_limit)):
         # synthetic world: build only the first n images (each has >= 1 question), not the whole split
         sizes = {split: n} if n and args.dataset.startswith("shapes_") else None
         recs[split] = data.load_records(args.dataset, split, args.data_root, limit=n, split_sizes=sizes)
-    lm, tok = (pretrained_tiny_lm(args, recs, task, device, rank) if args.model == "tiny"
-               else load_lm(args.model))
+    lm, tok = load_lm(args.model)
+    pin_threads(lm, device)
     find_ffns(lm)  # fail early on an LM whose FFN the patcher does not know
-    resolve_family(args, lm.requires_grad_(False), world)
+    resolve_family(args, lm.requires_grad_(False), world, synthetic=args.dataset.startswith("shapes_"))
     llama = not lm.config.is_encoder_decoder
     trainset = load_split(args, "train", recs["train"], tok, True, llama, device)
     evalset = load_split(args, args.eval_split, recs[args.eval_split], tok, False, llama, device)
-    clear_outputs(args, rank)  # --overwrite: only now that the inputs have loaded
+    prepare_out_dir(args, rank, inputs_loaded=True)  # --overwrite: only now that the inputs have loaded
     args.n_pos = max(args.n_pos, trainset.feats.shape[1])
-    name = f"tiny {args.arch} ({args.tiny_layers}x{args.tiny_d})" if args.model == "tiny" else args.model
     res = {"task": task, "enc_dec": not llama, "args": dataclasses.asdict(args),
            "answer_prior": answer_prior(task, trainset.records, evalset.records),
-           "setting": f"{args.dataset} {args.eval_split}, frozen {name}, {args.vision}: {args.epochs} "
+           "setting": f"{args.dataset} {args.eval_split}, frozen {args.model}, {args.vision}: {args.epochs} "
                       f"epochs, batch {args.batch_size * world}, lr {args.lr:.2g}"}
-    modes = ("memvp", "input") if args.prompting == "both" else (args.prompting,)
     jobs = [(args, mode, lm, tok, trainset, evalset, device, rank, world) for mode in modes]
     cores = os.cpu_count() or 1
-    if len(jobs) > 1 and args.model == "tiny" and device.type == "cpu" and world == 1 and cores > 1:
-        # the two sides are independent and the tiny LM runs on one thread: one process (and core) per side
+    if len(jobs) > 1 and device.type == "cpu" and torch.get_num_threads() == 1 and world == 1 and cores > 1:
+        # the two sides are independent and the LM runs on one thread: one process (and core) per side
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(len(jobs), spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             res["modes"] = dict(zip(modes, pool.map(run_mode, *zip(*jobs))))
@@ -863,7 +970,7 @@ def run(args: Args) -> dict:
         res["modes"] = {mode: run_mode(*job) for mode, job in zip(modes, jobs)}
     if rank == 0:
         print(format_table([res]))
-        write_json(os.path.join(args.out_dir, "results.json"), res)
+        Path(args.out_dir, "results.json").write_text(json.dumps(res, indent=2))
     return res
 
 
@@ -871,21 +978,16 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     """Train one side of the comparison (--eval_only: load it), then evaluate it."""
     out_dir = os.path.join(args.out_dir, mode)
     os.makedirs(out_dir, exist_ok=True)
-    seed_everything(args.seed)
-    d_vis, d = trainset.feats.shape[-1], lm.get_input_embeddings().embedding_dim
-    model = build_vl(args, lm, mode, d_vis, tok.bos_token_id is not None).to(device)
+    transformers.set_seed(args.seed)
+    model = build_vl(args, lm, mode, trainset.feats.shape[-1], tok.bos_token_id is not None).to(device)
     freeze(model)
     if rank == 0:
-        tables = len(find_ffns(lm)) if model.enc_dec else 1
-        count_trainable(model, expected_trainable(model, d_vis, d, args.proj_hidden, args.n_pos, tables),
-                        log=lambda line: print(f"[{mode}] {line}"))
+        count_trainable(model, method_parameters(model), log=lambda line: print(f"[{mode}] {line}"))
     res = train(args, model, trainset, tok, device, rank, world, out_dir)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         res["metrics"] = evaluate(args, model, evalset, tok, device)
-        write_json(os.path.join(out_dir, "results.json"), res)
-        if args.export_merged and mode == "input":
-            merge_lora(model.lm).save_pretrained(os.path.join(out_dir, "merged_lm"))
+        Path(out_dir, "results.json").write_text(json.dumps(res, indent=2))
     return res
 
 
@@ -923,195 +1025,7 @@ def format_table(runs: list) -> str:
 
 
 def main(argv=None) -> dict:
-    return run_cli(run, parse_cli(Args, argv, __doc__.split("\n\n")[0]))
-
-
-# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2, in every script (DataError too)
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops, the last good checkpoint stays, exit code 1."""
-
-
-def parse_cli(cls, argv=None, description: str = ""):
-    """An `Args` dataclass from the command line: one --flag per field; 'auto' or 'none' -> None."""
-    p = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    for f in dataclasses.fields(cls):
-        kind, text = str(f.type), f.metadata.get("help", "")
-        if kind == "bool":
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-            continue
-        conv = {"int": int, "float": float}.get(kind.replace("Optional[", "").rstrip("]"), str)
-        if "Optional" in kind:
-            conv = lambda s, b=conv: None if s.lower() in ("auto", "none") else b(s)  # noqa: E731
-        p.add_argument(f"--{f.name}", type=conv, default=f.default, help=f"{text} (default: {f.default})")
-    return cls(**vars(p.parse_args(argv)))
-
-
-def setup_device(device: str, tiny: bool = False):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU.
-    Tiny models run single-threaded on CPU: the same numbers on every run, whatever the load."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:<index>")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
-        torch.cuda.set_device(torch.device(device))
-    elif tiny:
-        torch.set_num_threads(1)
-    return torch.device(device), dist.get_rank() if world > 1 else 0, world
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
-                decay: str = "cosine", warmup_factor: float = 0.0):
-    """LambdaLR: warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then
-    'cosine' or 'linear' decay to 0 at total_steps ('none': constant)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@contextlib.contextmanager
-def whole_step():
-    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
-    held, old = [], signal.getsignal(signal.SIGINT)
-    hold = old is signal.default_int_handler and threading.current_thread() is threading.main_thread()
-    if hold:
-        signal.signal(signal.SIGINT, lambda *_: held.append(True))
-    try:
-        yield
-    finally:
-        if hold:
-            signal.signal(signal.SIGINT, old)
-    if held:
-        raise KeyboardInterrupt
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    torch.save(state, f"{path}.tmp-{os.getpid()}")
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def setting_of(args, *ignore: str) -> dict:
-    """The flags a checkpoint must agree with: all but the run controls and `ignore` (a script's flags that
-    change only the evaluation or the logging)."""
-    skip = ("max_steps", "resume", "overwrite", "eval_only", "device", "num_workers", "out_dir", "cache_dir",
-            "data_root", "seeds", *ignore)
-    return {k: v for k, v in vars(args).items() if k not in skip}
-
-
-def load_checkpoint(path: str, model: Optional[nn.Module] = None, setting: Optional[dict] = None) -> dict:
-    """Keys: trainable, optimizer, scheduler, step, rng, setting (+ the script's own). With `model` and its
-    `setting` (setting_of): a checkpoint of the same flags and tensor sizes only, loaded into `model`."""
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if model is not None:
-        old, trained = state.get("setting", {}), {n: t.shape for n, t in state["trainable"].items()}
-        diff = [f"--{k} {old.get(k)} (now {setting.get(k)})" for k in sorted({**old, **setting})
-                if old.get(k) != setting.get(k)]
-        if diff or trained != {n: p.shape for n, p in model.named_parameters() if p.requires_grad}:
-            raise UsageError(f"{path} was trained with other flags: {', '.join(diff[:3]) or 'other sizes'}")
-        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
-    return state
-
-
-def write_json(path: str, obj) -> None:
-    Path(f"{path}.tmp-{os.getpid()}").write_text(json.dumps(obj, indent=2))
-    os.replace(f"{path}.tmp-{os.getpid()}", path)
-
-
-def prepare_out_dir(out_dir: str, resume: bool, overwrite: bool, rank: int = 0) -> None:
-    """A run in out_dir (a results.json or checkpoint in it) is kept unless --resume or --overwrite."""
-    held = [p for p in Path(out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
-    if held and not (resume or overwrite):
-        raise UsageError(f"{out_dir} holds a run ({held[0].relative_to(out_dir)}); pass --resume to continue "
-                         "it or --overwrite to replace it")
-    os.makedirs(out_dir, exist_ok=True)
-
-
-def clear_outputs(args, rank: int = 0) -> None:
-    """--overwrite (not with --resume / --eval_only), called once the inputs have loaded (bad input loses
-    nothing): this script's outputs in args.out_dir go."""
-    clear = args.overwrite and not (args.resume or args.eval_only) and rank == 0
-    for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.is_file() and (p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt"):
-            p.unlink()
-
-
-def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
-    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
-    params = list(model.parameters())  # de-duplicated by nn.Module
-    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
-    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
-    return n, m
-
-
-def mean_std(values) -> str:
-    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
-
-
-def run_cli(run, args):
-    """run(args) after the flag rules all scripts share; exit: bad input 2, non-finite loss 1, Ctrl-C 130."""
-    threads, seeds = torch.get_num_threads(), (getattr(args, "seeds", None) or "0").split(",")
-    try:
-        rules = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
-                 "num_workers": (">= 0", lambda v: v >= 0)}  # by the end of a flag's name
-        for k, v in vars(args).items():
-            rule = next((r for end, r in rules.items() if k.endswith(end)), None)
-            if rule and v is not None and not rule[1](v):
-                raise UsageError(f"--{k} {v}: must be {rule[0]}")
-        if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-            raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
-        return run(args)
-    except (UsageError, NonFiniteLoss, OSError) as e:  # OSError: a path it cannot use
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, NonFiniteLoss) else 2)
-    except KeyboardInterrupt:
-        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        torch.set_num_threads(threads)  # main() may run inside a larger process (the tests)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-# End of infrastructure ======================================================================================
+    return run_cli(run, Args, argv)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,129 @@ def tiny_cnn_targets(scenes: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------- memvp.py's tiny LMs
+MEMVP_WORDS = ["Provide a one-sentence caption for the provided image.",  # memvp.CAPTION_PROMPT (Table 6)
+               "question context options response answer is n / a"]  # ScienceQA's QCM-A prompt words
+
+
+def tiny_lm(arch: str, vocab: int, d: int, layers: int, ffn: int, heads: int, kv_heads: int = 0,
+            t5_ffn: str = "relu", max_pos: int = 1024):
+    """Config-built LM, random weights (pad 0, bos 1, eos 2, as data.build_tokenizer). DEVIATION (tiny LMs):
+    init std d^-0.5 (T5's own) for BART and LLaMA too, not HF's 0.02: with 0.02 a width-64 LM barely moves its
+    first layers in pre-training and never learns to read its context."""
+    import transformers
+    ids, std = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2), d ** -0.5
+    if arch == "bart":
+        return transformers.BartForConditionalGeneration(transformers.BartConfig(
+            vocab_size=vocab, d_model=d, encoder_layers=layers, decoder_layers=layers, encoder_ffn_dim=ffn,
+            decoder_ffn_dim=ffn, encoder_attention_heads=heads, decoder_attention_heads=heads, dropout=0.0,
+            max_position_embeddings=max_pos, decoder_start_token_id=2, forced_eos_token_id=None, init_std=std,
+            **ids))
+    if arch == "t5":
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=vocab, d_model=d, d_kv=d // heads, d_ff=ffn, num_layers=layers, num_heads=heads,
+            dropout_rate=0.0, feed_forward_proj=t5_ffn, decoder_start_token_id=0, **ids))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=max_pos,
+        tie_word_embeddings=True, initializer_range=std, **ids))
+
+
+def pretrain_texts(task: str, n_images: int) -> list:
+    """(source, target) texts of data.PRETRAIN_WORLD (never the benchmark's world), half of them after a
+    description of the scene, so that the LM learns to read its context as a real LM can."""
+    import numpy as np
+    sizes, rng = {"train": n_images}, np.random.default_rng(0)
+    dataset = "shapes_caption" if task == "caption" else "shapes_vqa"
+    recs = data.load_records(dataset, "train", world_seed=data.PRETRAIN_WORLD, split_sizes=sizes)
+    recs = data.caption_pairs(recs) if task == "caption" else recs
+    return [((data.describe_scene(r["meta"]["scene"], rng) + " " if rng.random() < 0.5 else "")
+             + (MEMVP_WORDS[0] if task == "caption" else r["question"]), r.get("caption", r.get("answer")))
+            for r in recs]
+
+
+def pretrain_memvp_lm(folder: Path, steps: Optional[int], arch: str, task: str = "vqa", t5_ffn: str = "relu",
+                      tok=None, texts: Optional[Callable] = None, d: int = 64, layers: int = 2) -> None:
+    """A tiny LM (all weights, seed 0, one LM for every seed of memvp.py) pre-trained on pretrain_texts with
+    memvp.py's own collator and loss, saved with its word-level tokenizer of the synthetic world.
+    DEVIATION: the paper starts from BART-base / T5-base / LLaMA-7B (no download offline)."""
+    import transformers
+    import memvp
+    from tqdm import tqdm
+    steps = 1000 if steps is None else steps
+    tok = tok or data.build_tokenizer(data.synthetic_vocab() + MEMVP_WORDS)
+    transformers.set_seed(0)
+    lm = tiny_lm(arch, len(tok), d, layers, 4 * d, max(1, d // 16), max(1, d // 32), t5_ffn).train()
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = (texts or pretrain_texts)(task, min(4000, max(64, 8 * steps)))
+    items = [(0, enc(s), enc(t)) for s, t in pairs]
+    collate = memvp.Collator(None, lm.config.is_encoder_decoder, tok, generate=False)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
+    sched, g = memvp.lr_schedule(opt, steps // 10, steps), torch.Generator().manual_seed(0)
+    for _ in tqdm(range(steps), desc=f"pre-train {folder.name}", file=sys.stderr):
+        b = collate([items[i] for i in torch.randint(len(items), (64,), generator=g).tolist()])
+        inputs = {k: b[k] for k in ("input_ids", "attention_mask")}
+        memvp.lm_loss(lm, inputs, b["labels"]).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    lm.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+@recipe("tiny-llama")
+def make_tiny_llama(folder: Path, steps: Optional[int]) -> None:
+    """memvp.py's default LM: LLaMA-style, width 64, 2 layers, pre-trained on VQA texts."""
+    pretrain_memvp_lm(folder, steps, "llama")
+
+
+@recipe("tiny-bart")
+def make_tiny_bart(folder: Path, steps: Optional[int]) -> None:
+    """BART, width 64, 2 + 2 layers, pre-trained on VQA texts (memory in the encoder FFNs, Sec. 5.1)."""
+    pretrain_memvp_lm(folder, steps, "bart")
+
+
+@recipe("tiny-t5")
+def make_tiny_t5(folder: Path, steps: Optional[int]) -> None:
+    """T5 with a gated-GELU FFN (T5 v1.1; MemVP's Eq. 11-12), width 64, 2 + 2 layers, VQA texts."""
+    pretrain_memvp_lm(folder, steps, "t5", t5_ffn="gated-gelu")
+
+
+def scienceqa_texts(task: str, n_images: int) -> list:
+    """VQA questions of data.PRETRAIN_WORLD as ScienceQA problems in the official QCM-A format
+    (data.scienceqa_prompt): the answer and 1-4 other answers of its question type as options A-E, half of
+    them with a description of the scene as the context; target "The answer is X."."""
+    import numpy as np
+    rng, pool, out = np.random.default_rng(0), {}, []
+    sizes = {"train": n_images}
+    recs = data.load_records("shapes_vqa", "train", world_seed=data.PRETRAIN_WORLD, split_sizes=sizes)
+    for r in recs:
+        pool.setdefault(r["question_type"], set()).add(r["answer"])
+    for r in recs:
+        others = sorted(pool[r["question_type"]] - {r["answer"]})
+        choices = [str(c) for c in rng.permutation(others)[:int(rng.integers(1, 5))]] + [r["answer"]]
+        choices = [choices[i] for i in rng.permutation(len(choices))]
+        context = data.describe_scene(r["meta"]["scene"], rng) if rng.random() < 0.5 else ""
+        problem = {"question": r["question"], "context": context, "choices": choices, "meta": {"caption": ""},
+                   "answer": "ABCDE"[choices.index(r["answer"])]}
+        out.append(data.scienceqa_prompt(problem))
+    return out
+
+
+@recipe("tiny-llama-scienceqa")
+def make_tiny_llama_scienceqa(folder: Path, steps: Optional[int]) -> None:
+    """The tiny LLaMA for --dataset scienceqa offline: its tokenizer keeps the option letters A-E upper-case
+    (the official scorer reads the first capital letter) and it is pre-trained on scienceqa_texts."""
+    from tokenizers import AddedToken
+    tok = data.build_tokenizer(data.synthetic_vocab() + MEMVP_WORDS + ["( )"])
+    tok.add_tokens([AddedToken(letter, single_word=True, normalized=False) for letter in "ABCDE"])
+    pretrain_memvp_lm(folder, steps, "llama", tok=tok, texts=scienceqa_texts)
+
+
+@recipe("tiny-llama-caption")
+def make_tiny_llama_caption(folder: Path, steps: Optional[int]) -> None:
+    """The tiny LLaMA pre-trained on captions instead (--dataset shapes_caption)."""
+    pretrain_memvp_lm(folder, steps, "llama", task="caption")
+
 
 
 # ------------------------------------------------------------------------ routing_bottleneck.py's tiny LMs

@@ -1,6 +1,7 @@
-"""memvp.py: Eq. 8 / Eq. 11-12 against FFNs with concatenated weights, the patching, gradients, generation
-with reused keys/values, FLOP formulas against torch's counter, and runs: smoke, CLI, DDP, resume, seeds,
-eval_only, ScienceQA and VQAv2 fixtures in the official layouts, the benchmark, bad inputs."""
+"""memvp.py: Eq. 8 / Eq. 11-12 against FFNs with concatenated weights, the patching (all or some layers),
+gradients, generation with reused keys/values, FLOP formulas against torch's counter, and runs on the shipped
+stand-ins: smoke, CLI, DDP, resume, seeds, eval_only, ScienceQA (a re-made stand-in) and VQAv2 fixtures in the
+official layouts, the benchmark, bad inputs."""
 import copy
 import json
 import os
@@ -17,7 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import data  # noqa: E402
+import make_stand_ins  # noqa: E402
 import memvp  # noqa: E402
 from formats import write_scienceqa  # noqa: E402
 
@@ -28,7 +31,7 @@ CACHE = {}
 @pytest.fixture(scope="module", autouse=True)
 def fast_encoders(tmp_path_factory):
     """A random-weight tiny-cnn stands in for the pre-trained one (13 s to build; tested in test_data.py),
-    with this file's own feature / LM cache; a 2-layer CLIP tower for the subprocess runs."""
+    with this file's own feature cache; a 2-layer CLIP tower for the subprocess runs."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
     CACHE["dir"] = str(tmp_path_factory.mktemp("memvp_cache"))
     CACHE["clip"] = str(tmp_path_factory.mktemp("clip"))
@@ -45,14 +48,13 @@ def fast_encoders(tmp_path_factory):
 
 def tiny(arch, t5_ffn="relu", layers=2):
     torch.manual_seed(0)
-    return memvp.tiny_lm(arch, 40, 32, layers, 64, 4, 2, t5_ffn).eval()
+    return make_stand_ins.tiny_lm(arch, 40, 32, layers, 64, 4, 2, t5_ffn).eval()
 
 
 def small(out, *extra):
-    """A run small enough for a test: 24 training and 6 evaluation questions, 2 steps, a 2-step LM."""
-    return ["--train_limit", "24", "--eval_limit", "6", "--max_steps", "2", "--lm_pretrain_steps", "2",
-            "--batch_size", "8", "--log_every", "1", "--cache_dir", CACHE["dir"],
-            "--out_dir", str(out), *extra]
+    """A small run: 24 training and 6 evaluation questions, 2 steps, on stand_ins/tiny-llama."""
+    return ["--train_limit", "24", "--eval_limit", "6", "--max_steps", "2", "--batch_size", "8",
+            "--log_every", "1", "--cache_dir", CACHE["dir"], "--out_dir", str(out), *extra]
 
 
 # ------------------------------------------------------------------------------------- the math
@@ -148,8 +150,7 @@ def test_gradients_reach_only_the_method(mode, arch):
         assert lora == {"lm." + n for n in wanted} and (arch == "llama" or any("EncDec" in n for n in lora))
     if mode == "memvp":
         assert not any("lora" in n for n in names)
-        n_trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-        assert memvp.expected_trainable(m, 8, 32, 128, 6, 1 if arch == "llama" else 2) == n_trainable
+    assert memvp.method_parameters(m) == sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
 def test_prompts_padding_tables_and_text_only_samples():
@@ -203,20 +204,6 @@ def test_generation_reuses_keys_values_and_matches_full_recomputation(mode):
             seq, msk = torch.cat([seq, nxt[:, None]], 1), torch.cat([msk, torch.ones_like(msk[:, :1])], 1)
 
 
-def test_merged_lora_gives_the_same_lm():
-    m = memvp.VLModel(tiny("bart"), "input", 8, lora_rank=3).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    ids = torch.randint(4, 40, (2, 5))
-    with torch.no_grad():
-        want = m.lm(input_ids=ids, labels=ids).logits
-        merged = memvp.merge_lora(m.lm)
-        assert not any(isinstance(x, memvp.LoRALinear) for x in merged.modules())
-        torch.testing.assert_close(merged(input_ids=ids, labels=ids).logits, want, rtol=1e-4, atol=1e-5)
-
-
 def counted(model, *args):
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(*args)
@@ -230,7 +217,8 @@ def test_flops_eq13_15_and_against_torch_counter():
     e, head = memvp.eq13_15(d, n, L), 2 * L * d * 100
     causal = lambda T: 4 * d * T * T - 2 * d * T * (T + 1)  # noqa: E731  Eq. 13's square minus the triangle
     assert memvp.analytic_flops(cfg, "input", n, n, L, L) == 3 * (e["input"] - causal(n + L)) + head
-    assert memvp.analytic_flops(cfg, "memvp", n, n, L, L) == 3 * (e["memvp"] - causal(L)) + head
+    want = 3 * (e["memvp"] - causal(L)) + head
+    assert memvp.analytic_flops(cfg, "memvp", n, n, L, L, memory_layers=3) == want
     assert e["input"] - e["lm"] == 4 * n * d * (6 * d + n + 2 * L) and e["memvp"] - e["lm"] == 4 * n * d * L
     # LoRA FLOPs (decoder self- and cross-attention included) and memory FLOPs (n_pos padded entries) exactly
     # as torch counts them: differences between two models that differ only in that part
@@ -247,8 +235,31 @@ def test_flops_eq13_15_and_against_torch_counter():
     lm, cfg = tiny("llama"), tiny("llama").config
     m = memvp.VLModel(copy.deepcopy(lm), "memvp", d_v, n_pos=9, shared_pos=True)
     mem = counted(m, z, ids, ids * 0 + 1, ids) - counted(m.prompts, z) - counted(lm, ids)
-    assert mem == B * (memvp.analytic_flops(cfg, "memvp", n, 9, L, L)
-                       - memvp.analytic_flops(cfg, "memvp", n, 0, L, L))
+    assert mem == B * (memvp.analytic_flops(cfg, "memvp", n, 9, L, L, memory_layers=2)
+                       - memvp.analytic_flops(cfg, "memvp", n, 0, L, L, memory_layers=2))
+
+
+@pytest.mark.parametrize("arch,t5_ffn", [("llama", "relu"), ("bart", "relu"), ("t5", "gated-gelu")])
+def test_memory_in_half_the_layers(arch, t5_ffn):
+    """The memory in the last 2 of 4 FFNs: the trainable count from the added modules' shapes, and the
+    analytic FLOPs (Eq. 15 for the 2 memory layers only) within 5 % of torch's count (not with all 4)."""
+    lm = tiny(arch, t5_ffn, layers=4)
+    m = memvp.VLModel(lm, "memvp", 8, n_pos=64, shared_pos=arch == "llama", memory_layers=[2, 3])
+    memvp.freeze(m)
+    ffns = memvp.find_ffns(tiny(arch, t5_ffn, layers=4))
+    assert m.memory_layers == [ffns[2][1], ffns[3][1]]
+    assert m.prompts.pos_k.shape[0] == (1 if arch == "llama" else 2)
+    memvp.count_trainable(m, memvp.method_parameters(m))
+    B, n, L, t = 2, 6, 8, 3
+    z, ids, lab = torch.randn(B, n, 8), torch.randint(4, 40, (B, L)), torch.randint(4, 40, (B, t))
+    labels = ids if arch == "llama" else lab
+    flops = (counted(m, z, ids, torch.ones_like(ids), labels) - counted(m.prompts, z)) / B
+    tgt = L if arch == "llama" else t
+    half = memvp.analytic_flops(m.lm.config, "memvp", n, 64, L, tgt, memory_layers=len(m.memory_layers))
+    every = memvp.analytic_flops(m.lm.config, "memvp", n, 64, L, tgt, memory_layers=4)
+    assert abs(half / flops - 1) < 0.05 < abs(every / flops - 1)
+    with pytest.raises(memvp.UsageError, match="has FFNs 0-3"):
+        memvp.VLModel(tiny(arch, t5_ffn, layers=4), "memvp", 8, memory_layers=[4])
 
 
 def test_scienceqa_prompt_official_format():
@@ -258,8 +269,8 @@ def test_scienceqa_prompt_official_format():
     src, tgt = memvp.texts(rec, "mcq", train=True)
     assert src == "Question: Which is a mammal?\nContext: N/A\nOptions: (A) frog (B) cat\nResponse:"
     assert tgt == "The answer is B." and memvp.texts(rec, "mcq", False) == (src + "The answer is", "")
-    scores = memvp.score("mcq", ["B", "a", ""], [rec, dict(rec, answer="A"), rec])
-    assert scores["average"] == pytest.approx(66.67)
+    scores = memvp.score("mcq", ["B", "a", ""], [rec, dict(rec, answer="A"), rec])  # official: case-sensitive
+    assert scores["average"] == pytest.approx(33.33)
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -290,18 +301,21 @@ def test_main_smoke_default_path(tmp_path, capfd):
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_main_encoder_decoder(arch, tmp_path):
-    res = memvp.main(small(tmp_path, "--arch", arch, "--t5_ffn", "gated-gelu", "--dataset", "shapes_caption",
+    res = memvp.main(small(tmp_path, "--model", f"stand_ins/tiny-{arch}", "--dataset", "shapes_caption",
                            "--max_new_tokens", "4"))
     assert res["args"]["lora_rank"] == 40 and res["args"]["lr"] == 1e-3
     assert all(0 <= r["metrics"]["CIDEr"] for r in res["modes"].values())
 
 
 def test_cli_subprocess(tmp_path):
-    """The command line: a bad flag value is one 'error:' line and exit code 2."""
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "memvp.py"), "--arch", "gpt9"],
-                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == ["error: unknown --arch 'gpt9'; choose from llama, bart, t5"]
+    """A value of the wrong type, an unknown flag, a bad value: one 'error:' line and exit code 2."""
+    for argv, want in ((["--lr", "abc"], "error: argument --lr: invalid float value: 'abc'"),
+                       (["--arch", "t5"], "error: Some specified arguments are not used by the "
+                                          "HfArgumentParser: ['--arch', 't5']"),
+                       (["--prompting", "x"], "error: --prompting x: must be one of both, memvp, input")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "memvp.py"), *argv],
+                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [want]
 
 
 def test_ddp_two_gloo_processes(tmp_path):
@@ -354,17 +368,28 @@ def test_seeds_table_and_eval_only(tmp_path, capsys):
     res = memvp.main(small(tmp_path, "--prompting", "memvp", "--seeds", "0,1"))
     out = capsys.readouterr().out
     assert "seeds 0,1" in out and " ± " in out.splitlines()[-1]
-    again = memvp.main(small(tmp_path / "seed1", "--prompting", "memvp", "--seed", "1", "--eval_only"))
+    # the checkpoint's settings win: another --lr is named as ignored, the trained run is evaluated
+    again = memvp.main(small(tmp_path / "seed1", "--prompting", "memvp", "--seed", "1", "--eval_only",
+                             "--lr", "0.5"))
+    assert "the checkpoint's settings are used, ignored: --lr 0.5" in capsys.readouterr().out
     assert again["modes"]["memvp"]["metrics"] == res["runs"][1]["modes"]["memvp"]["metrics"]
+    assert again["args"]["lr"] == res["runs"][1]["args"]["lr"]
 
 
 def test_scienceqa_fixture(tmp_path, capsys):
-    """The official ScienceQA layout (formats.write_scienceqa): text-only questions get no visual prompt
-    (zero features, Sec. 5.2), the table has Table 2's columns."""
+    """The official ScienceQA layout (formats.write_scienceqa) on the ScienceQA stand-in re-made with 2 steps
+    (its letters A-E stay upper-case): text-only questions get no visual prompt (zero features, Sec. 5.2),
+    the table has Table 2's columns; a prompt longer than --max_text_len is cut and counted."""
     write_scienceqa(tmp_path)
+    make_stand_ins.make_tiny_llama_scienceqa(tmp_path / "lm", 2)
+    tok = memvp.load_lm(str(tmp_path / "lm"))[1]
+    ids = tok("Options: (A) red (B) blue The answer is B.", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "options : ( A ) red ( B ) blue the answer is B ."
     res = memvp.main(small(tmp_path / "run", "--dataset", "scienceqa", "--data_root", str(tmp_path),
-                           "--batch_size", "2"))
+                           "--batch_size", "2", "--model", str(tmp_path / "lm"), "--vision", "tiny-cnn",
+                           "--max_text_len", "12"))
     out = capsys.readouterr().out
+    assert "scienceqa train: " in out and "texts cut to their first 12 tokens" in out
     for col in ("average", "NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12"):
         assert col in out
     assert res["args"]["max_new_tokens"] == 1
@@ -391,7 +416,7 @@ def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
         (root / f"v2_mscoco_{cs}_annotations.json").write_text(json.dumps({"annotations": anns}))
     (root / "train2014" / "COCO_train2014_000000000004.jpg").write_bytes(b"not a jpeg")
     tok = data.build_tokenizer(["what color is it ? red"])
-    memvp.tiny_lm("llama", len(tok), 32, 1, 64, 2, 1).save_pretrained(tmp_path / "lm")
+    make_stand_ins.tiny_lm("llama", len(tok), 32, 1, 64, 2, 1).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -432,16 +457,18 @@ def run_bad(argv, capsys):
 
 
 def test_bad_inputs(tmp_path, capsys):
-    assert "unknown --arch 'gpt9'" in run_bad(["--arch", "gpt9"], capsys)
-    assert "unknown --prompting" in run_bad(["--prompting", "cross"], capsys)
+    assert "--lr: invalid float value: 'abc'" in run_bad(["--lr", "abc"], capsys)
+    assert "not used by the HfArgumentParser: ['--arch'" in run_bad(["--arch", "t5"], capsys)
+    assert "--prompting cross: must be one of both, memvp, input" in run_bad(["--prompting", "cross"], capsys)
+    assert "--memory_layers 1-2: must be comma-separated FFN indices" in run_bad(["--memory_layers", "1-2"],
+                                                                               capsys)
     assert "--seeds" in run_bad(["--seeds", "0;1"], capsys)
     assert "distinct" in run_bad(["--seeds", "0,0"], capsys)
     assert "--mem_dropout 2.0: must be in [0, 1)" in run_bad(["--mem_dropout", "2"], capsys)
     assert "--lr -0.1: must be > 0" in run_bad(["--lr", "-0.1"], capsys)
     assert "--proj_hidden 0: must be >= 1" in run_bad(["--proj_hidden", "0"], capsys)
-    assert "--tiny_d 50: not a multiple of 32" in run_bad(["--tiny_d", "50"], capsys)
-    assert "--warmup_ratio nan: not in [0, 1]" in run_bad(["--warmup_ratio", "nan"], capsys)
-    assert "drop --seeds" in run_bad(["--benchmark", "--seeds", "0,1"], capsys)
+    assert "--warmup_ratio nan: must be in [0, 1]" in run_bad(["--warmup_ratio", "nan"], capsys)
+    assert "with --benchmark" in run_bad(["--benchmark", "--seeds", "0,1"], capsys)
     assert "--epochs 0: must be >= 1" in run_bad(["--epochs", "0"], capsys)
     assert "--batch_size 0: must be >= 1" in run_bad(["--batch_size", "0"], capsys)
     import transformers
@@ -453,20 +480,20 @@ def test_bad_inputs(tmp_path, capsys):
     bad_data = small(tmp_path / "o2", "--dataset", "vqav2", "--data_root", str(tmp_path / "no"))
     assert "vqav2" in run_bad(bad_data, capsys)
     assert "no checkpoint" in run_bad(small(tmp_path / "o3", "--eval_only"), capsys)
+    assert "no stand-in at" in run_bad(small(tmp_path / "o5", "--model", "stand_ins/tiny-gpt9"), capsys)
+    assert "has FFNs 0-1" in run_bad(small(tmp_path / "o6", "--memory_layers", "2"), capsys)
     memvp.main(small(tmp_path / "o4", "--prompting", "memvp", "--max_steps", "1"))
     assert "--overwrite" in run_bad(small(tmp_path / "o4", "--prompting", "memvp"), capsys)
 
 
-def test_checkpoint_of_other_flags_exits_2_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
+def test_resume_takes_the_checkpoints_settings_and_a_nan_loss_keeps_it(tmp_path, monkeypatch, capsys):
     run = small(tmp_path, "--prompting", "memvp", "--epochs", "2", "--train_limit", "40")  # 5 steps an epoch
-    memvp.main(run)
+    memvp.main(run + ["--max_steps", "1"])
     ckpt = tmp_path / "memvp" / "checkpoint.pt"
+    res = memvp.main(run + ["--max_steps", "2", "--resume", "--proj_hidden", "64"])  # another projector width
+    assert "the checkpoint's settings are used, ignored: --proj_hidden 64" in capsys.readouterr().out
+    assert res["args"]["proj_hidden"] == 128 and res["modes"]["memvp"]["steps"] == 2
     good = memvp.load_checkpoint(ckpt)
-    with pytest.raises(SystemExit) as e:  # the same parameter names, another projector width
-        memvp.main(run + ["--max_steps", "5", "--resume", "--proj_hidden", "64"])
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert e.value.code == 2 and err == [
-        f"error: {ckpt} was trained with other flags: --proj_hidden 128 (now 64)"]
     forward = memvp.VLModel.forward
     monkeypatch.setattr(memvp.VLModel, "forward", lambda self, *a: forward(self, *a) * float("nan"))
     with pytest.raises(SystemExit) as e:
