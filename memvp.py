@@ -203,6 +203,15 @@ def add_lora(lm: nn.Module, r: int, alpha: float) -> int:
     return sum(r * (m.in_features + m.out_features) for _, m in hits)
 
 
+def merge_lora(lm: nn.Module) -> nn.Module:
+    """Fold every LoRA branch into its weight, W + (alpha/r) B A: a plain HF model again (save_pretrained)."""
+    for name, m in list(lm.named_modules()):
+        if isinstance(m, LoRALinear):
+            m.base.weight.data += m.scaling * (m.lora_B @ m.lora_A).to(m.base.weight.dtype)
+            lm.set_submodule(name, m.base)
+    return lm
+
+
 class VLModel(nn.Module):
     """Frozen LM + trainable visual bridge: memory space (MemVP) or input space + LoRA on q/v."""
 
@@ -643,161 +652,16 @@ def format_benchmark(r: dict) -> str:
     return "\n".join([r["title"], head] + [f"{a:{w}}  {b:>10}  {c:>10}  {d:>11}" for a, b, c, d in rows])
 
 
-# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
-RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume", "overwrite",
-                "eval_only", "seeds")  # what --resume / --eval_only take from the command line, with EVAL_ONLY
+# Flags: one `arg` per field of `Args`, read by transformers.HfArgumentParser (run_cli, last in the file)
 EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
 
 
 def arg(default, help: str, eval_only: bool = False):
     """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
     help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
-    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse formats it
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse: % escaped
 
 
-def check_values(args, rules: dict) -> None:
-    """For Args.__post_init__: {flag: (rule, ok)}, then the rules shared by name ending (lr, dropout) and --seeds."""
-    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
-    for k, v in dataclasses.asdict(args).items():
-        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
-        if ok is not None and v is not None and not ok(v):
-            raise UsageError(f"--{k} {v}: must be {rule}")
-    seeds = (args.seeds or "0").split(",")
-    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
-
-
-def from_checkpoint(args, state: dict):
-    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
-    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
-    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
-    saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
-    default = type(args)()
-    ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items() if v != getattr(args, k) != getattr(default, k)]
-    if ignored:
-        print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
-    return dataclasses.replace(args, **saved)
-
-
-def setup_device(device: str):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
-        torch.cuda.set_device(torch.device(device))
-    return torch.device(device), dist.get_rank() if world > 1 else 0, world
-
-
-def pin_threads(model: nn.Module, device: torch.device) -> None:
-    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
-    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
-        torch.set_num_threads(1)
-
-
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
-                decay: str = "cosine", warmup_factor: float = 0.0):
-    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
-    decay to 0 at total_steps ('none': constant)."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-@contextlib.contextmanager
-def whole_step():
-    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
-    held = []
-    old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-    if held:
-        raise KeyboardInterrupt
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
-    kind, key, *rest = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({**state, "rng": rng}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if model is not None:
-        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
-
-
-def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
-    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
-    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
-    held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
-    if held and not (args.resume or args.eval_only or args.overwrite):
-        raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume to "
-                         "continue it or --overwrite to replace it")
-    os.makedirs(args.out_dir, exist_ok=True)
-    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
-    for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
-            p.unlink()
-
-
-def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
-    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
-    params = list(model.parameters())  # de-duplicated by nn.Module
-    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
-    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
-    return n, m
-
-
-def mean_std(values) -> str:
-    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
-
-
-def run_cli(run, cls, argv=None):
-    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
-    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
-    doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
-    parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
-                                           formatter_class=argparse.HelpFormatter)
-    try:
-        try:
-            args = parser.parse_args_into_dataclasses(argv)[0]
-        except (ValueError, argparse.ArgumentError) as e:  # an unknown flag, a value of the wrong type
-            raise UsageError(str(e)) from None
-        return run(args)
-    except (UsageError, FloatingPointError, OSError) as e:  # OSError: a path it cannot use
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1 if isinstance(e, FloatingPointError) else 2)
-    except KeyboardInterrupt:
-        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-# End of infrastructure ======================================================================================
 
 
 # --------------------------------------------------------------------------------------- Args, CLI, main
@@ -859,6 +723,8 @@ class Args:
     eval_limit: Optional[int] = arg(None, "evaluate the first N records", eval_only=True)
     eval_split: str = arg("test", "val | test", eval_only=True)
     log_every: int = arg(50, "log to <mode>/metrics.jsonl every N steps", eval_only=True)
+    export_merged: bool = arg(False, "save the input side's LM with its LoRA merged (<mode>/merged_lm)",
+                              eval_only=True)
     ckpt_every: int = arg(500, "checkpoint every N steps (and at the end)", eval_only=True)
     device: str = arg("auto", "auto | cpu | cuda")
     seed: int = arg(0, "random seed")
@@ -988,6 +854,8 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     if rank == 0:
         res["metrics"] = evaluate(args, model, evalset, tok, device)
         Path(out_dir, "results.json").write_text(json.dumps(res, indent=2))
+        if args.export_merged and mode == "input":
+            merge_lora(model.lm).save_pretrained(os.path.join(out_dir, "merged_lm"))
     return res
 
 
@@ -1026,6 +894,159 @@ def format_table(runs: list) -> str:
 
 def main(argv=None) -> dict:
     return run_cli(run, Args, argv)
+
+
+# Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
+UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
+# what --resume / --eval_only take from the command line, with the flags whose help ends in EVAL_ONLY
+RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume",
+                "overwrite", "eval_only", "seeds")
+
+
+def check_values(args, rules: dict) -> None:
+    """For Args.__post_init__: the script's {flag: (rule, ok)}, the rules shared by the end of a flag's name
+    (lr, dropout) and --seeds."""
+    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for k, v in dataclasses.asdict(args).items():
+        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
+        if ok is not None and v is not None and not ok(v):
+            raise UsageError(f"--{k} {v}: must be {rule}")
+    seeds = (args.seeds or "0").split(",")
+    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+
+
+def from_checkpoint(args, state: dict):
+    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
+    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
+    saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
+    default = type(args)()
+    ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items()
+               if v != getattr(args, k) != getattr(default, k)]
+    if ignored:
+        print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
+    return dataclasses.replace(args, **saved)
+
+
+def setup_device(device: str):
+    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
+        torch.cuda.set_device(torch.device(device))
+    return torch.device(device), dist.get_rank() if world > 1 else 0, world
+
+
+def pin_threads(model: nn.Module, device: torch.device) -> None:
+    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+        torch.set_num_threads(1)
+
+
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
+                decay: str = "cosine", warmup_factor: float = 0.0):
+    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
+    decay to 0 at total_steps ('none': constant)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextlib.contextmanager
+def whole_step():
+    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+    held = []
+    old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if held:
+        raise KeyboardInterrupt
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
+    kind, key, *rest = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
+    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if model is not None:
+        model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
+    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
+    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
+    if held and not (args.resume or args.eval_only or args.overwrite):
+        raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume "
+                         "to continue it or --overwrite to replace it")
+    os.makedirs(args.out_dir, exist_ok=True)
+    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
+    for p in Path(args.out_dir).rglob("*") if clear else []:
+        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
+            p.unlink()
+
+
+def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
+    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
+    params = list(model.parameters())  # de-duplicated by nn.Module
+    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
+    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
+    return n, m
+
+
+def mean_std(values) -> str:
+    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
+
+
+def run_cli(run, cls, argv=None):
+    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
+    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
+    parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
+                                           formatter_class=argparse.HelpFormatter)
+    try:
+        try:
+            args = parser.parse_args_into_dataclasses(argv)[0]
+        except (ValueError, argparse.ArgumentError) as e:  # an unknown flag, a value of the wrong type
+            raise UsageError(str(e)) from None
+        return run(args)
+    except (UsageError, FloatingPointError, OSError) as e:  # OSError: a path it cannot use
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, FloatingPointError) else 2)
+    except KeyboardInterrupt:
+        print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+# End of infrastructure ======================================================================================
 
 
 if __name__ == "__main__":

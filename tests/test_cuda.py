@@ -24,8 +24,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
                                                                  reason="no GPU on this machine"))]
 # each script's offline default, shrunk to a few steps (training completes, so the evaluation runs)
 FEW_STEPS = {
-    "routing_bottleneck": ["--kinds", "mul", "--r_bottleneck", "4", "--train_limit", "24", "--eval_limit", "4",
-                           "--batch_size", "8", "--epochs", "1", "--num_beams", "2"],
+    "memvp": ["--prompting", "memvp", "--train_limit", "16", "--eval_limit", "4", "--batch_size", "8",
+              "--epochs", "1"],
+    "routing_bottleneck": ["--kinds", "mul", "--r_bottleneck", "4", "--train_limit", "24",
+                           "--eval_limit", "4",                           "--batch_size", "8", "--epochs", "1", "--num_beams", "2"],
     "prefix_tuning": ["--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--epochs", "1",
                       "--num_beams", "2", "--max_new_tokens", "4"],
     "pt_peft_train": ["--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--epochs", "1",
@@ -66,3 +68,17 @@ def test_few_steps_finite_evaluated_and_resumed_exactly(script, device, tmp_path
             assert torch.isfinite(a[k].float()).all(), (name, k)
     assert all(math.isfinite(v) for v in losses(tmp_path / "full"))
     assert list((tmp_path / "full").rglob("results.json"))  # the evaluation ran and wrote its results
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memvp_benchmark(device, tmp_path, capsys):
+    """Speed / memory / FLOPs at SmolLM2-135M's shape (one layer here): the input side costs more."""
+    import memvp
+    res = memvp.main(["--benchmark", "--bench_layers", "1", "--bench_n", "8", "--bench_L", "4",
+                      "--bench_batch", "1", "--bench_iters", "1", "--device", device,
+                      "--out_dir", str(tmp_path)])
+    s = res["sides"]
+    assert s["input"]["analytic"] > s["memvp"]["analytic"] and s["input"]["counted"] > s["memvp"]["counted"]
+    assert all(x[k] > 0 for x in s.values() for k in ("train", "prefill", "decode", "act_mb"))
+    out = capsys.readouterr().out
+    assert "MemVP memory: 320" in out and "LoRA r=6" in out and "input/MemVP" in out
