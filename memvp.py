@@ -351,7 +351,7 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
         src = enc(s)  # decoder-only: the target's tokens as in the whole text (as the official code)
         tgt = enc(s + sep + t)[len(src):] if t and llama else enc(t)
         # official: the first 512 tokens of prompt + answer (training), the first 511 of the prompt (test).
-        # DEVIATION: bos / eos are not counted (the official 512 include them): the same text for short prompts
+        # DEVIATION: bos / eos are not counted (the official 512 include them): the same for short prompts
         kept = (src[:n], tgt[:n - len(src[:n])] if llama else tgt[:n])
         cut += len(kept[0]) + len(kept[1]) < len(src) + len(tgt)
         items.append((i, *kept))
@@ -659,7 +659,7 @@ EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes no
 def arg(default, help: str, eval_only: bool = False):
     """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
     help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
-    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse: % escaped
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
 
 
 

@@ -557,7 +557,7 @@ EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes no
 def arg(default, help: str, eval_only: bool = False):
     """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
     help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
-    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse: % escaped
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
 
 
 

@@ -328,7 +328,7 @@ class Prepared:
 def load_lm(a: Args, task: str, device):
     """The frozen LM and tokenizer of --model (a hub id or folder, stand_ins/ included) -> (tok, lm)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    transformers.utils.logging.disable_progress_bar()      # stderr: the run's own messages (one line on error)
+    transformers.utils.logging.disable_progress_bar()  # stderr: the run's own messages (one line on error)
     try:
         tok = AutoTokenizer.from_pretrained(data.model_path(a.model))
         lm = (AutoModel if task == "vqa" else AutoModelForCausalLM).from_pretrained(data.model_path(a.model))
@@ -345,9 +345,9 @@ def load_lm(a: Args, task: str, device):
 def visual_features(a: Args, records, split: str, train: bool, device):
     """-> (records, feats (images, N, C) memory-mapped, rows); unreadable train images drop their records."""
     cache = os.path.join(a.cache_dir or data.cache_dir(), "features")
-    feats, rows, missing = data.extract_features(records, a.vision, dataset=a.dataset, split=split, train=train,
-                                                 pooled=a.visual_tokens == "pooled", image_size=a.image_size,
-                                                 device=str(device), cache_dir=cache)
+    feats, rows, missing = data.extract_features(
+        records, a.vision, dataset=a.dataset, split=split, train=train, pooled=a.visual_tokens == "pooled",
+        image_size=a.image_size, device=str(device), cache_dir=cache)
     if train:
         records, rows = data.drop_missing(records, rows, missing)
     return records, feats, torch.as_tensor(rows).long()
@@ -538,7 +538,7 @@ EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes no
 def arg(default, help: str, eval_only: bool = False):
     """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
     help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
-    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse: % escaped
+    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
 
 
 
@@ -587,7 +587,7 @@ class Args:
     data_root: Optional[str] = arg(None, "root of the official dataset files (not for shapes_*)")
     model: Optional[str] = arg(None, f"the LM, a HF id or folder ({by_dataset('model')})")
     vision: Optional[str] = arg(None, f"vision tower, tiny-cnn or a HF ViT/CLIP ({by_dataset('vision')})")
-    image_size: Optional[int] = arg(None, "image side for a HF vision tower (default: 224; tiny-cnn: its own)")
+    image_size: Optional[int] = arg(None, "image side of a HF vision tower (default: 224; tiny-cnn: its own)")
     method: str = arg("lora", "the runs: lora | adapter | both", eval_only=True)
     kinds: str = arg("none,mul", f"routings: {', '.join(f'{k}={r.formula}' for k, r in ROUTINGS.items())}",
                      eval_only=True)

@@ -32,7 +32,7 @@ RECIPES: dict[str, Callable[[Path, Optional[int]], None]] = {}  # name -> make(f
 
 
 def recipe(name: str):
-    """Register make(folder, steps): pre-train the stand-in `name` (steps: None = the recipe's) and save it."""
+    """Register make(folder, steps): pre-train the stand-in `name` (steps None: the recipe's), save it."""
     def register(make):
         RECIPES[name] = make
         return make
@@ -495,7 +495,7 @@ def largest_difference(a: Path, b: Path) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help="comma-separated names (default: all)")
-    p.add_argument("--out", default=str(REPO / "stand_ins"), help="where the folders go (default: stand_ins/)")
+    p.add_argument("--out", default=str(REPO / "stand_ins"), help="the folders' parent (default: stand_ins/)")
     p.add_argument("--steps", type=int, help="pre-training steps instead of the recipe's (a quick re-make)")
     p.add_argument("--check", action="store_true", help="re-make into a temporary folder and compare")
     p.add_argument("--overwrite", action="store_true", help="replace existing folders")
@@ -504,7 +504,8 @@ def main(argv=None) -> int:
     names = a.only.split(",") if a.only else list(RECIPES)
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
-        print(f"error: unknown stand-in {', '.join(unknown)}; choose from {', '.join(RECIPES)}", file=sys.stderr)
+        print(f"error: unknown stand-in {', '.join(unknown)}; choose from {', '.join(RECIPES)}",
+              file=sys.stderr)
         return 2
     if a.list:
         print("\n".join(f"{n:24s} {REPO / 'stand_ins' / n}" for n in names))

@@ -27,7 +27,7 @@ FEW_STEPS = {
     "memvp": ["--prompting", "memvp", "--train_limit", "16", "--eval_limit", "4", "--batch_size", "8",
               "--epochs", "1"],
     "routing_bottleneck": ["--kinds", "mul", "--r_bottleneck", "4", "--train_limit", "24",
-                           "--eval_limit", "4",                           "--batch_size", "8", "--epochs", "1", "--num_beams", "2"],
+                           "--eval_limit", "4", "--batch_size", "8", "--epochs", "1", "--num_beams", "2"],
     "prefix_tuning": ["--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--epochs", "1",
                       "--num_beams", "2", "--max_new_tokens", "4"],
     "pt_peft_train": ["--train_limit", "8", "--eval_limit", "4", "--batch_size", "4", "--epochs", "1",
