@@ -32,13 +32,15 @@ CACHE = {}
 def fast_encoders(tmp_path_factory):
     """A random-weight tiny-cnn stands in for the pre-trained one (13 s to build; tested in test_data.py),
     with this file's own feature cache; a 2-layer CLIP tower for the subprocess runs."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
     CACHE["dir"] = str(tmp_path_factory.mktemp("memvp_cache"))
     CACHE["clip"] = str(tmp_path_factory.mktemp("clip"))
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=32, patch_size=16)
                     ).save_pretrained(CACHE["clip"])
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(CACHE["clip"])
     with pytest.MonkeyPatch.context() as mp:
         torch.manual_seed(0)
         cnn = data.TinyCNN().eval().requires_grad_(False)
@@ -278,12 +280,13 @@ def test_memory_in_half_the_layers(arch, t5_ffn):
 
 def test_scienceqa_prompt_official_format():
     rec = {"question": "Which is a mammal?", "context": "", "choices": ["frog", "cat"], "answer": "B",
-           "meta": {"caption": "", "subject": "natural science", "grade": "grade3", "has_context": False,
-                    "has_image": False}}
+           "answer_index": 1, "meta": {"caption": "", "subject": "natural science", "grade": "grade3",
+                                       "has_context": False, "has_image": False}}
     src, tgt = memvp.texts(rec, "mcq", train=True)
     assert src == "Question: Which is a mammal?\nContext: N/A\nOptions: (A) frog (B) cat\nResponse:"
     assert tgt == "The answer is B." and memvp.texts(rec, "mcq", False) == (src + "The answer is", "")
-    scores = memvp.score("mcq", ["B", "a", ""], [rec, dict(rec, answer="A"), rec])  # official: case-sensitive
+    other = dict(rec, answer="A", answer_index=0)
+    scores = memvp.score("mcq", ["B", "a", ""], [rec, other, rec])  # official: case-sensitive, "a" is wrong
     assert scores["average"] == pytest.approx(33.33)
 
 
@@ -415,7 +418,7 @@ def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
     """Official VQAv2 files (one unreadable image) + a local HF LLaMA checkpoint and tokenizer + a local CLIP
     tower: the paper's LLaMA values, CLIP's penultimate layer through its ln_post, VQA accuracy."""
     from PIL import Image
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
     root = tmp_path / "vqav2"
     for cs, iids in (("train2014", [1, 2, 3, 4]), ("val2014", [5, 6])):
         qs, anns = [], []
@@ -436,6 +439,8 @@ def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
     CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=32, patch_size=8)
                     ).save_pretrained(tmp_path / "clip")
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "clip")
     argv = small(tmp_path / "run", "--dataset", "vqav2", "--data_root", str(tmp_path), "--vision",
                  str(tmp_path / "clip"), "--image_size", "32", "--eval_split", "val", "--prompting", "memvp",
                  "--model", str(tmp_path / "lm"), "--batch_size", "2")
