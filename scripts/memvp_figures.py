@@ -183,13 +183,16 @@ def draw_image(ax, rec: dict, sim: torch.Tensor) -> None:
     ax.imshow(sim.mean(0).reshape(side, side).numpy(), extent=(0, size, size, 0), alpha=0.5, cmap="magma")
     ax.set(xticks=np.arange(1, side) * size / side, yticks=np.arange(1, side) * size / side, xticklabels=[],
            yticklabels=[], title=f"{rec['question']}\n(answer: {rec['answer']})")
+    ax.tick_params(length=0)
     ax.grid(color="white", linewidth=0.6)
 
 
-def draw_map(ax, tokens: list, sim: torch.Tensor, title: str, blocked=()):
-    """Rows: the question's tokens, columns: the visual entries; blocked ones framed in red (Fig. 6)."""
+def draw_map(ax, tokens: list, sim: torch.Tensor, title: str, blocked=(), scale=None):
+    """Rows: the question's tokens, columns: the visual entries; blocked ones framed in red (Fig. 6).
+    scale: the (min, max) of the colours (default: sim's)."""
     from matplotlib.patches import Rectangle
-    image = ax.imshow(sim.numpy(), cmap="magma", aspect="auto")
+    low, high = scale or (sim.min().item(), sim.max().item())
+    image = ax.imshow(sim.numpy(), cmap="magma", aspect="auto", vmin=low, vmax=high)
     ax.set_xticks(range(sim.shape[1]), cell_names(sim.shape[1]), rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(tokens)), tokens)
     ax.set_title(title, fontsize=10)
@@ -211,21 +214,31 @@ def figures(out: Path, model: memvp.VLModel, tok, split: memvp.Split, gen, devic
         written.append(out / f"fig5_{fam}.csv")
         if plt is None:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(10, 2.4 + 0.3 * len(tokens)), width_ratios=[1, 1.5])
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 2.6 + 0.3 * len(tokens)), width_ratios=[1, 1.5],
+                                 layout="constrained")
         draw_image(axes[0], rec, sim)
         image = draw_map(axes[1], tokens, sim, f"model: {preds['none'][k]}")
         fig.colorbar(image, ax=axes[1], label="φ(<x, λ f(z_i)>), mean over memory layers")
         written.append(save(plt, fig, out / f"fig5_{fam}.png"))
         if fam == "count":
-            fig, axes = plt.subplots(1, 3, figsize=(14, 2.4 + 0.3 * len(tokens)), width_ratios=[1, 1.5, 1.5])
-            draw_image(axes[0], rec, sim)
-            draw_map(axes[1], tokens, sim, f"unchanged, model: {preds['none'][k]}")
-            blocked, zeroed = top2(sim.mean(0), k), sim.clone()
-            zeroed[:, blocked] = 0  # phi = 0 for the blocked entries
-            draw_map(axes[2], tokens, zeroed, f"2 most similar entries blocked, model: {preds['top2'][k]}",
-                     blocked)
-            written.append(save(plt, fig, out / "fig6_count.png"))
+            written.append(figure6(plt, out / "fig6_count.png", rec, tokens, sim, preds["none"][k],
+                                   preds["top2"][k]))
     return written
+
+
+def figure6(plt, path: Path, rec: dict, tokens: list, sim: torch.Tensor, before: str, after: str) -> Path:
+    """Fig. 6: the inputs, the similarity, and the similarity with the two most similar entries blocked."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 2.6 + 0.3 * len(tokens)), width_ratios=[1, 1.5, 1.5],
+                             layout="constrained")
+    draw_image(axes[0], rec, sim)
+    blocked, zeroed = top2(sim.mean(0), 0), sim.clone()
+    zeroed[:, blocked] = 0  # phi = 0 for the blocked entries
+    scale = (min(0.0, sim.min().item()), sim.max().item())  # one colour scale for both, 0 included
+    draw_map(axes[1], tokens, sim, f"unchanged, model: {before}", scale=scale)
+    image = draw_map(axes[2], tokens, zeroed, f"2 most similar entries blocked, model: {after}", blocked,
+                     scale)
+    fig.colorbar(image, ax=axes[2], label="φ(<x, λ f(z_i)>)")
+    return save(plt, fig, path)
 
 
 def save(plt, fig, path: Path) -> Path:
@@ -234,41 +247,55 @@ def save(plt, fig, path: Path) -> Path:
     return path
 
 
+def object_cells(rec: dict, n: int) -> set:
+    """The grid cells (row-major) that hold an object's centre."""
+    side = int(round(n ** 0.5))
+    return {int(o["y"] * side) * side + int(o["x"] * side) for o in rec["meta"]["scene"]["objects"]}
+
+
 def measure(args: FigArgs, model: memvp.VLModel, tok, split: memvp.Split, gen, device) -> dict:
     """Fig. 6 on every count / colour / shape question: VQA accuracy unchanged ("none"), with the 2 entries
-    most similar to the question's tokens blocked ("top2"), with 2 random entries blocked ("random2"), and
-    the % of questions whose answer changes."""
-    rng = np.random.default_rng(args.seed)
-    n = split.feats.shape[1]
-    blocks = {"top2": top2, "random2": lambda scores, i: rng.choice(n, 2, replace=False).tolist()}
-    res = {"families": {}, "changed": {}, "questions": {}}
+    most similar to the question's tokens blocked ("top2"), with 2 random entries blocked ("random2"); the %
+    of questions whose answer changes, and the % of blocked entries that hold an object."""
+    rng, n = np.random.default_rng(args.seed), split.feats.shape[1]
+    res = {"families": {}, "changed": {}, "on_objects": {}, "questions": {}}
     for fam in FIG6_FAMILIES:
         items = family_items(split)[fam][:args.per_family]
-        preds, _ = answer(model, split, tok, items, gen, device, blocks)
+        drawn = [rng.choice(n, 2, replace=False).tolist() for _ in items]
+        blocks = {"top2": top2, "random2": lambda scores, i: drawn[i]}
+        preds, maps = answer(model, split, tok, items, gen, device, blocks)
         recs = [split.records[i] for i, *_ in items]
+        picks = {"top2": [top2(m.mean(0), i) for i, m in enumerate(maps)], "random2": drawn}
         res["families"][fam] = {k: data.vqa_accuracy(p, recs)["overall"] for k, p in preds.items()}
         res["changed"][fam] = {k: 100 * float(np.mean([a != b for a, b in zip(preds["none"], preds[k])]))
                                for k in BLOCKED}
+        res["on_objects"][fam] = {k: 100 * float(np.mean([len(set(c) & object_cells(r, n)) / 2
+                                                          for c, r in zip(picks[k], recs)])) for k in BLOCKED}
         res["questions"][fam] = len(items)
     return res
 
 
 def format_table(model: str, seeds: list, res: dict) -> str:
-    """VQA accuracy per family and condition, and % of answers changed: mean ± std over the seeds."""
+    """VQA accuracy per family and condition, % of answers changed, % of blocked entries on an object:
+    mean ± std over the seeds."""
     runs = res["seeds"]
     cell = lambda v: f"{v[0]:.2f}" if len(v) == 1 else memvp.mean_std(v)  # noqa: E731
-    head = ["family", "questions", "unchanged", "top-2 blocked", "random-2 blocked", "changed top-2",
-            "changed random-2"]
-    rows = [head]
+    rows = [["family", "questions", "unchanged", "top-2 blocked", "random-2 blocked", "changed top-2",
+             "changed random-2"]]
+    objects = [["blocked entries on an object's cell (%)", "top-2", "random-2"]]
     for fam in FIG6_FAMILIES:
         acc = [cell([r["families"][fam][k] for r in runs]) for k in ("none", *BLOCKED)]
         changed = [cell([r["changed"][fam][k] for r in runs]) for k in BLOCKED]
         rows.append([fam, str(runs[0]["questions"][fam]), *acc, *changed])
-    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        objects.append([fam, *(cell([r["on_objects"][fam][k] for r in runs]) for k in BLOCKED)])
     seeds = f"seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}"
     title = f"Fig. 6, {model} (MemVP, {seeds}): test VQA accuracy, % answers changed"
-    return "\n".join([title] + ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))
-                               for r in rows])
+    return "\n".join([title, *aligned(rows), *aligned(objects)])
+
+
+def aligned(rows: list) -> list:
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
 
 
 # --------------------------------------------------------------------------------------- Args, CLI, main

@@ -108,6 +108,7 @@ def test_main_small(tmp_path, capsys, monkeypatch):
         for fam, acc in saved["families"].items():
             assert set(acc) == {"none", "top2", "random2"} and all(0 <= v <= 100 for v in acc.values())
             assert saved["seeds"][0]["questions"][fam] == 5
+            assert all(0 <= v <= 100 for v in saved["seeds"][0]["on_objects"][fam].values())
         for fam in ("color", "shape", "count", "exist", "position", "relation"):
             rows = (folder / f"fig5_{fam}.csv").read_text().splitlines()
             assert rows[0].split(",") == ["token", *memvp_figures.CELLS] and len(rows) > 2
@@ -118,3 +119,8 @@ def test_main_small(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(memvp, "main", lambda argv: pytest.fail("a finished run was trained again"))
     again = memvp_figures.main(argv[:-2] + ["--models", "stand_ins/tiny-bart"])
     assert again["stand_ins/tiny-bart"]["families"] == res["stand_ins/tiny-bart"]["families"]
+
+
+def test_object_cells_of_the_grid():
+    rec = {"meta": {"scene": {"objects": [{"x": 0.21, "y": 0.49}, {"x": 0.5, "y": 0.8}, {"x": 0.8, "y": 0.5}]}}}
+    assert memvp_figures.object_cells(rec, 9) == {3, 7, 5}  # left, bottom, right (row-major 3 x 3)
