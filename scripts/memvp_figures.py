@@ -5,11 +5,11 @@ Jie et al., "Memory-Space Visual Prompting for Efficient Vision-Language Fine-Tu
 that the LM really retrieves them as knowledge:
   Fig. 5  for each question token x, the similarity phi(<x, lam f(z_i)>) to the key of each visual entry
           (lam f(z_i) alone, without p^k_i), averaged over the memory layers. Here: one test question per
-          family; the entries are tiny-cnn's 3 x 3 grid cells.           -> similarity, figure5
+          family; the entries are tiny-cnn's 3 x 3 grid cells.              -> probe, similarity, figures
   Fig. 6  blocking the two most responsive entries (their phi(<x, K(z_i)>) in Eq. 6 set to 0) makes the
           model answer "0". Here a measurement: every count / colour / shape question of the test split
-          unchanged, with the 2 entries of highest similarity to the question's tokens blocked, and with 2
-          random entries blocked.                                        -> probe, answer, figure6, measure
+          unchanged, with the 2 entries of highest similarity averaged over the question's tokens blocked,
+          and with 2 random entries blocked.                                -> probe, answer, measure, figure6
 
 The checkpoints are memvp.py's MemVP runs in its --seeds layout; the missing ones are trained by memvp.main.
 
@@ -242,7 +242,7 @@ def figure6(plt, path: Path, rec: dict, tokens: list, sim: torch.Tensor, before:
 
 
 def save(plt, fig, path: Path) -> Path:
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
 
