@@ -11,7 +11,7 @@ that the LM really retrieves them as knowledge:
           unchanged, with the 2 entries of highest similarity averaged over the question's tokens blocked,
           and with 2 random entries blocked.                                -> probe, answer, measure, figure6
 
-The checkpoints are memvp.py's MemVP runs in its --seeds layout; the missing ones are trained by memvp.main.
+The checkpoints: memvp.py's runs in its --seeds layout; the missing ones are trained here by memvp.main.
 
   python scripts/memvp_figures.py                                  # tiny BART and tiny LLaMA, seeds 0,1,2
   python scripts/memvp_figures.py --models stand_ins/tiny-bart --seeds 0
@@ -102,20 +102,19 @@ def top2(scores: torch.Tensor, i: int) -> list:
 
 
 # --------------------------------------------------------------------------------------- loading the runs
-def run_dir(args: FigArgs, model: str, seed: int) -> str:
-    """memvp.py's default folder of a --seeds run, under --runs_dir."""
-    name = os.path.basename(model.rstrip("/"))
-    seeds = args.seeds.replace(",", "_")
-    return os.path.join(args.runs_dir, f"shapes_vqa-{name}-seeds{seeds}", f"seed{seed}")
-
-
 def trained_run(args: FigArgs, model: str, seed: int) -> str:
-    """The folder of a finished MemVP run of `model` and `seed`; trained (or finished) here when absent."""
-    out = run_dir(args, model, seed)
-    if not os.path.isfile(os.path.join(out, "memvp", "results.json")):
-        memvp.main(["--model", model, "--prompting", "memvp", "--seed", str(seed), "--out_dir", out,
-                    "--resume", *args.memvp_flags.split()])
-    return out
+    """The folder of a finished MemVP run of `model` and `seed`: memvp.py's own (its default folder of a
+    --seeds run, under --runs_dir), else one trained here (<out_dir>/<model>/seed<N>: never in memvp.py's
+    folders, which a later memvp.py run would find occupied)."""
+    name, seeds = os.path.basename(model.rstrip("/")), args.seeds.replace(",", "_")
+    own = os.path.join(args.runs_dir, f"shapes_vqa-{name}-seeds{seeds}", f"seed{seed}")
+    here = os.path.join(args.out_dir, name, f"seed{seed}")
+    for out in (own, here):
+        if os.path.isfile(os.path.join(out, "memvp", "results.json")):
+            return out
+    memvp.main(["--model", model, "--prompting", "memvp", "--seed", str(seed), "--out_dir", here, "--resume",
+                *args.memvp_flags.split()])
+    return here
 
 
 def load_trained(out: str, device) -> tuple:
@@ -305,10 +304,11 @@ class FigArgs:
                             "memvp.py --model values, comma-separated")
     seeds: str = memvp.arg("0,1,2", "the checkpoints' seeds (Fig. 5 from the first)")
     runs_dir: str = memvp.arg("runs/memvp",
-                              "memvp.py's runs: <runs_dir>/shapes_vqa-<model>-seeds<seeds>/seed<N>")
+                              "memvp.py's runs (read only): <runs_dir>/shapes_vqa-<model>-seeds<seeds>")
     memvp_flags: str = memvp.arg("", "memvp.py flags for the runs trained here (default: none), "
                                      "e.g. '--lam 0.1 --scale 1'")
-    out_dir: str = memvp.arg("runs/memvp_figures", "figures, CSV and results.json: <out_dir>/<model>/")
+    out_dir: str = memvp.arg("runs/memvp_figures",
+                             "<out_dir>/<model>: figures, CSV, results.json, runs trained here")
     per_family: Optional[int] = memvp.arg(None, "Fig. 6: the first N questions per family (default: all)")
     seed: int = memvp.arg(0, "picks Fig. 5's questions and Fig. 6's random entries")
     device: str = memvp.arg("auto", "auto | cpu | cuda")

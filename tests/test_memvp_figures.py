@@ -100,9 +100,8 @@ def test_main_small(tmp_path, capsys, monkeypatch):
     res = memvp_figures.main(argv)
     out = capsys.readouterr().out
     for name in ("tiny-bart", "tiny-llama"):
-        run = tmp_path / "runs" / f"shapes_vqa-{name}-seeds0" / "seed0" / "memvp"
-        assert memvp.load_checkpoint(str(run / "checkpoint.pt"))["step"] == 2
-        folder = tmp_path / "out" / name
+        folder = tmp_path / "out" / name  # runs/ holds none of memvp.py's runs: trained here
+        assert memvp.load_checkpoint(str(folder / "seed0" / "memvp" / "checkpoint.pt"))["step"] == 2
         saved = json.loads((folder / "results.json").read_text())
         assert set(saved["families"]) == {"count", "color", "shape"}
         for fam, acc in saved["families"].items():
@@ -116,11 +115,20 @@ def test_main_small(tmp_path, capsys, monkeypatch):
         assert res[f"stand_ins/{name}"]["families"] == saved["families"]
         assert f"Fig. 6, stand_ins/{name} (MemVP, seed 0): test VQA accuracy" in out
     assert all(len(line) <= 100 for line in out.splitlines())
+    assert not (tmp_path / "runs").exists()
     monkeypatch.setattr(memvp, "main", lambda argv: pytest.fail("a finished run was trained again"))
     again = memvp_figures.main(argv[:-2] + ["--models", "stand_ins/tiny-bart"])
     assert again["stand_ins/tiny-bart"]["families"] == res["stand_ins/tiny-bart"]["families"]
+    mine = tmp_path / "runs" / "shapes_vqa-tiny-bart-seeds0"  # memvp.py's own run of that name comes first
+    mine.parent.mkdir()
+    (tmp_path / "out" / "tiny-bart").rename(mine)
+    argv[argv.index("--out_dir") + 1] = str(tmp_path / "elsewhere")
+    used = memvp_figures.main(argv[:-2] + ["--models", "stand_ins/tiny-bart"])
+    assert used["stand_ins/tiny-bart"]["runs"] == [str(mine / "seed0")]
+    assert used["stand_ins/tiny-bart"]["families"] == res["stand_ins/tiny-bart"]["families"]
 
 
 def test_object_cells_of_the_grid():
-    rec = {"meta": {"scene": {"objects": [{"x": 0.21, "y": 0.49}, {"x": 0.5, "y": 0.8}, {"x": 0.8, "y": 0.5}]}}}
+    objects = [{"x": 0.21, "y": 0.49}, {"x": 0.5, "y": 0.8}, {"x": 0.8, "y": 0.5}]
+    rec = {"meta": {"scene": {"objects": objects}}}
     assert memvp_figures.object_cells(rec, 9) == {3, 7, 5}  # left, bottom, right (row-major 3 x 3)
