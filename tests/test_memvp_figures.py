@@ -87,7 +87,7 @@ def test_similarity_is_phi_of_lam_f_without_the_position_embedding(arch):
         table = 0 if arch == "llama" else t  # LLaMA: one table for every layer (Sec. 5.2)
         vp = keys[table] - m.prompts.pos_k[table]  # (B, n_pos, d): lam f(z), zero-padded to n_pos
         assert vp[:, 4:].abs().max() < 1e-6 and vp[:, :4].abs().min() > 0
-        want = want + torch.tensor([[[float(act(x[b, j] @ vp[b, i])) for i in range(4)] for j in range(5)]
+        want = want + torch.tensor([[[float(act(x[b, j] @ vp[b, i]).detach()) for i in range(4)] for j in range(5)]
                                     for b in range(2)]) / 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 

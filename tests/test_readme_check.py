@@ -47,7 +47,7 @@ def test_commands_run_with_this_python_and_a_failed_command_fails_its_block(tmp_
 
 
 def test_readme_quotes_only_offline_commands_of_the_project():
-    scripts = {p.name for p in REPO.glob("*.py")}
+    scripts = {str(p.relative_to(REPO)) for p in [*REPO.glob("*.py"), *REPO.glob("scripts/*.py")]}
     docs = [p for p in (REPO / "README.md", REPO / "RESULTS.md") if p.exists()]
     for fname, cmd, expected in cr.quoted_blocks(docs):
         words = cmd.split()
