@@ -14,7 +14,6 @@ folders ship with the repository.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path

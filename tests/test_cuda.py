@@ -11,7 +11,6 @@ launch to the next (exactly equal with torch.use_deterministic_algorithms, which
 import importlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 

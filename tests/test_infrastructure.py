@@ -3,7 +3,6 @@ from __future__ import annotations  # as in the method files: HfArgumentParser r
 
 import dataclasses
 import importlib
-import math
 import os
 import re
 import signal
