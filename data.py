@@ -1359,3 +1359,37 @@ def set_epoch(loader, epoch: int) -> None:
     """Set the epoch of the loader's sampler (shuffling order = f(seed, epoch))."""
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
+
+
+# ------------------------------------------------ 7. For the scripts: value checks, counts, threads, seeds
+def check_values(args, rules: dict) -> None:
+    """For Args.__post_init__: the script's {flag: (rule, ok)}, the rules shared by the end of a flag's name
+    (lr, dropout) and distinct integer --seeds; a value that breaks one is a UsageError."""
+    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
+    for k, v in vars(args).items():
+        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
+        if ok is not None and v is not None and not ok(v):
+            raise UsageError(f"--{k} {v}: must be {rule}")
+    seeds = (args.seeds or "0").split(",")
+    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
+        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+
+
+def count_trainable(model: torch.nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
+    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
+    params = list(model.parameters())  # de-duplicated by nn.Module
+    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
+    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
+    return n, m
+
+
+def pin_threads(model: torch.nn.Module, device: torch.device) -> None:
+    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
+        torch.set_num_threads(1)
+
+
+def mean_std(values) -> str:
+    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"

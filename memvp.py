@@ -39,7 +39,6 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import re
 import signal
 import sys
@@ -746,7 +745,7 @@ class Args:
     def __post_init__(self):
         one_of = lambda *ok: (f"one of {', '.join(ok)}", lambda v: v in ok)  # noqa: E731
         at_least = lambda low: (f">= {low}", lambda v: v >= low)  # noqa: E731
-        check_values(self, {
+        data.check_values(self, {
             "dataset": one_of(*TASKS), "prompting": one_of("both", "memvp", "input"),
             "eval_split": one_of("val", "test"), "warmup_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
             "memory_layers": ("comma-separated FFN indices", lambda v: re.fullmatch(r"\d+(,\d+)*", v)),
@@ -813,7 +812,7 @@ def run(args: Args) -> dict:
         sizes = {split: n} if n and args.dataset.startswith("shapes_") else None
         recs[split] = data.load_records(args.dataset, split, args.data_root, limit=n, split_sizes=sizes)
     lm, tok = load_lm(args.model)
-    pin_threads(lm, device)
+    data.pin_threads(lm, device)
     find_ffns(lm)  # fail early on an LM whose FFN the patcher does not know
     resolve_family(args, lm.requires_grad_(False), world, synthetic=args.dataset.startswith("shapes_"))
     llama = not lm.config.is_encoder_decoder
@@ -848,7 +847,7 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     model = build_vl(args, lm, mode, trainset.feats.shape[-1], tok.bos_token_id is not None).to(device)
     freeze(model)
     if rank == 0:
-        count_trainable(model, method_parameters(model), log=lambda line: print(f"[{mode}] {line}"))
+        data.count_trainable(model, method_parameters(model), log=lambda line: print(f"[{mode}] {line}"))
     res = train(args, model, trainset, tok, device, rank, world, out_dir)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
@@ -867,7 +866,7 @@ def format_table(runs: list) -> str:
     """One row per side (mean ± std over seeds); columns that do not fit in 100 characters continue below."""
     r0 = runs[0]
     cols = [c for c in METRICS[r0["task"]] if any(c in m["metrics"] for m in r0["modes"].values())]
-    cell = lambda v: f"{v[0]:.2f}" if len(v) == 1 else mean_std(v)  # noqa: E731
+    cell = lambda v: f"{v[0]:.2f}" if len(v) == 1 else data.mean_std(v)  # noqa: E731
     norms = ", norms" if r0["enc_dec"] else ""
     label = {"memvp": f"MemVP: f, p_k, p_v{norms}",
              "input": f"input: f, LoRA q,v r={r0['args']['lora_rank']}{norms}"}
@@ -898,27 +897,12 @@ def main(argv=None) -> dict:
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
 UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
-# what --resume / --eval_only take from the command line, with the flags whose help ends in EVAL_ONLY
 RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume",
-                "overwrite", "eval_only", "seeds")
-
-
-def check_values(args, rules: dict) -> None:
-    """For Args.__post_init__: the script's {flag: (rule, ok)}, the rules shared by the end of a flag's name
-    (lr, dropout) and --seeds."""
-    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
-    for k, v in dataclasses.asdict(args).items():
-        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
-        if ok is not None and v is not None and not ok(v):
-            raise UsageError(f"--{k} {v}: must be {rule}")
-    seeds = (args.seeds or "0").split(",")
-    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+                "overwrite", "eval_only", "seeds")  # what --resume / --eval_only take from the command line
 
 
 def from_checkpoint(args, state: dict):
-    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
-    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    """nanoGPT's way: the checkpoint's settings, but the command line's run controls and EVAL_ONLY flags."""
     keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
     saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
     default = type(args)()
@@ -930,34 +914,27 @@ def from_checkpoint(args, state: dict):
 
 
 def setup_device(device: str):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
+    """-> (torch.device, rank, world size); under torchrun a DDP process group, nccl on GPU, gloo on CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
-        torch.cuda.set_device(torch.device(device))
+    if world > 1:
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    if world > 1 and device != "cpu":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+        torch.cuda.set_device(device)
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
-
-
-def pin_threads(model: nn.Module, device: torch.device) -> None:
-    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
-    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
-        torch.set_num_threads(1)
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
                 decay: str = "cosine", warmup_factor: float = 0.0):
-    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
-    decay to 0 at total_steps ('none': constant)."""
+    """Warm-up (linear from 0, or constant at warmup_factor x lr: CoOp), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
+        return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -975,62 +952,41 @@ def whole_step():
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
-    kind, key, *rest = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    """Atomic (temp file + rename), with torch's RNG states (the only ones drawn from): exact --resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({**state, "rng": torch.get_rng_state(), "cuda_rng": cuda}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
+    """The saved state; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if model is not None:
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.set_rng_state(state["rng"])
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
 def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
-    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
-    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    """A run in out_dir is kept unless --resume, --eval_only or --overwrite (once the inputs have loaded)."""
     held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
     if held and not (args.resume or args.eval_only or args.overwrite):
         raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume "
                          "to continue it or --overwrite to replace it")
     os.makedirs(args.out_dir, exist_ok=True)
-    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
-    for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
+    if inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0:
+        for p in held + list(Path(args.out_dir).rglob("metrics.jsonl")):
             p.unlink()
 
 
-def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
-    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
-    params = list(model.parameters())  # de-duplicated by nn.Module
-    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
-    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
-    return n, m
-
-
-def mean_std(values) -> str:
-    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
-
-
 def run_cli(run, cls, argv=None):
-    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
-    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    """run(Args from the command line); exit 2 on bad input, 1 on a non-finite loss, 130 on Ctrl-C."""
     doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
     parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
-                                           formatter_class=argparse.HelpFormatter)
+                                           formatter_class=argparse.HelpFormatter)  # arg() adds the defaults
     try:
         try:
             args = parser.parse_args_into_dataclasses(argv)[0]
@@ -1044,7 +1000,7 @@ def run_cli(run, cls, argv=None):
         print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 # End of infrastructure ======================================================================================
 

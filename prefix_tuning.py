@@ -39,7 +39,6 @@ import itertools
 import json
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -377,7 +376,7 @@ def load_blip2(name: str, device):
     if tok.pad_token_id is None:
         raise UsageError(f"--model {name}: its tokenizer has no pad token")
     base = Blip2ForConditionalGeneration.from_pretrained(path).eval().requires_grad_(False)
-    pin_threads(base, torch.device(device))
+    data.pin_threads(base, torch.device(device))
     return base, tok, processor
 
 
@@ -603,7 +602,7 @@ class Args:
         rules = {k: (f">= {n}", lambda v, n=n: v >= n) for k, n in minimum.items()}
         rules["lm_prefix"] = ("input, kv or none", lambda v: v in ("input", "kv", "none"))
         rules["dataset"] = (", ".join(DATASETS), lambda v: v in DATASETS)
-        check_values(self, rules)
+        data.check_values(self, rules)
         if self.lm_prefix == "none" and not self.qformer_prefix and not self.compare:
             raise UsageError("no prefix to train: --lm_prefix none and --no_qformer_prefix")
 
@@ -641,7 +640,7 @@ def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
     os.makedirs(a.out_dir, exist_ok=True)
     transformers.set_seed(a.seed)
     model = build(s, a=a).to(device)
-    count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
+    data.count_trainable(model, sum(e.num_params() for e in model.prefix_encoders.values()), log)
     if a.eval_only:
         state = load_checkpoint(path, model)
         res = {"steps": state["step"], "train_loss": round(state["train_loss"], 4)}
@@ -659,7 +658,7 @@ def run_one(a: Args, s: Setup, device, rank: int, world: int, log) -> dict:
 def print_table(a: Args, s: Setup, rows: dict) -> None:
     """One row per model; with --seeds every cell is `mean ± std`."""
     def cell(v):
-        return "-" if None in v else mean_std(v) if a.seeds and len(v) > 1 else f"{v[0]:.2f}"
+        return "-" if None in v else data.mean_std(v) if a.seeds and len(v) > 1 else f"{v[0]:.2f}"
     decoding = f"captions by beam {a.num_beams}" if s.task == "caption" else "greedy answers"
     seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
     model = Path(a.model).name
@@ -707,27 +706,12 @@ def main(argv=None) -> dict:
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
 UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
-# what --resume / --eval_only take from the command line, with the flags whose help ends in EVAL_ONLY
 RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume",
-                "overwrite", "eval_only", "seeds")
-
-
-def check_values(args, rules: dict) -> None:
-    """For Args.__post_init__: the script's {flag: (rule, ok)}, the rules shared by the end of a flag's name
-    (lr, dropout) and --seeds."""
-    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
-    for k, v in dataclasses.asdict(args).items():
-        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
-        if ok is not None and v is not None and not ok(v):
-            raise UsageError(f"--{k} {v}: must be {rule}")
-    seeds = (args.seeds or "0").split(",")
-    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+                "overwrite", "eval_only", "seeds")  # what --resume / --eval_only take from the command line
 
 
 def from_checkpoint(args, state: dict):
-    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
-    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    """nanoGPT's way: the checkpoint's settings, but the command line's run controls and EVAL_ONLY flags."""
     keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
     saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
     default = type(args)()
@@ -739,34 +723,27 @@ def from_checkpoint(args, state: dict):
 
 
 def setup_device(device: str):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
+    """-> (torch.device, rank, world size); under torchrun a DDP process group, nccl on GPU, gloo on CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
-        torch.cuda.set_device(torch.device(device))
+    if world > 1:
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    if world > 1 and device != "cpu":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+        torch.cuda.set_device(device)
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
-
-
-def pin_threads(model: nn.Module, device: torch.device) -> None:
-    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
-    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
-        torch.set_num_threads(1)
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
                 decay: str = "cosine", warmup_factor: float = 0.0):
-    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
-    decay to 0 at total_steps ('none': constant)."""
+    """Warm-up (linear from 0, or constant at warmup_factor x lr: CoOp), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
+        return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -784,62 +761,41 @@ def whole_step():
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
-    kind, key, *rest = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    """Atomic (temp file + rename), with torch's RNG states (the only ones drawn from): exact --resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({**state, "rng": torch.get_rng_state(), "cuda_rng": cuda}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
+    """The saved state; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if model is not None:
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.set_rng_state(state["rng"])
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
 def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
-    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
-    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    """A run in out_dir is kept unless --resume, --eval_only or --overwrite (once the inputs have loaded)."""
     held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
     if held and not (args.resume or args.eval_only or args.overwrite):
         raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume "
                          "to continue it or --overwrite to replace it")
     os.makedirs(args.out_dir, exist_ok=True)
-    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
-    for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
+    if inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0:
+        for p in held + list(Path(args.out_dir).rglob("metrics.jsonl")):
             p.unlink()
 
 
-def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
-    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
-    params = list(model.parameters())  # de-duplicated by nn.Module
-    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
-    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
-    return n, m
-
-
-def mean_std(values) -> str:
-    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
-
-
 def run_cli(run, cls, argv=None):
-    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
-    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    """run(Args from the command line); exit 2 on bad input, 1 on a non-finite loss, 130 on Ctrl-C."""
     doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
     parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
-                                           formatter_class=argparse.HelpFormatter)
+                                           formatter_class=argparse.HelpFormatter)  # arg() adds the defaults
     try:
         try:
             args = parser.parse_args_into_dataclasses(argv)[0]
@@ -853,7 +809,7 @@ def run_cli(run, cls, argv=None):
         print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 # End of infrastructure ======================================================================================
 

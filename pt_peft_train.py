@@ -41,9 +41,8 @@ import transformers
 
 import data
 import prefix_tuning as pt
-from prefix_tuning import (UsageError, arg, check_values, count_trainable, from_checkpoint, load_checkpoint,
-                           lr_schedule, mean_std, prepare_out_dir, run_cli, save_checkpoint, setup_device,
-                           whole_step)
+from prefix_tuning import (UsageError, arg, from_checkpoint, load_checkpoint, lr_schedule, prepare_out_dir,
+                           run_cli, save_checkpoint, setup_device, whole_step)
 
 
 # === The method: stage orders (Sec. 3 "Two-stage Optimization"; Tables 2 and 5) ===
@@ -386,7 +385,7 @@ class Args:
         for flag, choices in (("order", ORDERS), ("peft", PEFTS), ("peft_target", tuple(LORA_TARGETS)),
                               ("dataset", pt.DATASETS)):
             rules[flag] = (", ".join(choices), lambda v, c=choices: v in c)
-        check_values(self, rules)
+        data.check_values(self, rules)
         epochs = [self.epochs if e is None else e for e in (self.pt_epochs, self.ft_epochs)]
         if None not in epochs and sum(epochs) == 0:
             raise UsageError("no epochs to train: --pt_epochs and --ft_epochs (default: --epochs) are 0")
@@ -438,7 +437,7 @@ def run_variant(a: Args, setup, device, rank: int, world: int) -> dict:
     groups, expected = attach_method(model, a)
     for n, p in model.named_parameters():
         p.requires_grad_(n in groups["prefix"] + groups["peft"])
-    count_trainable(model, expected, log=lambda s: print(s, file=sys.stderr) if rank == 0 else None)
+    data.count_trainable(model, expected, log=lambda s: print(s, file=sys.stderr) if rank == 0 else None)
     out = train(a, model, groups, stage_plan(a), setup, device, rank, world, state)
     if rank == 0:
         prefix_used = any(s.use_prefix for s in stage_plan(a))
@@ -459,7 +458,7 @@ def print_table(title: str, metric: str, rows: dict) -> None:
     for name, runs in rows.items():
         runs = [dict(r, no_prefix_mix=r.get("no_prefix_mix", r["mix"])) for r in runs]    # no prefix: mix
         vals = [[(r.get(k) or {}).get(key) for r in runs] for k, key in columns.values()]
-        table.append([name] + ["-" if v[0] is None else mean_std(v) if len(v) > 1 else f"{v[0]:.2f}"
+        table.append([name] + ["-" if v[0] is None else data.mean_std(v) if len(v) > 1 else f"{v[0]:.2f}"
                                for v in vals])
     width = [max(len(row[i]) for row in table) for i in range(len(columns) + 1)]
     print(title)

@@ -32,7 +32,6 @@ import itertools
 import json
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -266,7 +265,7 @@ def run_one(kind: str, a: Args, seed: int, tag: str, env: Env, log) -> dict:
     """Train (unless zero-shot or --eval_only) and evaluate one prompt learner with one seed."""
     transformers.set_seed(seed)
     model, expected, n_ctx = build_prompt_model(kind, env.clip, env.tok, a)
-    count_trainable(model.to(env.device), expected, log)
+    data.count_trainable(model.to(env.device), expected, log)
     x, y = image_features(a, env, load_split(a, "train", "base", seed, a.shots)[0],
                           f"train-base-{a.shots}shot-seed{seed}", train=True)
     template = "X " * n_ctx + "{}." if n_ctx else TEMPLATES[a.dataset]          # "X X X X {}.": P's slots
@@ -305,8 +304,8 @@ def format_table(rows: list, head: str) -> str:
     lines = [[head, "base", "new", "HM", "train", "tunable"]]
     for label, rs in rows:
         hm = data.harmonic_mean(np.mean([r["base"] for r in rs]), np.mean([r["new"] for r in rs]))
-        lines.append([label] + [mean_std([r[c] for r in rs]) for c in ("base", "new")] + [f"{hm:.2f}"]
-                     + [mean_std([r["train"] for r in rs]), str(rs[0]["tunable"])])
+        lines.append([label] + [data.mean_std([r[c] for r in rs]) for c in ("base", "new")] + [f"{hm:.2f}"]
+                     + [data.mean_std([r["train"] for r in rs]), str(rs[0]["tunable"])])
     w = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
     text = [" | ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in lines]
     return "\n".join([text[0], "-+-".join("-" * x for x in w)] + text[1:])
@@ -369,7 +368,7 @@ class Args:
                                                                    self.dataset)
         one_of = lambda *ok: (f"one of {', '.join(map(str, ok))}", lambda v: v in ok)  # noqa: E731
         at_least = lambda low: (f">= {low}", lambda v: v >= low)  # noqa: E731
-        check_values(self, {"dataset": one_of(*TEMPLATES), "prompt": one_of("zeroshot", "coop", "rlp"),
+        data.check_values(self, {"dataset": one_of(*TEMPLATES), "prompt": one_of("zeroshot", "coop", "rlp"),
                             "shapes_split": one_of("shape", "checker"), "num_workers": at_least(0),
                             "max_steps": at_least(0),
                             **{k: at_least(1) for k in ("shots", "epochs", "batch_size", "rank", "n_ctx")}})
@@ -403,7 +402,7 @@ def run(a: Args) -> dict:
             raise data.DataError(f"class name mismatch: train has {sorted(set(tr) - set(te))} where test has "
                                  f"{sorted(set(te) - set(tr))}")
     env = Env(*load_clip(a, device), device, rank, dataclasses.asdict(a))
-    pin_threads(env.clip, device)
+    data.pin_threads(env.clip, device)
     for s, (recs, names) in test.items():
         env.test[s] = (*image_features(a, env, recs, f"test-{s}", train=False), names)
     prepare_out_dir(a, rank, inputs_loaded=True)
@@ -432,27 +431,12 @@ def main(argv=None) -> dict:
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
 UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
-# what --resume / --eval_only take from the command line, with the flags whose help ends in EVAL_ONLY
 RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume",
-                "overwrite", "eval_only", "seeds")
-
-
-def check_values(args, rules: dict) -> None:
-    """For Args.__post_init__: the script's {flag: (rule, ok)}, the rules shared by the end of a flag's name
-    (lr, dropout) and --seeds."""
-    shared = {"lr": ("> 0", lambda v: v > 0), "dropout": ("in [0, 1)", lambda v: 0 <= v < 1)}
-    for k, v in dataclasses.asdict(args).items():
-        rule, ok = rules.get(k) or next((r for end, r in shared.items() if k.endswith(end)), (0, None))
-        if ok is not None and v is not None and not ok(v):
-            raise UsageError(f"--{k} {v}: must be {rule}")
-    seeds = (args.seeds or "0").split(",")
-    if not all(s.isdigit() for s in seeds) or len(set(map(int, seeds))) < len(seeds):
-        raise UsageError(f"--seeds {args.seeds!r}: expected distinct integers, e.g. 0,1,2")
+                "overwrite", "eval_only", "seeds")  # what --resume / --eval_only take from the command line
 
 
 def from_checkpoint(args, state: dict):
-    """nanoGPT's way: a resumed or evaluated run takes its settings from its checkpoint and only the run
-    controls and evaluation-only flags from the command line; one line names the flags set here it ignores."""
+    """nanoGPT's way: the checkpoint's settings, but the command line's run controls and EVAL_ONLY flags."""
     keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
     saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
     default = type(args)()
@@ -464,34 +448,27 @@ def from_checkpoint(args, state: dict):
 
 
 def setup_device(device: str):
-    """-> (torch.device, rank, world_size). Under torchrun: DDP process group, nccl on GPU, gloo on CPU."""
+    """-> (torch.device, rank, world size); under torchrun a DDP process group, nccl on GPU, gloo on CPU."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if world > 1 else device
-        torch.cuda.set_device(torch.device(device))
+    if world > 1:
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    if world > 1 and device != "cpu":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+        torch.cuda.set_device(device)
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
-
-
-def pin_threads(model: nn.Module, device: torch.device) -> None:
-    """A small model (< 20M parameters) runs on one CPU thread: the same numbers on every re-run."""
-    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 20_000_000:
-        torch.set_num_threads(1)
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
                 decay: str = "cosine", warmup_factor: float = 0.0):
-    """Warm-up ('linear' from 0, or 'constant' at warmup_factor x lr as in CoOp), then 'cosine' or 'linear'
-    decay to 0 at total_steps ('none': constant)."""
+    """Warm-up (linear from 0, or constant at warmup_factor x lr: CoOp), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return {"cosine": 0.5 * (1 + math.cos(math.pi * t)), "linear": 1.0 - t, "none": 1.0}[decay]
+        return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -509,62 +486,41 @@ def whole_step():
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic (temp file + rename), with the RNG states so that --resume equals an uninterrupted run."""
-    kind, key, *rest = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": (kind, key.tolist(), *rest), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    torch.save({**state, "rng": rng}, f"{path}.tmp")
+    """Atomic (temp file + rename), with torch's RNG states (the only ones drawn from): exact --resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save({**state, "rng": torch.get_rng_state(), "cuda_rng": cuda}, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """The state saved; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
+    """The saved state; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if model is not None:
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.set_rng_state(state["rng"])
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
 def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
-    """A run in out_dir (a results.json or checkpoint) is kept unless --resume, --eval_only or --overwrite;
-    --overwrite clears it once `inputs_loaded` (bad input loses nothing)."""
+    """A run in out_dir is kept unless --resume, --eval_only or --overwrite (once the inputs have loaded)."""
     held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
     if held and not (args.resume or args.eval_only or args.overwrite):
         raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume "
                          "to continue it or --overwrite to replace it")
     os.makedirs(args.out_dir, exist_ok=True)
-    clear = inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0
-    for p in Path(args.out_dir).rglob("*") if clear else []:
-        if p.name in ("results.json", "metrics.jsonl") or p.suffix == ".pt":
+    if inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0:
+        for p in held + list(Path(args.out_dir).rglob("metrics.jsonl")):
             p.unlink()
 
 
-def count_trainable(model: nn.Module, expected: Optional[int] = None, log=print) -> tuple[int, int]:
-    """Print 'trainable: N || all: M || P%' (shared parameters counted once); assert N == expected."""
-    params = list(model.parameters())  # de-duplicated by nn.Module
-    n, m = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-    log(f"trainable: {n:,} || all: {m:,} || {100 * n / m:.4f}%")
-    assert expected is None or n == expected, f"{n:,} trainable parameters, the method has {expected:,}"
-    return n, m
-
-
-def mean_std(values) -> str:
-    """'mean ± std' over seeds (sample std; '± 0.00' for one seed)."""
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.2f}"
-
-
 def run_cli(run, cls, argv=None):
-    """run(Args from the command line, read by transformers.HfArgumentParser); exit 2 on bad input,
-    1 on a non-finite loss (FloatingPointError), 130 on Ctrl-C."""
+    """run(Args from the command line); exit 2 on bad input, 1 on a non-finite loss, 130 on Ctrl-C."""
     doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
     parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
-                                           formatter_class=argparse.HelpFormatter)
+                                           formatter_class=argparse.HelpFormatter)  # arg() adds the defaults
     try:
         try:
             args = parser.parse_args_into_dataclasses(argv)[0]
@@ -578,7 +534,7 @@ def run_cli(run, cls, argv=None):
         print("interrupted: the steps done are checkpointed; continue with --resume", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 # End of infrastructure ======================================================================================
 

@@ -127,7 +127,7 @@ def load_trained(out: str, device) -> tuple:
                                "families")
     recs = data.load_records(args.dataset, args.eval_split, args.data_root)
     lm, tok = memvp.load_lm(args.model)
-    memvp.pin_threads(lm, device)
+    data.pin_threads(lm, device)
     llama = not lm.config.is_encoder_decoder
     split = memvp.load_split(args, args.eval_split, recs, tok, False, llama, device)
     model = memvp.build_vl(args, lm.requires_grad_(False), "memvp", split.feats.shape[-1],
@@ -278,7 +278,7 @@ def format_table(model: str, seeds: list, res: dict) -> str:
     """VQA accuracy per family and condition, % of answers changed, % of blocked entries on an object:
     mean ± std over the seeds."""
     runs = res["seeds"]
-    cell = lambda v: f"{v[0]:.2f}" if len(v) == 1 else memvp.mean_std(v)  # noqa: E731
+    cell = lambda v: f"{v[0]:.2f}" if len(v) == 1 else data.mean_std(v)  # noqa: E731
     rows = [["family", "questions", "unchanged", "top-2 blocked", "random-2 blocked", "changed top-2",
              "changed random-2"]]
     objects = [["blocked entries on an object's cell (%)", "top-2", "random-2"]]
@@ -314,7 +314,7 @@ class FigArgs:
     device: str = memvp.arg("auto", "auto | cpu | cuda")
 
     def __post_init__(self):
-        memvp.check_values(self, {"per_family": (">= 1", lambda v: v >= 1),
+        data.check_values(self, {"per_family": (">= 1", lambda v: v >= 1),
                                   "models": ("comma-separated --model values", lambda v: all(v.split(",")))})
 
 

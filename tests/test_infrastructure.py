@@ -15,6 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import data  # noqa: E402
 METHOD_FILES = ("memvp.py", "routing_bottleneck.py", "rlp.py", "prefix_tuning.py")
 BEGIN, END = "# Infrastructure -- the same text in every method file", "# End of infrastructure"
 
@@ -37,8 +38,9 @@ def test_same_block_in_every_method_file():
         assert b == blocks[METHOD_FILES[0]], f"{name}: infrastructure block differs from {METHOD_FILES[0]}"
     names = set(re.findall(r"^(?:def|class) (\w+)|^(\w+) = ", blocks[METHOD_FILES[0]], re.M))
     names = {a or b for a, b in names}
-    assert {"UsageError", "check_values", "from_checkpoint", "setup_device", "lr_schedule",
+    assert {"UsageError", "from_checkpoint", "setup_device", "lr_schedule", "whole_step",
             "save_checkpoint", "load_checkpoint", "prepare_out_dir", "run_cli"} <= names
+    assert len(blocks[METHOD_FILES[0]].splitlines()) <= 110
     for name in METHOD_FILES:  # last in the file; `arg` (which Args uses as the class is made) before Args
         text = (REPO / name).read_text()
         assert text.index(BEGIN) > text.index("\ndef main(") > text.index("\ndef arg(")
@@ -76,7 +78,7 @@ def make_args(infra):
         out_dir: str = infra.arg("runs/x", "output folder")
 
         def __post_init__(self):
-            infra.check_values(self, {"epochs": (">= 1", lambda v: v >= 1)})
+            data.check_values(self, {"epochs": (">= 1", lambda v: v >= 1)})
     Args.__module__ = __name__  # run_cli reads the description from the module docstring
     return Args
 
@@ -98,8 +100,6 @@ def test_lr_schedule_shapes(infra):
 
 
 def test_checkpoint_holds_the_run_and_its_random_state(infra, tmp_path):
-    import random
-    import numpy as np
     path = str(tmp_path / "ck.pt")
     model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 2))
     model[1].requires_grad_(False)  # frozen: not in the checkpoint, left as it is
@@ -108,10 +108,10 @@ def test_checkpoint_holds_the_run_and_its_random_state(infra, tmp_path):
     trained = {"0.weight": torch.ones(3, 2), "0.bias": torch.zeros(3)}
     infra.save_checkpoint(path, {"trainable": trained, "step": 3, "args": dataclasses.asdict(Args(lr=0.1))})
     assert os.listdir(tmp_path) == ["ck.pt"]  # no temp file left
-    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    draws = torch.rand(3)
     state = infra.load_checkpoint(path, model)  # loads with weights_only=True
     assert state["step"] == 3 and model[0].weight.eq(1).all() and model[1].weight.equal(frozen)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws  # --resume continues exactly
+    assert torch.rand(3).equal(draws)  # --resume continues exactly (the scripts draw from torch only)
     with pytest.raises(infra.UsageError, match="no checkpoint"):
         infra.load_checkpoint(str(tmp_path / "missing.pt"))
 
@@ -185,7 +185,7 @@ def test_command_line_and_exit_codes(infra, capsys, tmp_path):
     for bad in ("gpu", "cuda:x", "cpu:0"):
         with pytest.raises(infra.UsageError, match="expected auto, cpu or cuda"):
             infra.setup_device(bad)
-    assert infra.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00" and infra.mean_std([5.0]) == "5.00 ± 0.00"
+    assert data.mean_std([1.0, 2.0, 3.0]) == "2.00 ± 1.00" and data.mean_std([5.0]) == "5.00 ± 0.00"
 
 
 def test_help_shows_every_default(infra, capsys):
@@ -198,7 +198,7 @@ def test_help_shows_every_default(infra, capsys):
 
 def test_small_models_run_single_threaded(infra):
     torch.set_num_threads(2)  # tests/conftest.py gives every test its threads back
-    infra.pin_threads(torch.nn.Linear(4, 4), torch.device("cpu"))
+    data.pin_threads(torch.nn.Linear(4, 4), torch.device("cpu"))
     assert torch.get_num_threads() == 1
 
 

@@ -265,7 +265,7 @@ def test_memory_in_half_the_layers(arch, t5_ffn):
     ffns = memvp.find_ffns(tiny(arch, t5_ffn, layers=4))
     assert m.memory_layers == [ffns[2][1], ffns[3][1]]
     assert m.prompts.pos_k.shape[0] == (1 if arch == "llama" else 2)
-    memvp.count_trainable(m, memvp.method_parameters(m))
+    data.count_trainable(m, memvp.method_parameters(m))
     B, n, L, t = 2, 6, 8, 3
     z, ids, lab = torch.randn(B, n, 8), torch.randint(4, 40, (B, L)), torch.randint(4, 40, (B, t))
     labels = ids if arch == "llama" else lab
