@@ -661,8 +661,6 @@ def arg(default, help: str, eval_only: bool = False):
     return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
 
 
-
-
 # --------------------------------------------------------------------------------------- Args, CLI, main
 # The paper's values per LM family: (BART/T5: Sec. 5.1, Table 5; LLaMA: Sec. 5.2, Table 7, the official code)
 FAMILY = {
@@ -927,12 +925,11 @@ def setup_device(device: str):
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
 
 
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
-                decay: str = "cosine", warmup_factor: float = 0.0):
-    """Warm-up (linear from 0, or constant at warmup_factor x lr: CoOp), then cosine or linear decay to 0."""
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, decay="cosine", constant_warmup=None):
+    """Warm-up (linear, or CoOp's constant factor `constant_warmup` x lr), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
+            return (step + 1) / warmup_steps if constant_warmup is None else constant_warmup
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

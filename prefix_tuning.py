@@ -420,7 +420,7 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
     stop = total if a.max_steps is None else min(total, a.max_steps)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99),
                             weight_decay=0.05)                                          # Table 14
-    sched = lr_schedule(opt, min(a.warmup_steps, total - 1), total, warmup="linear", decay="linear")
+    sched = lr_schedule(opt, min(a.warmup_steps, total - 1), total, decay="linear")
     path, step, loss = os.path.join(a.out_dir, "ckpt.pt"), 0, torch.tensor(float("nan"))
 
     def save():
@@ -557,8 +557,6 @@ def arg(default, help: str, eval_only: bool = False):
     """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
     help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
     return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
-
-
 
 
 @dataclass
@@ -736,12 +734,11 @@ def setup_device(device: str):
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
 
 
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
-                decay: str = "cosine", warmup_factor: float = 0.0):
-    """Warm-up (linear from 0, or constant at warmup_factor x lr: CoOp), then cosine or linear decay to 0."""
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, decay="cosine", constant_warmup=None):
+    """Warm-up (linear, or CoOp's constant factor `constant_warmup` x lr), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
+            return (step + 1) / warmup_steps if constant_warmup is None else constant_warmup
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

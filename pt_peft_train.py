@@ -258,7 +258,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
         opt = torch.optim.AdamW([{"params": [params[n] for n in groups[g]], "lr": st.lrs[g]}
                                  for g in st.train], betas=(0.9, 0.99), weight_decay=0.05)  # Table 14
         warm = a.warmup_steps if a.warmup_steps is not None else max(1, total // 10)
-        sched = lr_schedule(opt, min(warm, total), total, warmup="linear", decay="linear")
+        sched = lr_schedule(opt, min(warm, total), total, decay="linear")
         if state is not None and si == si0:
             load_checkpoint(path, model)             # the trained tensors and the RNG states
             if step0 > 0:

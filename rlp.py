@@ -51,12 +51,10 @@ import data
 
 # ---------------------------------------------------------------------- the method: a context for CLIP's text
 class RLPContext(nn.Module):
-    """P = P_fr + Dropout(P_A @ P_B)  (RLP, Sec. 3): P_fr frozen (CoOp init), P_A (n, r), P_B (r, d) tunable.
-
-    P_B starts at 0 so P == P_fr at init (training starts from the hand-crafted prompt); P_A ~ N(0, std).
-    Dropout acts on the low-rank branch only and is the identity in eval mode."""
-    # DEVIATION: the summary initialises P_A and P_B with small Gaussians (P ~ P_fr); here P == P_fr exactly
-    # at init, so P_B = 0 as in LoRA (P_A random, or no gradient would ever reach P_B).
+    """P = P_fr + Dropout(P_A @ P_B)  (RLP, Sec. 3): P_fr frozen (CoOp init), P_A (n, r), P_B (r, d) tunable;
+    dropout on the low-rank branch only (the identity in eval mode)."""
+    # DEVIATION: the summary draws P_A and P_B from small Gaussians (P ~ P_fr); here P_B = 0 as in LoRA, so
+    # training starts from the hand-crafted prompt exactly (P_A ~ N(0, std), or no gradient reaches P_B).
 
     def __init__(self, p_init: torch.Tensor, rank: int, dropout: float, init_std: float):
         super().__init__()
@@ -217,7 +215,7 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=a.lr, momentum=0.9, weight_decay=5e-4)              # CoOp's (Dassl's)
     # CoOp: one epoch at a constant 1e-5, then cosine to 0  # DEVIATION: stepped per iteration, not per epoch
-    sched = lr_schedule(opt, spe, total, "constant", "cosine", 1e-5 / a.lr)
+    sched = lr_schedule(opt, spe, total, constant_warmup=1e-5 / a.lr)
     state = load_checkpoint(ckpt, model) if a.resume and os.path.exists(ckpt) else {}   # tensors, RNG
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -327,8 +325,6 @@ def arg(default, help: str, eval_only: bool = False):
     return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
 
 
-
-
 # ---------------------------------------------------------------------- flags and the run
 MODELS = {"shapes_cls": "stand_ins/tiny-clip"}  # DEVIATION: the synthetic world's CLIP (ViT-B/16 elsewhere)
 VIT_B16 = "openai/clip-vit-base-patch16"
@@ -368,10 +364,10 @@ class Args:
                                                                    self.dataset)
         one_of = lambda *ok: (f"one of {', '.join(map(str, ok))}", lambda v: v in ok)  # noqa: E731
         at_least = lambda low: (f">= {low}", lambda v: v >= low)  # noqa: E731
-        data.check_values(self, {"dataset": one_of(*TEMPLATES), "prompt": one_of("zeroshot", "coop", "rlp"),
-                            "shapes_split": one_of("shape", "checker"), "num_workers": at_least(0),
-                            "max_steps": at_least(0),
-                            **{k: at_least(1) for k in ("shots", "epochs", "batch_size", "rank", "n_ctx")}})
+        data.check_values(self, {
+            "dataset": one_of(*TEMPLATES), "prompt": one_of("zeroshot", "coop", "rlp"),
+            "shapes_split": one_of("shape", "checker"), "num_workers": at_least(0), "max_steps": at_least(0),
+            **{k: at_least(1) for k in ("shots", "epochs", "batch_size", "rank", "n_ctx")}})
         words = len(self.ctx_init.split())
         if self.n_ctx is not None and words and self.n_ctx != words:
             raise UsageError(f"--n_ctx {self.n_ctx}: --ctx_init has {words} words; add --ctx_init '' for a "
@@ -461,12 +457,11 @@ def setup_device(device: str):
     return torch.device(device), dist.get_rank() if world > 1 else 0, world
 
 
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int, warmup: str = "linear",
-                decay: str = "cosine", warmup_factor: float = 0.0):
-    """Warm-up (linear from 0, or constant at warmup_factor x lr: CoOp), then cosine or linear decay to 0."""
+def lr_schedule(optimizer, warmup_steps: int, total_steps: int, decay="cosine", constant_warmup=None):
+    """Warm-up (linear, or CoOp's constant factor `constant_warmup` x lr), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps if warmup == "linear" else warmup_factor
+            return (step + 1) / warmup_steps if constant_warmup is None else constant_warmup
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

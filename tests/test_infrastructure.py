@@ -93,9 +93,9 @@ def test_lr_schedule_shapes(infra):
             opt.step()
             sch.step()
         return out
-    assert lrs(warmup_steps=2, total_steps=6, warmup="linear", decay="linear") == pytest.approx(
+    assert lrs(warmup_steps=2, total_steps=6, decay="linear") == pytest.approx(
         [0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
-    cos = lrs(warmup_steps=1, total_steps=5, warmup="constant", decay="cosine", warmup_factor=0.01)
+    cos = lrs(warmup_steps=1, total_steps=5, constant_warmup=0.01)
     assert cos == pytest.approx([0.01, 1.0, 0.8535534, 0.5, 0.1464466])
 
 
