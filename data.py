@@ -1,14 +1,13 @@
 """data.py -- the one shared module of the VL-PEFT reimplementations: data, frozen features, metrics.
 
-  1. ShapesWorld, describe_scene      the synthetic world: scenes, images, VQA / captions / classes, text
+  1. ShapesWorld                      the synthetic world: scenes, images, VQA / captions / classes
   2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs,
                                       classnames_of
   3. extract_features, drop_missing   frozen vision features, cached; "tiny-cnn" = the synthetic world's
                                       pre-trained frozen encoder (stand_ins/tiny-cnn, tiny_cnn)
-  4. build_tokenizer                  word-level tokenizer of the tiny models
-  5. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
+  4. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
      vqa_soft_targets                 the official metrics; VQA classifier classes and soft targets
-  6. make_loader, set_epoch           seeded DataLoader (DistributedSampler under torchrun)
+  5. make_loader, set_epoch           seeded DataLoader (DistributedSampler under torchrun)
   DataError                           every bad input: a message naming the file / key and where to get it
 
 Typical use (offline):
@@ -47,7 +46,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,10 +72,8 @@ REPO = Path(__file__).resolve().parent
 
 
 def model_path(name: str, what: Optional[str] = None) -> str:
-    """A --model value as from_pretrained reads it: `stand_ins/<name>` (an offline stand-in, see
-    scripts/make_stand_ins.py) resolved against the repository, not the working directory; anything else
-    as given (a local folder is read before any hub id). A missing stand-in is one error line, starting
-    with `what` (default: "--model <name>")."""
+    """A --model value as from_pretrained reads it: `stand_ins/<name>` resolved against the repository (a
+    missing one: an error line starting with `what`, default "--model <name>"); anything else as given."""
     if not name.startswith("stand_ins/"):
         return name
     path = REPO / name
@@ -137,7 +134,6 @@ _Q_TEMPLATES = {
     "position": ("where is {ref}?", "in which part of the image is {ref}?"),
     "relation": ("what is {rel} {ref}?", "what shape is {rel} {ref}?"),
 }
-_CAPTION_WORDS = "there is an image with object objects the a and , . :"
 ANSWER_NOISE = 0.1  # probability that one of the 10 synthetic annotators answers wrongly
 
 
@@ -277,14 +273,9 @@ class ShapesWorld:
 
     @property
     def classnames(self) -> list[str]:
-        """All 48 "colour shape" names in label order: base (sorted) then new (sorted)."""
-        base, new = self.base_new_split()
-        return base + new
-
-    def base_new_split(self) -> tuple[list[str], list[str]]:
-        """(base, new) class names, each sorted; base = (colour_idx + shape_idx) even."""
+        """The 48 "colour shape" names in label order: base (sorted), then new (sorted)."""
         pairs = [(ci + si, f"{c} {s}") for ci, c in enumerate(COLORS) for si, s in enumerate(SHAPES)]
-        return sorted(n for k, n in pairs if k % 2 == 0), sorted(n for k, n in pairs if k % 2 == 1)
+        return sorted(n for k, n in pairs if k % 2 == 0) + sorted(n for k, n in pairs if k % 2 == 1)
 
 
 def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]:
@@ -334,44 +325,12 @@ def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]
     return tpl.format(rel=rel, ref=f"the {a['color']} {a['shape']}"), b["shape"]
 
 
-_DESCRIBE = ("{objs}.", "there is {objs}.", "the image shows {objs}.", "{n}: {objs}.", "{sentences}.")
-
-
-def describe_scene(scene: dict, rng: Optional[np.random.Generator] = None) -> str:
-    """Every object's size, colour, shape and position, e.g. "a large red circle on the left and a small
-    blue square at the top."; with rng (numpy Generator) in varied order and wording (synthetic_vocab words).
-    Tiny language models read it as context before a question."""
-    objs = list(scene["objects"])
-    form = 0
-    if rng is not None:
-        objs = [objs[i] for i in rng.permutation(len(objs))]
-        form = int(rng.integers(len(_DESCRIBE)))
-    n = len(objs)
-    return _DESCRIBE[form].format(
-        objs=_join([_a(f"{o['size']} {o['color']} {o['shape']} {_WHERE[o['pos']]}") for o in objs]),
-        n=f"{_NUMWORD[n]} object{'s' if n > 1 else ''}",
-        sentences=_join([f"the {o['size']} {o['color']} {o['shape']} is {_WHERE[o['pos']]}" for o in objs]))
-
-
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]+")  # = tokenizers' Whitespace pre-tokenizer
-
-
-def synthetic_vocab() -> list[str]:
-    """Every word the synthetic world can produce (questions, answers, captions), sorted."""
-    texts = [t for ts in _Q_TEMPLATES.values() for t in ts] + list(_WHERE.values()) + list(_RELATIONS)
-    texts += [_CAPTION_WORDS, *_DESCRIBE, " ".join(SHAPES + COLORS + SIZES + POSITIONS + _NUMWORD),
-              " ".join(_PLURAL.values()), "yes no 0 1 2 3 4 5 6 7 8 9"]
-    words = {w for t in texts for w in _TOKEN_RE.findall(re.sub(r"\{\w+\}", " ", t).lower())}
-    return sorted(words)
-
-
 # --------------------------------------------------------- 2. Official formats: one loader for every dataset
 def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, seed: int = 0,
                  image_size: int = 64, num_shots: Optional[int] = None, subset: Optional[str] = None,
                  limit: Optional[int] = None, world_seed: int = 0, split_sizes: Optional[dict] = None,
                  shapes_split: str = "checker") -> list[dict]:
     """Records of `dataset` / `split` ("train" | "val" | "test").
-
     shapes_*: the ShapesWorld(world_seed, image_size, split_sizes) (data_root ignored; `seed` does not change
     it); real datasets: the official files under data_root or data_root/<dataset> (README 'Data').
     num_shots: k per class sampled with `seed` (val: min(k, 4)): real datasets exactly as CoOp draws them
@@ -380,14 +339,11 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, s
     (CoCoOp). limit: the first N records. shapes_split (shapes_cls): "checker" (see ShapesWorld) or
     "shape" (base = circles, squares, triangles: every new class name holds a word no base class has).
     """
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if split not in ("train", "val", "test"):
-        raise DataError(f"unknown split {split!r}; choose from train, val, test")
-    if subset not in (None, "all", "base", "new"):
-        raise DataError(f"unknown class subset {subset!r}; choose from all, base, new")
-    if shapes_split not in ("checker", "shape"):
-        raise DataError(f"unknown shapes_split {shapes_split!r}; choose from checker, shape")
+    for what, value, choices in (("dataset", dataset, DATASETS), ("split", split, ("train", "val", "test")),
+                                 ("class subset", subset, (None, "all", "base", "new")),
+                                 ("shapes_split", shapes_split, ("checker", "shape"))):
+        if value not in choices:
+            raise DataError(f"unknown {what} {value!r}; choose from {', '.join(filter(None, choices))}")
     if limit is not None and limit < 1:
         raise DataError(f"{dataset}/{split}: no records (limit={limit}; the first N records need N >= 1)")
     if dataset.startswith("shapes_"):
@@ -466,12 +422,7 @@ def caption_pairs(records: Sequence[dict]) -> list[dict]:
 
 def classnames_of(records: Sequence[dict]) -> list[str]:
     """Class names ordered by label (of the whole dataset / subset, even for a few-shot selection)."""
-    if records and "classnames" in records[0].get("meta", {}):
-        return list(records[0]["meta"]["classnames"])
-    names = {r["label"]: r["classname"] for r in records}
-    if sorted(names) != list(range(len(names))):
-        raise DataError("classnames_of: labels are not contiguous 0..K-1")
-    return [names[i] for i in range(len(names))]
+    return list(records[0]["meta"]["classnames"])
 
 
 def load_image(record: dict, image_size: Optional[int] = None) -> Image.Image:
@@ -552,17 +503,16 @@ def _load_real(dataset: str, split: str, data_root: Optional[str]) -> list[dict]
             root = root / sub
             break
     root = root.resolve()
-    load = {"vqav2": _load_vqav2, "gqa": _load_gqa, "scienceqa": _load_scienceqa}.get(dataset)
+    load = {"vqav2": _load_vqav2, "gqa": _load_gqa, "scienceqa": _load_scienceqa, "coco": _load_karpathy,
+            "flickr30k": _load_karpathy}.get(dataset, _load_cls)
     try:
-        if dataset in ("coco", "flickr30k"):
-            return _load_karpathy(dataset, root, split)
-        return load(root, split) if load else _load_cls(dataset, root, split)
+        return load(dataset, root, split)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # an entry of another shape
         raise DataError(f"{dataset}/{split}: a malformed entry in the files under {root} "
                         f"({type(e).__name__}: {e})") from None
 
 
-def _load_vqav2(root: Path, split: str) -> list[dict]:
+def _load_vqav2(dataset: str, root: Path, split: str) -> list[dict]:
     """VQAv2 official json + COCO 2014 images. With <root>/dataset_coco.json the splits are Karpathy's images
     (questions of train2014 and val2014); without it train = train2014, val = test = val2014."""
     kar_path = root / "dataset_coco.json"
@@ -579,10 +529,10 @@ def _load_vqav2(root: Path, split: str) -> list[dict]:
     out = []
     for cs in coco_splits:
         qp, ap = root / f"v2_OpenEnded_mscoco_{cs}_questions.json", root / f"v2_mscoco_{cs}_annotations.json"
-        questions = _get(_read_json(qp, "vqav2"), "questions", qp)
-        anns = _get(_read_json(ap, "vqav2"), "annotations", ap)
+        questions = _get(_read_json(qp, dataset), "questions", qp)
+        anns = _get(_read_json(ap, dataset), "annotations", ap)
         by_qid = {_get(a, "question_id", ap, "annotations[]."): a for a in anns}
-        img_dir = _need_dir(root / cs, "vqav2")
+        img_dir = _need_dir(root / cs, dataset)
         for q in questions:
             qid = _get(q, "question_id", qp, "questions[].")
             iid = int(_get(q, "image_id", qp, "questions[]."))
@@ -605,15 +555,15 @@ def _load_vqav2(root: Path, split: str) -> list[dict]:
     return out
 
 
-def _load_gqa(root: Path, split: str) -> list[dict]:
+def _load_gqa(dataset: str, root: Path, split: str) -> list[dict]:
     """GQA balanced questions ({qid: {imageId, question, answer, types, ...}}); test = testdev.
     The single answer is repeated 10 times, so vqa_score equals GQA's exact-match accuracy."""
     name = {"train": "train", "val": "val", "test": "testdev"}[split] + "_balanced_questions.json"
     path = root / "questions1.2" / name if (root / "questions1.2" / name).is_file() else root / name
-    data = _read_json(path, "gqa")
+    data = _read_json(path, dataset)
     if not isinstance(data, dict):
         raise DataError(f"malformed {path.name}: expected an object {{question_id: question}} (file {path})")
-    img_dir = _need_dir(root / "images", "gqa")
+    img_dir = _need_dir(root / "images", dataset)
     out = []
     for qid, q in data.items():
         ans, iid = _get(q, "answer", path, f"{qid}."), str(_get(q, "imageId", path, f"{qid}."))
@@ -626,21 +576,21 @@ def _load_gqa(root: Path, split: str) -> list[dict]:
     return out
 
 
-def _load_scienceqa(root: Path, split: str) -> list[dict]:
+def _load_scienceqa(dataset: str, root: Path, split: str) -> list[dict]:
     """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image, subject,
     grade, ...}}), pid_splits.json ({split: [pid, ...]}), images/<split>/<pid>/image.png and, if present,
     captions.json ({"captions": {pid: str}}: MemVP's prompt adds them to the context)."""
     path, splits_path, captions = root / "problems.json", root / "pid_splits.json", root / "captions.json"
-    problems = _read_json(path, "scienceqa")
-    pids = _get(_read_json(splits_path, "scienceqa"), split, splits_path)
+    problems = _read_json(path, dataset)
+    pids = _get(_read_json(splits_path, dataset), split, splits_path)
     if captions.is_file():
-        captions = _get(_read_json(captions, "scienceqa"), "captions", captions)
+        captions = _get(_read_json(captions, dataset), "captions", captions)
     else:
         print(f"note: no {captions}: the prompts have no image captions, which the official evaluation adds "
               "to the context, so the scores are not comparable with MemVP's", file=sys.stderr)
         captions = {}
     if any(_get(problems, pid, path).get("image") for pid in pids):
-        _need_dir(root / "images" / split, "scienceqa")
+        _need_dir(root / "images" / split, dataset)
     out = []
     for pid in pids:
         p = problems[pid]
@@ -759,19 +709,16 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                      model=None, preprocess: Optional[str] = None, progress: bool = True):
     """-> (feats, rows, missing): feats (num_images, n, d) float16, memory-mapped from the cache; rows
     (len(records),) each record's row of feats; missing (len(records),) bool: image unreadable (zeros).
-
-    encoder "tiny-cnn": the synthetic world's frozen CNN (stand_ins/tiny-cnn), 3 x 3 grid tokens (n = 9,
-    d = TINY_CNN_WIDTH) or, pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a
-    Hugging Face CLIP / ViT id or folder (or `model`, a built tower or full CLIP, cached under the name
-    `encoder`): hidden_states[layer] grid tokens (CLS dropped unless keep_cls) or, pooled, the projected
-    embedding; image_size default 224. Their pixels: preprocess None = the tower's own image processor (an
-    in-memory `model`: resized to image_size, CLIP mean / std); "imagenet-resize" = resized to image_size x
-    image_size (bicubic, no crop), ImageNet mean / std, as the official MemVP ScienceQA code.
+    encoder "tiny-cnn": the synthetic world's frozen CNN, 3 x 3 grid tokens (n = 9, d = TINY_CNN_WIDTH) or,
+    pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a Hugging Face CLIP / ViT
+    id or folder (or `model`, a built tower or full CLIP, cached under the name `encoder`):
+    hidden_states[layer] grid tokens (CLS dropped unless keep_cls) or, pooled, the projected embedding;
+    image_size default 224. preprocess None: the tower's own image processor (an in-memory `model`: resize,
+    CLIP mean / std); "imagenet-resize": bicubic resize, no crop, ImageNet mean / std (official MemVP code).
     Unreadable images: above max_bad_fraction of a split, a DataError; else reported, worded for training
-    (`train`, default split == "train": drop_missing drops their records) or evaluation (every question kept,
-    as the official evaluation). Records without an image share one zero row, not missing. Cached in
-    cache_dir (default cache_dir("features")) by every setting and the image ids, written atomically; under
-    torch.distributed rank 0 extracts, all ranks load.
+    (`train`, default split == "train": drop_missing drops their records) or evaluation (every question
+    kept, as the official evaluation). Records without an image share one zero row, not missing. Cached in
+    cache_dir (default cache_dir("features")) by every setting and image id; rank 0 extracts, all ranks load.
     """
     model, image_size, settings = _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls,
                                                     preprocess)
@@ -844,7 +791,6 @@ def drop_missing(records: Sequence[dict], rows: torch.Tensor, missing: torch.Ten
 
 
 def _file_stamp(record: dict) -> list:
-    """[path, size, mtime_ns] of a record's image file ([path] if it cannot be read)."""
     with contextlib.suppress(OSError):
         st = os.stat(record["image_path"])
         return [str(record["image_path"]), st.st_size, st.st_mtime_ns]
@@ -852,7 +798,6 @@ def _file_stamp(record: dict) -> list:
 
 
 def _first_line(e: Exception) -> str:
-    """"<type>: <first line of the message>" of an exception."""
     lines = str(e).strip().splitlines() or [""]
     return f"{type(e).__name__}: {lines[0][:200]}"
 
@@ -870,7 +815,6 @@ def _weights_digest(model: torch.nn.Module) -> str:
 
 
 def _rank_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, else (0, 1)."""
     dist = torch.distributed
     on = dist.is_available() and dist.is_initialized()
     return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
@@ -939,18 +883,15 @@ def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
     return a.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
 
 
-# The synthetic world's frozen vision encoder ("tiny-cnn"). The papers start from a vision encoder
-# pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what an image holds.
-# DEVIATION (offline only): its stand-in is a small CNN pre-trained, supervised, on world PRETRAIN_WORLD (no
-# benchmark uses it) to name the objects of each 3 x 3 grid cell from its token and those of the image
-# from the pooled vector (the recipe is in scripts/make_stand_ins.py); then it is frozen.
+# DEVIATION (offline only): the papers' frozen towers (CLIP, a ViT) stand in as "tiny-cnn", a small CNN
+# pre-trained to name the objects of world PRETRAIN_WORLD (recipe: scripts/make_stand_ins.py), then frozen.
 TINY_CNN_WIDTH = 96       # C: width of the grid tokens and of the pooled vector
 TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48: one grid cell = 16 x 16 pixels
 
 
 class TinyCNN(torch.nn.Module):
     """pixels (B, 3, S, S) in [0, 1] -> grid tokens (B, 9, C), pooled vector (B, C), each divided by its
-    RMS on the pre-training images (unit scale). Saved as a folder: config.json + model.safetensors."""
+    RMS on the pre-training images (unit scale). Its folder: config.json + model.safetensors."""
 
     def __init__(self, width: int = TINY_CNN_WIDTH, image_size: int = TINY_CNN_IMAGE_SIZE):
         super().__init__()
@@ -967,16 +908,9 @@ class TinyCNN(torch.nn.Module):
         grid = self.conv(px).flatten(2).transpose(1, 2)                          # (B, 9, C)
         return grid / self.scale[0], self.pool(grid.flatten(1)) / self.scale[1]  # (B, 9, C), (B, C)
 
-    def save_pretrained(self, folder) -> None:
-        from safetensors.torch import save_file
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        Path(folder, "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        weights = {name: tensor.contiguous() for name, tensor in self.state_dict().items()}
-        save_file(weights, Path(folder, "model.safetensors"))
-
     @classmethod
     def from_pretrained(cls, folder) -> "TinyCNN":
-        """The frozen model of a folder written by save_pretrained (the caller's RNG is kept)."""
+        """The frozen model of a folder written by make_stand_ins.save_tiny_cnn (the caller's RNG is kept)."""
         from safetensors.torch import load_file
         with torch.random.fork_rng(devices=[]):  # the init that the loaded weights replace draws numbers
             model = cls(**json.loads(Path(folder, "config.json").read_text()))
@@ -1070,25 +1004,7 @@ def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device, 
     return encode
 
 
-# ------------------------------------------------------------------------------ 4. Tokenizer for tiny models
-def build_tokenizer(words: Iterable[str] = None):
-    """Lower-case word-level PreTrainedTokenizerFast over the words of `words` (texts, any order; default
-    synthetic_vocab()), split on whitespace and punctuation; pad "<pad>" = 0, bos "<s>" = 1, eos "</s>" = 2,
-    unk "<unk>" = 3, none added automatically (like GPT-2). decode() joins tokens with spaces."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = synthetic_vocab() if words is None else words
-    found = {w for text in words for w in _TOKEN_RE.findall(text.lower())}
-    vocab = {w: i for i, w in enumerate(specials + sorted(found - set(specials)))}  # ids independent of order
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", model_max_length=512)
-
-
-# --------------------------------------------------------------------------------------- 5. Official metrics
+# --------------------------------------------------------------------------------------- 4. Official metrics
 # Official VQA normalisation (GT-Vision-Lab/VQA vqaEval.py), re-implemented.
 _NUMBERS = "zero one two three four five six seven eight nine ten".split()
 _MANUAL_MAP = {**{w: str(i) for i, w in enumerate(_NUMBERS)}, "none": "0"}
@@ -1334,7 +1250,7 @@ def _class_index(vocab: tuple) -> dict:
     return {normalize_answer(a): i for i, a in enumerate(vocab)}
 
 
-# -------------------------------------------------------------------------------------------- 6. DataLoaders
+# -------------------------------------------------------------------------------------------- 5. DataLoaders
 def _collate(batch):
     """Records stay a list of dicts; anything else goes through torch's default_collate."""
     if isinstance(batch[0], dict) and "task" in batch[0]:
