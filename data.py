@@ -57,6 +57,7 @@ DATASETS = ("shapes_vqa", "shapes_caption", "shapes_cls", "vqav2", "gqa", "coco"
             "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 DATA_VERSION = 1  # bump when synthetic rendering / feature layout changes (invalidates caches)
 PRETRAIN_WORLD = 1000  # world seed of every tiny stand-in's pre-training; benchmarks use world 0
+REPO = Path(__file__).resolve().parent
 
 
 def cache_dir(*parts: str) -> str:
@@ -66,9 +67,6 @@ def cache_dir(*parts: str) -> str:
 
 
 _cache_folder = cache_dir  # extract_features' argument of the same name hides the function
-
-
-REPO = Path(__file__).resolve().parent
 
 
 def model_path(name: str, what: Optional[str] = None) -> str:
@@ -366,8 +364,7 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, s
             names = classnames_of(recs)
             m = math.ceil(len(names) / 2)
             lo, hi = (0, m) if subset == "base" else (m, len(names))
-            sub_names = names[lo:hi]
-            recs = [dict(r, label=r["label"] - lo, meta=dict(r["meta"], classnames=sub_names))
+            recs = [dict(r, label=r["label"] - lo, meta=dict(r["meta"], classnames=names[lo:hi]))
                     for r in recs if lo <= r["label"] < hi]
     if limit is not None:
         recs = recs[:limit]
@@ -601,11 +598,10 @@ def _load_scienceqa(dataset: str, root: Path, split: str) -> list[dict]:
                             f"{p.get('grade')!r} (expected an index into 2-5 choices, grade<N>; file {path})")
         image = str(root / "images" / split / pid / p["image"]) if p.get("image") else None
         meta = {k: p.get(k) for k in ("subject", "topic", "category", "skill", "lecture", "solution")}
-        meta.update(grade=_get(p, "grade", path, f"{pid}."), has_context=bool(hint), has_image=bool(image),
+        meta.update(grade=p["grade"], has_context=bool(hint), has_image=bool(image),
                     caption=captions.get(pid, ""))
         out.append({"id": pid, "image_id": pid if image else None, "image_path": image, "task": "mcq",
-                    "question": _get(p, "question", path, f"{pid}."), "context": hint,
-                    "choices": _get(p, "choices", path, f"{pid}."),
+                    "question": _get(p, "question", path, f"{pid}."), "context": hint, "choices": choices,
                     "answer": _LETTERS[answer], "answer_index": answer, "meta": meta})
     return out
 
@@ -753,8 +749,12 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                         "cache_dir must be on a file system shared by all ranks)")
     missing = torch.isin(rows, torch.tensor(sorted(bad), dtype=torch.long))
     if bad and rank == 0:
-        _report_missing(bad, missing, f"{dataset}/{split}", sum(r is not None for r in uniq),
-                        split == "train" if train is None else train)
+        train = split == "train" if train is None else train
+        keep = "" if train else (f"; their {int(missing.sum())} questions are kept with zero image features, "
+                                 "as the official evaluation counts them")
+        n_img, first = sum(r is not None for r in uniq), ", ".join(list(bad.values())[:3])
+        print(f"warning: {dataset}/{split}: {len(bad)} of {n_img} images unreadable (first: {first}){keep}",
+              file=sys.stderr)
     return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write: never written back
 
 
@@ -772,13 +772,6 @@ def _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls, p
     if encoder == "patches" and image_size % patch_size:
         raise DataError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     return model, image_size, patch_size if encoder == "patches" else [layer, keep_cls]
-
-
-def _report_missing(bad: dict, missing: torch.Tensor, name: str, n_img: int, train: bool) -> None:
-    keep = "" if train else (f"; their {int(missing.sum())} questions are kept with zero image features, "
-                             "as the official evaluation counts them")
-    first = ", ".join(list(bad.values())[:3])
-    print(f"warning: {name}: {len(bad)} of {n_img} images unreadable (first: {first}){keep}", file=sys.stderr)
 
 
 def drop_missing(records: Sequence[dict], rows: torch.Tensor, missing: torch.Tensor):
@@ -1041,11 +1034,6 @@ def _process_punctuation(text: str) -> str:
     return _PERIOD_STRIP.sub("", out)
 
 
-def _process_digit_article(text: str) -> str:
-    words = [_MANUAL_MAP.get(w, w) for w in text.lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
-
-
 def _clean(answer: str) -> str:
     """What the official evaluation does to every answer before comparing."""
     return answer.replace("\n", " ").replace("\t", " ").strip()
@@ -1054,7 +1042,8 @@ def _clean(answer: str) -> str:
 def normalize_answer(ans: str) -> str:
     """Official VQA answer normalisation (punctuation, number words, articles, contractions):
     "Two" -> "2", "yes." -> "yes", "the dog" -> "dog", "dont" -> "don't"."""
-    return _process_digit_article(_process_punctuation(_clean(ans)))
+    words = [_MANUAL_MAP.get(w, w) for w in _process_punctuation(_clean(ans)).lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)  # processDigitArticle
 
 
 def _loo(k: int, n: int = 10) -> float:
@@ -1168,9 +1157,8 @@ def caption_metrics(preds: dict, refs: dict) -> dict:
     if missing or not preds:
         raise ValueError(f"caption_metrics: no references for ids {missing[:5]}" if missing else
                          "caption_metrics: no predictions")
-    ids = list(preds)
-    hyps = [_caption_tokens(preds[i]) for i in ids]
-    rs = [[_caption_tokens(r) for r in refs[i]] for i in ids]
+    hyps = [_caption_tokens(p) for p in preds.values()]
+    rs = [[_caption_tokens(r) for r in refs[i]] for i in preds]
     out = {f"BLEU-{k + 1}": 100 * b for k, b in enumerate(_bleu(hyps, rs))}
     out["CIDEr"] = 100 * _cider_d(hyps, rs)
     return out
@@ -1273,5 +1261,4 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
 
 def set_epoch(loader, epoch: int) -> None:
     """Set the epoch of the loader's sampler (shuffling order = f(seed, epoch))."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
