@@ -1,10 +1,8 @@
 """data.py -- the one shared module of the VL-PEFT reimplementations: data, frozen features, metrics.
 
   1. ShapesWorld                      the synthetic world: scenes, images, VQA / captions / classes
-  2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs,
-                                      classnames_of
-  3. extract_features, drop_missing   frozen vision features, cached; "tiny-cnn" = the synthetic world's
-                                      pre-trained frozen encoder (stand_ins/tiny-cnn, tiny_cnn)
+  2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs
+  3. extract_features, drop_missing   frozen vision features, cached ("tiny-cnn": the synthetic world's)
   4. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
      vqa_soft_targets                 the official metrics; VQA classifier classes and soft targets
   5. make_loader, set_epoch           seeded DataLoader (DistributedSampler under torchrun)
@@ -167,14 +165,10 @@ class ShapesWorld:
         self._size(split)
         code = _SPLIT_CODE.get(split) or int(hashlib.md5(split.encode()).hexdigest()[:6], 16)
         return [self.seed, code, index, stream]
-
-    def _rng(self, split: str, index: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng(self._key(split, index, stream))
-
     def scene(self, split: str, index: int, *, single: bool = False) -> dict:
         """Scene graph {"objects": [{shape, color, size, pos, x, y}], "key": [...]}.
         single=True: the one-object classification scene of image `index`."""
-        rng = self._rng(split, index, 1 if single else 0)
+        rng = np.random.default_rng(self._key(split, index, 1 if single else 0))
         if single:
             kinds = [tuple(self.classnames[index % len(self.classnames)].split())]
         else:
@@ -217,7 +211,7 @@ class ShapesWorld:
         out = []
         for index in range(self._size(split)):
             scene = self.scene(split, index)
-            rng = self._rng(split, index, 2)
+            rng = np.random.default_rng(self._key(split, index, 2))
             for fam in VQA_FAMILIES:
                 qa = _make_question(fam, scene["objects"], rng)
                 if qa is None:
@@ -240,7 +234,7 @@ class ShapesWorld:
         out = []
         for index in range(self._size(split)):
             scene = self.scene(split, index)
-            rng = self._rng(split, index, 3)
+            rng = np.random.default_rng(self._key(split, index, 3))
             objs = [scene["objects"][i] for i in rng.permutation(len(scene["objects"]))]
             n = len(objs)
             caps = [
@@ -328,15 +322,12 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, s
                  image_size: int = 64, num_shots: Optional[int] = None, subset: Optional[str] = None,
                  limit: Optional[int] = None, world_seed: int = 0, split_sizes: Optional[dict] = None,
                  shapes_split: str = "checker") -> list[dict]:
-    """Records of `dataset` / `split` ("train" | "val" | "test").
-    shapes_*: the ShapesWorld(world_seed, image_size, split_sizes) (data_root ignored; `seed` does not change
-    it); real datasets: the official files under data_root or data_root/<dataset> (README 'Data').
-    num_shots: k per class sampled with `seed` (val: min(k, 4)): real datasets exactly as CoOp draws them
-    (_coop_few_shot), shapes_cls with its own seeded draw. subset "base" | "new" | "all":
-    the first ceil(K/2) labels are base, labels re-indexed within the subset, after the k-shot sampling
+    """Records of `dataset` / `split` ("train" | "val" | "test"). shapes_*: ShapesWorld(world_seed,
+    image_size, split_sizes) (not `seed`); real: the official files under data_root or data_root/<dataset>.
+    num_shots: k per class drawn with `seed` (val: min(k, 4)), as CoOp for real datasets. subset "base" |
+    "new" | "all": the first ceil(K/2) labels are base, re-indexed within the subset, after the k-shot draw
     (CoCoOp). limit: the first N records. shapes_split (shapes_cls): "checker" (see ShapesWorld) or
-    "shape" (base = circles, squares, triangles: every new class name holds a word no base class has).
-    """
+    "shape" (base = circles, squares, triangles: every new class name holds a word no base class has)."""
     for what, value, choices in (("dataset", dataset, DATASETS), ("split", split, ("train", "val", "test")),
                                  ("class subset", subset, (None, "all", "base", "new")),
                                  ("shapes_split", shapes_split, ("checker", "shape"))):
@@ -388,9 +379,8 @@ def _few_shot(recs: list[dict], k: int, seed: int) -> list[dict]:
 
 
 def _coop_few_shot(dataset: str, split: str, recs: list[dict], k: int, seed: int, data_root) -> list[dict]:
-    """CoOp's few shots, drawn as Dassl: Python's `random` is seeded with the run seed before the dataset is
-    built; train draws k per label, then val min(k, 4) per label from the same generator (so the val draw
-    replays the train draw first): the records, in their order, of CoOp's runs and split_fewshot files."""
+    """CoOp's few shots as Dassl draws them: `random` seeded with the run seed, k per label from train, then
+    min(k, 4) per label from val (the val draw replays the train draw first), in CoOp's record order."""
     if split == "test":
         raise DataError(f"{dataset}: num_shots samples train and val; CoOp evaluates on the whole test split")
     rng = random.Random(seed)
@@ -400,8 +390,7 @@ def _coop_few_shot(dataset: str, split: str, recs: list[dict], k: int, seed: int
 
 
 def _dassl_draw(items: list[dict], k: int, rng: random.Random) -> list[dict]:
-    """Dassl's generate_fewshot_dataset on one split: items grouped by label (labels in the order they first
-    appear), random.sample(group, k) per label (the whole group when it has fewer)."""
+    """Dassl's generate_fewshot_dataset: per label (in order of appearance) random.sample(group, k) or all."""
     by_label: dict[int, list[dict]] = {}
     for r in items:
         by_label.setdefault(r["label"], []).append(r)
@@ -707,15 +696,14 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
     (len(records),) each record's row of feats; missing (len(records),) bool: image unreadable (zeros).
     encoder "tiny-cnn": the synthetic world's frozen CNN, 3 x 3 grid tokens (n = 9, d = TINY_CNN_WIDTH) or,
     pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a Hugging Face CLIP / ViT
-    id or folder (or `model`, a built tower or full CLIP, cached under the name `encoder`):
-    hidden_states[layer] grid tokens (CLS dropped unless keep_cls) or, pooled, the projected embedding;
-    image_size default 224. preprocess None: the tower's own image processor (an in-memory `model`: resize,
-    CLIP mean / std); "imagenet-resize": bicubic resize, no crop, ImageNet mean / std (official MemVP code).
-    Unreadable images: above max_bad_fraction of a split, a DataError; else reported, worded for training
-    (`train`, default split == "train": drop_missing drops their records) or evaluation (every question
-    kept, as the official evaluation). Records without an image share one zero row, not missing. Cached in
-    cache_dir (default cache_dir("features")) by every setting and image id; rank 0 extracts, all ranks load.
-    """
+    id or folder (or `model`, a built tower or full CLIP, cached as `encoder`): hidden_states[layer] grid
+    tokens (CLS dropped unless keep_cls) or, pooled, the projected embedding; image_size default 224.
+    preprocess None: the tower's image processor (an in-memory `model`: resize, CLIP mean / std);
+    "imagenet-resize": bicubic resize, no crop, ImageNet mean / std (official MemVP code). Unreadable
+    images: above max_bad_fraction, a DataError; else reported, worded for training (`train`, default
+    split == "train": drop_missing drops them) or evaluation (kept, as the official evaluation). Records
+    without an image share one zero row. Cached in cache_dir (default cache_dir("features")) by every
+    setting; rank 0 extracts, all ranks load."""
     model, image_size, settings = _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls,
                                                     preprocess)
     first: dict = {}  # image_id -> row; None (no image) gets a row too, which stays zero
@@ -924,19 +912,13 @@ def tiny_cnn_pixels(images: list, size: int = TINY_CNN_IMAGE_SIZE) -> torch.Tens
 
 @torch.no_grad()
 def _tiny_cnn_encode(model: TinyCNN, pooled: bool, images: list) -> np.ndarray:
-    with _one_thread():  # the same features whatever the caller's thread count
-        grid, vec = model(tiny_cnn_pixels(images, model.config["image_size"]))
-    return (vec[:, None] if pooled else grid).numpy()                                # (B, 1, C) or (B, 9, C)
-
-
-@contextlib.contextmanager
-def _one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the same features whatever the caller's thread count
     try:
-        yield
+        grid, vec = model(tiny_cnn_pixels(images, model.config["image_size"]))
     finally:
         torch.set_num_threads(threads)
+    return (vec[:, None] if pooled else grid).numpy()                                # (B, 1, C) or (B, 9, C)
 
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -1052,9 +1034,8 @@ def _loo(k: int, n: int = 10) -> float:
 
 
 def vqa_score(pred: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction: mean over the 10 leave-one-out subsets of min(#matches/3, 1)
-    (1, 2, 3, >=4 matches -> 0.3, 0.6, 0.9, 1.0). As the official vqaEval.py (master, 2021 fix): answers
-    are stripped, and normalised only when the annotators disagree; when they agree the match is exact."""
+    """Official VQA accuracy of one prediction (_loo: 1, 2, 3, >=4 matches -> 0.3, 0.6, 0.9, 1.0), as
+    vqaEval.py (2021 fix): answers stripped, normalised only if the annotators disagree, else exact match."""
     pred, gts = _clean(pred), [_clean(a) for a in answers]
     if len(set(gts)) > 1:
         pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
@@ -1165,10 +1146,9 @@ def caption_metrics(preds: dict, refs: dict) -> dict:
 
 
 def scienceqa_accuracy(texts: Sequence[str], records: Sequence[dict]) -> dict:
-    """Accuracy of the generated texts (percent, 2 decimals) in the columns of MemVP's Table 2, scored as the
-    official evaluation: the first capital letter [A-Z] of the text is the answer (case-sensitive: "b" has
-    none); no capital letter, or a letter beyond the problem's choices, is wrong. Columns: average;
-    NAT / SOC / LAN; TXT (hint), IMG (image), NO (neither); G1-6 / G7-12 (if any)."""
+    """Accuracy (percent, 2 decimals) in the columns of MemVP's Table 2 (average; NAT / SOC / LAN; TXT (hint),
+    IMG (image), NO (neither); G1-6 / G7-12), as the official evaluation: the first capital letter [A-Z] of
+    the text is the answer; none ("b" has none), or a letter beyond the problem's choices, is wrong."""
     if len(texts) != len(records):
         raise ValueError(f"scienceqa_accuracy: {len(texts)} predictions for {len(records)} records")
     groups = {"NAT": lambda m: m["subject"] == "natural science",
@@ -1208,9 +1188,8 @@ def harmonic_mean(base: float, new: float) -> float:
 
 def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
     """Classes of a VQA classifier head: the normalised answers that are the most common answer of >= min_freq
-    training questions (3129 for VQAv2 train+val with 9), by frequency, then alphabetically, each written
-    as its most frequent RAW form ("t-shirt", not "t shirt"): the official metric compares unanimous
-    answers exactly."""
+    training questions (3129 for VQAv2 train+val with 9), by frequency, then alphabetically, each as its most
+    frequent raw form ("t-shirt", not "t shirt"): the official metric compares unanimous answers exactly."""
     counts = Counter(normalize_answer(r["answer"]) for r in records)
     keep = sorted((a for a, c in counts.items() if c >= min_freq), key=lambda a: (-counts[a], a))
     raw: dict[str, Counter] = {a: Counter() for a in keep}
@@ -1248,9 +1227,8 @@ def _collate(batch):
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                 collate_fn: Callable = None, num_workers: int = 0, drop_last: bool = False):
-    """DataLoader whose order depends only on (seed, epoch): a DistributedSampler(seed=seed), one replica
-    outside torch.distributed (each rank's shard padded by repetition). Call set_epoch(loader, e) before each
-    epoch; to resume mid-epoch, skip the batches already seen. Records stay lists; tensors are stacked."""
+    """DataLoader whose order depends only on (seed, epoch) (set_epoch): a DistributedSampler(seed=seed),
+    one replica outside torch.distributed (shards padded by repetition). Records stay lists of dicts."""
     from torch.utils.data import DataLoader, DistributedSampler
     rank, world = _rank_world()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
