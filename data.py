@@ -187,8 +187,7 @@ class ShapesWorld:
         """PIL RGB image (image_size x image_size, default self.image_size) of a scene."""
         s = int(image_size or self.image_size)
         rng = np.random.default_rng(scene["key"] + [7])
-        img = np.empty((s, s, 3), np.float32)
-        img[:] = (18, 20, 28)
+        img = np.full((s, s, 3), (18, 20, 28), np.float32)
         img += rng.normal(0, 4, (s, s, 1)).astype(np.float32)  # faint sensor noise
         for o in scene["objects"]:
             r = _RADIUS[o["size"]]
@@ -401,8 +400,8 @@ def _dassl_draw(items: list[dict], k: int, rng: random.Random) -> list[dict]:
 
 
 def caption_pairs(records: Sequence[dict]) -> list[dict]:
-    """Captioning training data: one record per (image, caption) (id "<id>#<k>", same image_id), the caption
-    under "caption". Evaluation uses the records themselves: one per image, all references."""
+    """Captioning training data: one record per (image, caption), id "<id>#<k>", the caption under "caption"
+    (evaluation uses the records themselves: one per image, all references)."""
     return [dict(r, id=f"{r['id']}#{k}", caption=c) for r in records for k, c in enumerate(r["captions"])]
 
 
@@ -563,9 +562,8 @@ def _load_gqa(dataset: str, root: Path, split: str) -> list[dict]:
 
 
 def _load_scienceqa(dataset: str, root: Path, split: str) -> list[dict]:
-    """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image, subject,
-    grade, ...}}), pid_splits.json ({split: [pid, ...]}), images/<split>/<pid>/image.png and, if present,
-    captions.json ({"captions": {pid: str}}: MemVP's prompt adds them to the context)."""
+    """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image, ...}}),
+    pid_splits.json, images/<split>/<pid>/image.png, captions.json if present (MemVP's prompt adds them)."""
     path, splits_path, captions = root / "problems.json", root / "pid_splits.json", root / "captions.json"
     problems = _read_json(path, dataset)
     pids = _get(_read_json(splits_path, dataset), split, splits_path)
@@ -1043,8 +1041,7 @@ def vqa_score(pred: str, answers: Sequence[str]) -> float:
 
 
 def vqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
-    """{"overall": %, "yes/no": %, "number": %, "other": %}, 2 decimals as the official evaluation (only the
-    answer types present in `records`)."""
+    """{"overall": %, "yes/no": %, "number": %, "other": %} (the types present), 2 decimals as vqaEval.py."""
     if len(preds) != len(records):
         raise ValueError(f"vqa_accuracy: {len(preds)} predictions for {len(records)} records")
     scores = [vqa_score(p, r["answers"]) for p, r in zip(preds, records)]
@@ -1061,8 +1058,7 @@ _CAP_PUNCT = set("''`.?!,:;-()[]{}\"")
 
 
 def _caption_tokens(text: str) -> list[str]:
-    """Lower-cased tokens without punctuation, approximating the PTB tokenizer that the COCO
-    caption evaluation runs (split "n't" and "'s"-style clitics, drop punctuation tokens)."""
+    """Lower-cased tokens, clitics ("n't", "'s") split, punctuation tokens dropped."""
     # DEVIATION: COCO eval uses Stanford CoreNLP's PTBTokenizer (Java); this is a regex approximation.
     t = text.lower().replace("\n", " ")
     t = re.sub(r"(\w)n't\b", r"\1 n't", t)
