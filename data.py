@@ -738,9 +738,9 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
         train = split == "train" if train is None else train
         keep = "" if train else (f"; their {int(missing.sum())} questions are kept with zero image features, "
                                  "as the official evaluation counts them")
-        n_img, first = sum(r is not None for r in uniq), ", ".join(list(bad.values())[:3])
-        print(f"warning: {dataset}/{split}: {len(bad)} of {n_img} images unreadable (first: {first}){keep}",
-              file=sys.stderr)
+        n_img = sum(r is not None for r in uniq)
+        print(f"warning: {dataset}/{split}: {len(bad)} of {n_img} images unreadable "
+              f"(first: {', '.join(list(bad.values())[:3])}){keep}", file=sys.stderr)
     return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write: never written back
 
 
@@ -1020,10 +1020,10 @@ def _clean(answer: str) -> str:
 
 
 def normalize_answer(ans: str) -> str:
-    """Official VQA answer normalisation (punctuation, number words, articles, contractions):
-    "Two" -> "2", "yes." -> "yes", "the dog" -> "dog", "dont" -> "don't"."""
+    """Official VQA answer normalisation (processPunctuation then processDigitArticle: number words, articles,
+    contractions): "Two" -> "2", "yes." -> "yes", "the dog" -> "dog", "dont" -> "don't"."""
     words = [_MANUAL_MAP.get(w, w) for w in _process_punctuation(_clean(ans)).lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)  # processDigitArticle
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def _loo(k: int, n: int = 10) -> float:
