@@ -1,14 +1,11 @@
 """data.py -- the one shared module of the VL-PEFT reimplementations: data, frozen features, metrics.
 
-  1. ShapesWorld, describe_scene      the synthetic world: scenes, images, VQA / captions / classes, text
-  2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs,
-                                      classnames_of
-  3. extract_features, drop_missing   frozen vision features, cached; "tiny-cnn" = the synthetic world's
-                                      pre-trained frozen encoder (stand_ins/tiny-cnn, tiny_cnn)
-  4. build_tokenizer                  word-level tokenizer of the tiny models
-  5. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
+  1. ShapesWorld                      the synthetic world: scenes, images, VQA / captions / classes
+  2. load_records, load_image         every dataset in its official layout (README 'Data'); caption_pairs
+  3. extract_features, drop_missing   frozen vision features, cached ("tiny-cnn": the synthetic world's)
+  4. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
      vqa_soft_targets                 the official metrics; VQA classifier classes and soft targets
-  6. make_loader, set_epoch           seeded DataLoader (DistributedSampler under torchrun)
+  5. make_loader, set_epoch           seeded DataLoader (DistributedSampler under torchrun)
   DataError                           every bad input: a message naming the file / key and where to get it
 
 Typical use (offline):
@@ -47,7 +44,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +55,7 @@ DATASETS = ("shapes_vqa", "shapes_caption", "shapes_cls", "vqav2", "gqa", "coco"
             "food101", "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
 DATA_VERSION = 1  # bump when synthetic rendering / feature layout changes (invalidates caches)
 PRETRAIN_WORLD = 1000  # world seed of every tiny stand-in's pre-training; benchmarks use world 0
+REPO = Path(__file__).resolve().parent
 
 
 def cache_dir(*parts: str) -> str:
@@ -69,14 +67,9 @@ def cache_dir(*parts: str) -> str:
 _cache_folder = cache_dir  # extract_features' argument of the same name hides the function
 
 
-REPO = Path(__file__).resolve().parent
-
-
 def model_path(name: str, what: Optional[str] = None) -> str:
-    """A --model value as from_pretrained reads it: `stand_ins/<name>` (an offline stand-in, see
-    scripts/make_stand_ins.py) resolved against the repository, not the working directory; anything else
-    as given (a local folder is read before any hub id). A missing stand-in is one error line, starting
-    with `what` (default: "--model <name>")."""
+    """A --model value as from_pretrained reads it: `stand_ins/<name>` resolved against the repository (a
+    missing one: an error line starting with `what`, default "--model <name>"); anything else as given."""
     if not name.startswith("stand_ins/"):
         return name
     path = REPO / name
@@ -137,7 +130,6 @@ _Q_TEMPLATES = {
     "position": ("where is {ref}?", "in which part of the image is {ref}?"),
     "relation": ("what is {rel} {ref}?", "what shape is {rel} {ref}?"),
 }
-_CAPTION_WORDS = "there is an image with object objects the a and , . :"
 ANSWER_NOISE = 0.1  # probability that one of the 10 synthetic annotators answers wrongly
 
 
@@ -173,14 +165,10 @@ class ShapesWorld:
         self._size(split)
         code = _SPLIT_CODE.get(split) or int(hashlib.md5(split.encode()).hexdigest()[:6], 16)
         return [self.seed, code, index, stream]
-
-    def _rng(self, split: str, index: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng(self._key(split, index, stream))
-
     def scene(self, split: str, index: int, *, single: bool = False) -> dict:
         """Scene graph {"objects": [{shape, color, size, pos, x, y}], "key": [...]}.
         single=True: the one-object classification scene of image `index`."""
-        rng = self._rng(split, index, 1 if single else 0)
+        rng = np.random.default_rng(self._key(split, index, 1 if single else 0))
         if single:
             kinds = [tuple(self.classnames[index % len(self.classnames)].split())]
         else:
@@ -199,8 +187,7 @@ class ShapesWorld:
         """PIL RGB image (image_size x image_size, default self.image_size) of a scene."""
         s = int(image_size or self.image_size)
         rng = np.random.default_rng(scene["key"] + [7])
-        img = np.empty((s, s, 3), np.float32)
-        img[:] = (18, 20, 28)
+        img = np.full((s, s, 3), (18, 20, 28), np.float32)
         img += rng.normal(0, 4, (s, s, 1)).astype(np.float32)  # faint sensor noise
         for o in scene["objects"]:
             r = _RADIUS[o["size"]]
@@ -223,7 +210,7 @@ class ShapesWorld:
         out = []
         for index in range(self._size(split)):
             scene = self.scene(split, index)
-            rng = self._rng(split, index, 2)
+            rng = np.random.default_rng(self._key(split, index, 2))
             for fam in VQA_FAMILIES:
                 qa = _make_question(fam, scene["objects"], rng)
                 if qa is None:
@@ -246,7 +233,7 @@ class ShapesWorld:
         out = []
         for index in range(self._size(split)):
             scene = self.scene(split, index)
-            rng = self._rng(split, index, 3)
+            rng = np.random.default_rng(self._key(split, index, 3))
             objs = [scene["objects"][i] for i in rng.permutation(len(scene["objects"]))]
             n = len(objs)
             caps = [
@@ -277,14 +264,9 @@ class ShapesWorld:
 
     @property
     def classnames(self) -> list[str]:
-        """All 48 "colour shape" names in label order: base (sorted) then new (sorted)."""
-        base, new = self.base_new_split()
-        return base + new
-
-    def base_new_split(self) -> tuple[list[str], list[str]]:
-        """(base, new) class names, each sorted; base = (colour_idx + shape_idx) even."""
+        """The 48 "colour shape" names in label order: base (sorted), then new (sorted)."""
         pairs = [(ci + si, f"{c} {s}") for ci, c in enumerate(COLORS) for si, s in enumerate(SHAPES)]
-        return sorted(n for k, n in pairs if k % 2 == 0), sorted(n for k, n in pairs if k % 2 == 1)
+        return sorted(n for k, n in pairs if k % 2 == 0) + sorted(n for k, n in pairs if k % 2 == 1)
 
 
 def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]:
@@ -334,60 +316,22 @@ def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]
     return tpl.format(rel=rel, ref=f"the {a['color']} {a['shape']}"), b["shape"]
 
 
-_DESCRIBE = ("{objs}.", "there is {objs}.", "the image shows {objs}.", "{n}: {objs}.", "{sentences}.")
-
-
-def describe_scene(scene: dict, rng: Optional[np.random.Generator] = None) -> str:
-    """Every object's size, colour, shape and position, e.g. "a large red circle on the left and a small
-    blue square at the top."; with rng (numpy Generator) in varied order and wording (synthetic_vocab words).
-    Tiny language models read it as context before a question."""
-    objs = list(scene["objects"])
-    form = 0
-    if rng is not None:
-        objs = [objs[i] for i in rng.permutation(len(objs))]
-        form = int(rng.integers(len(_DESCRIBE)))
-    n = len(objs)
-    return _DESCRIBE[form].format(
-        objs=_join([_a(f"{o['size']} {o['color']} {o['shape']} {_WHERE[o['pos']]}") for o in objs]),
-        n=f"{_NUMWORD[n]} object{'s' if n > 1 else ''}",
-        sentences=_join([f"the {o['size']} {o['color']} {o['shape']} is {_WHERE[o['pos']]}" for o in objs]))
-
-
-_TOKEN_RE = re.compile(r"\w+|[^\w\s]+")  # = tokenizers' Whitespace pre-tokenizer
-
-
-def synthetic_vocab() -> list[str]:
-    """Every word the synthetic world can produce (questions, answers, captions), sorted."""
-    texts = [t for ts in _Q_TEMPLATES.values() for t in ts] + list(_WHERE.values()) + list(_RELATIONS)
-    texts += [_CAPTION_WORDS, *_DESCRIBE, " ".join(SHAPES + COLORS + SIZES + POSITIONS + _NUMWORD),
-              " ".join(_PLURAL.values()), "yes no 0 1 2 3 4 5 6 7 8 9"]
-    words = {w for t in texts for w in _TOKEN_RE.findall(re.sub(r"\{\w+\}", " ", t).lower())}
-    return sorted(words)
-
-
 # --------------------------------------------------------- 2. Official formats: one loader for every dataset
 def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, seed: int = 0,
                  image_size: int = 64, num_shots: Optional[int] = None, subset: Optional[str] = None,
                  limit: Optional[int] = None, world_seed: int = 0, split_sizes: Optional[dict] = None,
                  shapes_split: str = "checker") -> list[dict]:
-    """Records of `dataset` / `split` ("train" | "val" | "test").
-
-    shapes_*: the ShapesWorld(world_seed, image_size, split_sizes) (data_root ignored; `seed` does not change
-    it); real datasets: the official files under data_root or data_root/<dataset> (README 'Data').
-    num_shots: k per class sampled with `seed` (val: min(k, 4)): real datasets exactly as CoOp draws them
-    (_coop_few_shot), shapes_cls with its own seeded draw. subset "base" | "new" | "all":
-    the first ceil(K/2) labels are base, labels re-indexed within the subset, after the k-shot sampling
+    """Records of `dataset` / `split` ("train" | "val" | "test"). shapes_*: ShapesWorld(world_seed,
+    image_size, split_sizes) (not `seed`); real: the official files under data_root or data_root/<dataset>.
+    num_shots: k per class drawn with `seed` (val: min(k, 4)), as CoOp for real datasets. subset "base" |
+    "new" | "all": the first ceil(K/2) labels are base, re-indexed within the subset, after the k-shot draw
     (CoCoOp). limit: the first N records. shapes_split (shapes_cls): "checker" (see ShapesWorld) or
-    "shape" (base = circles, squares, triangles: every new class name holds a word no base class has).
-    """
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
-    if split not in ("train", "val", "test"):
-        raise DataError(f"unknown split {split!r}; choose from train, val, test")
-    if subset not in (None, "all", "base", "new"):
-        raise DataError(f"unknown class subset {subset!r}; choose from all, base, new")
-    if shapes_split not in ("checker", "shape"):
-        raise DataError(f"unknown shapes_split {shapes_split!r}; choose from checker, shape")
+    "shape" (base = circles, squares, triangles: every new class name holds a word no base class has)."""
+    for what, value, choices in (("dataset", dataset, DATASETS), ("split", split, ("train", "val", "test")),
+                                 ("class subset", subset, (None, "all", "base", "new")),
+                                 ("shapes_split", shapes_split, ("checker", "shape"))):
+        if value not in choices:
+            raise DataError(f"unknown {what} {value!r}; choose from {', '.join(filter(None, choices))}")
     if limit is not None and limit < 1:
         raise DataError(f"{dataset}/{split}: no records (limit={limit}; the first N records need N >= 1)")
     if dataset.startswith("shapes_"):
@@ -410,8 +354,7 @@ def load_records(dataset: str, split: str, data_root: Optional[str] = None, *, s
             names = classnames_of(recs)
             m = math.ceil(len(names) / 2)
             lo, hi = (0, m) if subset == "base" else (m, len(names))
-            sub_names = names[lo:hi]
-            recs = [dict(r, label=r["label"] - lo, meta=dict(r["meta"], classnames=sub_names))
+            recs = [dict(r, label=r["label"] - lo, meta=dict(r["meta"], classnames=names[lo:hi]))
                     for r in recs if lo <= r["label"] < hi]
     if limit is not None:
         recs = recs[:limit]
@@ -435,9 +378,8 @@ def _few_shot(recs: list[dict], k: int, seed: int) -> list[dict]:
 
 
 def _coop_few_shot(dataset: str, split: str, recs: list[dict], k: int, seed: int, data_root) -> list[dict]:
-    """CoOp's few shots, drawn as Dassl: Python's `random` is seeded with the run seed before the dataset is
-    built; train draws k per label, then val min(k, 4) per label from the same generator (so the val draw
-    replays the train draw first): the records, in their order, of CoOp's runs and split_fewshot files."""
+    """CoOp's few shots as Dassl draws them: `random` seeded with the run seed, k per label from train, then
+    min(k, 4) per label from val (the val draw replays the train draw first), in CoOp's record order."""
     if split == "test":
         raise DataError(f"{dataset}: num_shots samples train and val; CoOp evaluates on the whole test split")
     rng = random.Random(seed)
@@ -447,8 +389,7 @@ def _coop_few_shot(dataset: str, split: str, recs: list[dict], k: int, seed: int
 
 
 def _dassl_draw(items: list[dict], k: int, rng: random.Random) -> list[dict]:
-    """Dassl's generate_fewshot_dataset on one split: items grouped by label (labels in the order they first
-    appear), random.sample(group, k) per label (the whole group when it has fewer)."""
+    """Dassl's generate_fewshot_dataset: per label (in order of appearance) random.sample(group, k) or all."""
     by_label: dict[int, list[dict]] = {}
     for r in items:
         by_label.setdefault(r["label"], []).append(r)
@@ -459,19 +400,14 @@ def _dassl_draw(items: list[dict], k: int, rng: random.Random) -> list[dict]:
 
 
 def caption_pairs(records: Sequence[dict]) -> list[dict]:
-    """Captioning training data: one record per (image, caption) (id "<id>#<k>", same image_id), the caption
-    under "caption". Evaluation uses the records themselves: one per image, all references."""
+    """Captioning training data: one record per (image, caption), id "<id>#<k>", the caption under "caption"
+    (evaluation uses the records themselves: one per image, all references)."""
     return [dict(r, id=f"{r['id']}#{k}", caption=c) for r in records for k, c in enumerate(r["captions"])]
 
 
 def classnames_of(records: Sequence[dict]) -> list[str]:
     """Class names ordered by label (of the whole dataset / subset, even for a few-shot selection)."""
-    if records and "classnames" in records[0].get("meta", {}):
-        return list(records[0]["meta"]["classnames"])
-    names = {r["label"]: r["classname"] for r in records}
-    if sorted(names) != list(range(len(names))):
-        raise DataError("classnames_of: labels are not contiguous 0..K-1")
-    return [names[i] for i in range(len(names))]
+    return list(records[0]["meta"]["classnames"])
 
 
 def load_image(record: dict, image_size: Optional[int] = None) -> Image.Image:
@@ -552,17 +488,16 @@ def _load_real(dataset: str, split: str, data_root: Optional[str]) -> list[dict]
             root = root / sub
             break
     root = root.resolve()
-    load = {"vqav2": _load_vqav2, "gqa": _load_gqa, "scienceqa": _load_scienceqa}.get(dataset)
+    load = {"vqav2": _load_vqav2, "gqa": _load_gqa, "scienceqa": _load_scienceqa, "coco": _load_karpathy,
+            "flickr30k": _load_karpathy}.get(dataset, _load_cls)
     try:
-        if dataset in ("coco", "flickr30k"):
-            return _load_karpathy(dataset, root, split)
-        return load(root, split) if load else _load_cls(dataset, root, split)
+        return load(dataset, root, split)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # an entry of another shape
         raise DataError(f"{dataset}/{split}: a malformed entry in the files under {root} "
                         f"({type(e).__name__}: {e})") from None
 
 
-def _load_vqav2(root: Path, split: str) -> list[dict]:
+def _load_vqav2(dataset: str, root: Path, split: str) -> list[dict]:
     """VQAv2 official json + COCO 2014 images. With <root>/dataset_coco.json the splits are Karpathy's images
     (questions of train2014 and val2014); without it train = train2014, val = test = val2014."""
     kar_path = root / "dataset_coco.json"
@@ -579,10 +514,10 @@ def _load_vqav2(root: Path, split: str) -> list[dict]:
     out = []
     for cs in coco_splits:
         qp, ap = root / f"v2_OpenEnded_mscoco_{cs}_questions.json", root / f"v2_mscoco_{cs}_annotations.json"
-        questions = _get(_read_json(qp, "vqav2"), "questions", qp)
-        anns = _get(_read_json(ap, "vqav2"), "annotations", ap)
+        questions = _get(_read_json(qp, dataset), "questions", qp)
+        anns = _get(_read_json(ap, dataset), "annotations", ap)
         by_qid = {_get(a, "question_id", ap, "annotations[]."): a for a in anns}
-        img_dir = _need_dir(root / cs, "vqav2")
+        img_dir = _need_dir(root / cs, dataset)
         for q in questions:
             qid = _get(q, "question_id", qp, "questions[].")
             iid = int(_get(q, "image_id", qp, "questions[]."))
@@ -605,15 +540,15 @@ def _load_vqav2(root: Path, split: str) -> list[dict]:
     return out
 
 
-def _load_gqa(root: Path, split: str) -> list[dict]:
+def _load_gqa(dataset: str, root: Path, split: str) -> list[dict]:
     """GQA balanced questions ({qid: {imageId, question, answer, types, ...}}); test = testdev.
     The single answer is repeated 10 times, so vqa_score equals GQA's exact-match accuracy."""
     name = {"train": "train", "val": "val", "test": "testdev"}[split] + "_balanced_questions.json"
     path = root / "questions1.2" / name if (root / "questions1.2" / name).is_file() else root / name
-    data = _read_json(path, "gqa")
+    data = _read_json(path, dataset)
     if not isinstance(data, dict):
         raise DataError(f"malformed {path.name}: expected an object {{question_id: question}} (file {path})")
-    img_dir = _need_dir(root / "images", "gqa")
+    img_dir = _need_dir(root / "images", dataset)
     out = []
     for qid, q in data.items():
         ans, iid = _get(q, "answer", path, f"{qid}."), str(_get(q, "imageId", path, f"{qid}."))
@@ -626,21 +561,20 @@ def _load_gqa(root: Path, split: str) -> list[dict]:
     return out
 
 
-def _load_scienceqa(root: Path, split: str) -> list[dict]:
-    """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image, subject,
-    grade, ...}}), pid_splits.json ({split: [pid, ...]}), images/<split>/<pid>/image.png and, if present,
-    captions.json ({"captions": {pid: str}}: MemVP's prompt adds them to the context)."""
+def _load_scienceqa(dataset: str, root: Path, split: str) -> list[dict]:
+    """ScienceQA as released: problems.json ({pid: {question, choices, answer (index), hint, image, ...}}),
+    pid_splits.json, images/<split>/<pid>/image.png, captions.json if present (MemVP's prompt adds them)."""
     path, splits_path, captions = root / "problems.json", root / "pid_splits.json", root / "captions.json"
-    problems = _read_json(path, "scienceqa")
-    pids = _get(_read_json(splits_path, "scienceqa"), split, splits_path)
+    problems = _read_json(path, dataset)
+    pids = _get(_read_json(splits_path, dataset), split, splits_path)
     if captions.is_file():
-        captions = _get(_read_json(captions, "scienceqa"), "captions", captions)
+        captions = _get(_read_json(captions, dataset), "captions", captions)
     else:
         print(f"note: no {captions}: the prompts have no image captions, which the official evaluation adds "
               "to the context, so the scores are not comparable with MemVP's", file=sys.stderr)
         captions = {}
     if any(_get(problems, pid, path).get("image") for pid in pids):
-        _need_dir(root / "images" / split, "scienceqa")
+        _need_dir(root / "images" / split, dataset)
     out = []
     for pid in pids:
         p = problems[pid]
@@ -651,11 +585,10 @@ def _load_scienceqa(root: Path, split: str) -> list[dict]:
                             f"{p.get('grade')!r} (expected an index into 2-5 choices, grade<N>; file {path})")
         image = str(root / "images" / split / pid / p["image"]) if p.get("image") else None
         meta = {k: p.get(k) for k in ("subject", "topic", "category", "skill", "lecture", "solution")}
-        meta.update(grade=_get(p, "grade", path, f"{pid}."), has_context=bool(hint), has_image=bool(image),
+        meta.update(grade=p["grade"], has_context=bool(hint), has_image=bool(image),
                     caption=captions.get(pid, ""))
         out.append({"id": pid, "image_id": pid if image else None, "image_path": image, "task": "mcq",
-                    "question": _get(p, "question", path, f"{pid}."), "context": hint,
-                    "choices": _get(p, "choices", path, f"{pid}."),
+                    "question": _get(p, "question", path, f"{pid}."), "context": hint, "choices": choices,
                     "answer": _LETTERS[answer], "answer_index": answer, "meta": meta})
     return out
 
@@ -759,20 +692,16 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                      model=None, preprocess: Optional[str] = None, progress: bool = True):
     """-> (feats, rows, missing): feats (num_images, n, d) float16, memory-mapped from the cache; rows
     (len(records),) each record's row of feats; missing (len(records),) bool: image unreadable (zeros).
-
-    encoder "tiny-cnn": the synthetic world's frozen CNN (stand_ins/tiny-cnn), 3 x 3 grid tokens (n = 9,
-    d = TINY_CNN_WIDTH) or, pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a
-    Hugging Face CLIP / ViT id or folder (or `model`, a built tower or full CLIP, cached under the name
-    `encoder`): hidden_states[layer] grid tokens (CLS dropped unless keep_cls) or, pooled, the projected
-    embedding; image_size default 224. Their pixels: preprocess None = the tower's own image processor (an
-    in-memory `model`: resized to image_size, CLIP mean / std); "imagenet-resize" = resized to image_size x
-    image_size (bicubic, no crop), ImageNet mean / std, as the official MemVP ScienceQA code.
-    Unreadable images: above max_bad_fraction of a split, a DataError; else reported, worded for training
-    (`train`, default split == "train": drop_missing drops their records) or evaluation (every question kept,
-    as the official evaluation). Records without an image share one zero row, not missing. Cached in
-    cache_dir (default cache_dir("features")) by every setting and the image ids, written atomically; under
-    torch.distributed rank 0 extracts, all ranks load.
-    """
+    encoder "tiny-cnn": the synthetic world's frozen CNN, 3 x 3 grid tokens (n = 9, d = TINY_CNN_WIDTH) or,
+    pooled, its pooled vector. "patches": raw-pixel patch tokens in [-1, 1]. Else a Hugging Face CLIP / ViT
+    id or folder (or `model`, a built tower or full CLIP, cached as `encoder`): hidden_states[layer] grid
+    tokens (CLS dropped unless keep_cls) or, pooled, the projected embedding; image_size default 224.
+    preprocess None: the tower's image processor (an in-memory `model`: resize, CLIP mean / std);
+    "imagenet-resize": bicubic resize, no crop, ImageNet mean / std (official MemVP code). Unreadable
+    images: above max_bad_fraction, a DataError; else reported, worded for training (`train`, default
+    split == "train": drop_missing drops them) or evaluation (kept, as the official evaluation). Records
+    without an image share one zero row. Cached in cache_dir (default cache_dir("features")) by every
+    setting; rank 0 extracts, all ranks load."""
     model, image_size, settings = _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls,
                                                     preprocess)
     first: dict = {}  # image_id -> row; None (no image) gets a row too, which stays zero
@@ -806,8 +735,12 @@ def extract_features(records: Sequence[dict], encoder: str = "patches", *,
                         "cache_dir must be on a file system shared by all ranks)")
     missing = torch.isin(rows, torch.tensor(sorted(bad), dtype=torch.long))
     if bad and rank == 0:
-        _report_missing(bad, missing, f"{dataset}/{split}", sum(r is not None for r in uniq),
-                        split == "train" if train is None else train)
+        train = split == "train" if train is None else train
+        keep = "" if train else (f"; their {int(missing.sum())} questions are kept with zero image features, "
+                                 "as the official evaluation counts them")
+        n_img = sum(r is not None for r in uniq)
+        print(f"warning: {dataset}/{split}: {len(bad)} of {n_img} images unreadable "
+              f"(first: {', '.join(list(bad.values())[:3])}){keep}", file=sys.stderr)
     return torch.from_numpy(np.load(path, mmap_mode="c")), rows, missing  # copy-on-write: never written back
 
 
@@ -827,13 +760,6 @@ def _encoder_settings(encoder, model, image_size, patch_size, layer, keep_cls, p
     return model, image_size, patch_size if encoder == "patches" else [layer, keep_cls]
 
 
-def _report_missing(bad: dict, missing: torch.Tensor, name: str, n_img: int, train: bool) -> None:
-    keep = "" if train else (f"; their {int(missing.sum())} questions are kept with zero image features, "
-                             "as the official evaluation counts them")
-    first = ", ".join(list(bad.values())[:3])
-    print(f"warning: {name}: {len(bad)} of {n_img} images unreadable (first: {first}){keep}", file=sys.stderr)
-
-
 def drop_missing(records: Sequence[dict], rows: torch.Tensor, missing: torch.Tensor):
     """Training records whose image is unreadable, removed (the count is printed) -> (records, rows)."""
     keep = (~missing).nonzero().flatten()
@@ -844,7 +770,6 @@ def drop_missing(records: Sequence[dict], rows: torch.Tensor, missing: torch.Ten
 
 
 def _file_stamp(record: dict) -> list:
-    """[path, size, mtime_ns] of a record's image file ([path] if it cannot be read)."""
     with contextlib.suppress(OSError):
         st = os.stat(record["image_path"])
         return [str(record["image_path"]), st.st_size, st.st_mtime_ns]
@@ -852,7 +777,6 @@ def _file_stamp(record: dict) -> list:
 
 
 def _first_line(e: Exception) -> str:
-    """"<type>: <first line of the message>" of an exception."""
     lines = str(e).strip().splitlines() or [""]
     return f"{type(e).__name__}: {lines[0][:200]}"
 
@@ -870,7 +794,6 @@ def _weights_digest(model: torch.nn.Module) -> str:
 
 
 def _rank_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, else (0, 1)."""
     dist = torch.distributed
     on = dist.is_available() and dist.is_initialized()
     return (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
@@ -939,18 +862,15 @@ def _patches(img: Image.Image, image_size: int, patch_size: int) -> np.ndarray:
     return a.reshape(g, p, g, p, 3).transpose(0, 2, 1, 3, 4).reshape(g * g, p * p * 3)
 
 
-# The synthetic world's frozen vision encoder ("tiny-cnn"). The papers start from a vision encoder
-# pre-trained on other data (CLIP, an ImageNet-21k ViT) whose features already name what an image holds.
-# DEVIATION (offline only): its stand-in is a small CNN pre-trained, supervised, on world PRETRAIN_WORLD (no
-# benchmark uses it) to name the objects of each 3 x 3 grid cell from its token and those of the image
-# from the pooled vector (the recipe is in scripts/make_stand_ins.py); then it is frozen.
+# DEVIATION (offline only): the papers' frozen towers (CLIP, a ViT) stand in as "tiny-cnn", a small CNN
+# pre-trained to name the objects of world PRETRAIN_WORLD (recipe: scripts/make_stand_ins.py), then frozen.
 TINY_CNN_WIDTH = 96       # C: width of the grid tokens and of the pooled vector
 TINY_CNN_IMAGE_SIZE = 48  # every image is read at 48 x 48: one grid cell = 16 x 16 pixels
 
 
 class TinyCNN(torch.nn.Module):
     """pixels (B, 3, S, S) in [0, 1] -> grid tokens (B, 9, C), pooled vector (B, C), each divided by its
-    RMS on the pre-training images (unit scale). Saved as a folder: config.json + model.safetensors."""
+    RMS on the pre-training images (unit scale). Its folder: config.json + model.safetensors."""
 
     def __init__(self, width: int = TINY_CNN_WIDTH, image_size: int = TINY_CNN_IMAGE_SIZE):
         super().__init__()
@@ -967,16 +887,9 @@ class TinyCNN(torch.nn.Module):
         grid = self.conv(px).flatten(2).transpose(1, 2)                          # (B, 9, C)
         return grid / self.scale[0], self.pool(grid.flatten(1)) / self.scale[1]  # (B, 9, C), (B, C)
 
-    def save_pretrained(self, folder) -> None:
-        from safetensors.torch import save_file
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        Path(folder, "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        weights = {name: tensor.contiguous() for name, tensor in self.state_dict().items()}
-        save_file(weights, Path(folder, "model.safetensors"))
-
     @classmethod
     def from_pretrained(cls, folder) -> "TinyCNN":
-        """The frozen model of a folder written by save_pretrained (the caller's RNG is kept)."""
+        """The frozen model of a folder written by make_stand_ins.save_tiny_cnn (the caller's RNG is kept)."""
         from safetensors.torch import load_file
         with torch.random.fork_rng(devices=[]):  # the init that the loaded weights replace draws numbers
             model = cls(**json.loads(Path(folder, "config.json").read_text()))
@@ -997,19 +910,13 @@ def tiny_cnn_pixels(images: list, size: int = TINY_CNN_IMAGE_SIZE) -> torch.Tens
 
 @torch.no_grad()
 def _tiny_cnn_encode(model: TinyCNN, pooled: bool, images: list) -> np.ndarray:
-    with _one_thread():  # the same features whatever the caller's thread count
-        grid, vec = model(tiny_cnn_pixels(images, model.config["image_size"]))
-    return (vec[:, None] if pooled else grid).numpy()                                # (B, 1, C) or (B, 9, C)
-
-
-@contextlib.contextmanager
-def _one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the same features whatever the caller's thread count
     try:
-        yield
+        grid, vec = model(tiny_cnn_pixels(images, model.config["image_size"]))
     finally:
         torch.set_num_threads(threads)
+    return (vec[:, None] if pooled else grid).numpy()                                # (B, 1, C) or (B, 9, C)
 
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -1070,25 +977,7 @@ def _hf_encoder(encoder, model, *, layer, image_size, keep_cls, pooled, device, 
     return encode
 
 
-# ------------------------------------------------------------------------------ 4. Tokenizer for tiny models
-def build_tokenizer(words: Iterable[str] = None):
-    """Lower-case word-level PreTrainedTokenizerFast over the words of `words` (texts, any order; default
-    synthetic_vocab()), split on whitespace and punctuation; pad "<pad>" = 0, bos "<s>" = 1, eos "</s>" = 2,
-    unk "<unk>" = 3, none added automatically (like GPT-2). decode() joins tokens with spaces."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = synthetic_vocab() if words is None else words
-    found = {w for text in words for w in _TOKEN_RE.findall(text.lower())}
-    vocab = {w: i for i, w in enumerate(specials + sorted(found - set(specials)))}  # ids independent of order
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", model_max_length=512)
-
-
-# --------------------------------------------------------------------------------------- 5. Official metrics
+# --------------------------------------------------------------------------------------- 4. Official metrics
 # Official VQA normalisation (GT-Vision-Lab/VQA vqaEval.py), re-implemented.
 _NUMBERS = "zero one two three four five six seven eight nine ten".split()
 _MANUAL_MAP = {**{w: str(i) for i, w in enumerate(_NUMBERS)}, "none": "0"}
@@ -1125,20 +1014,16 @@ def _process_punctuation(text: str) -> str:
     return _PERIOD_STRIP.sub("", out)
 
 
-def _process_digit_article(text: str) -> str:
-    words = [_MANUAL_MAP.get(w, w) for w in text.lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
-
-
 def _clean(answer: str) -> str:
     """What the official evaluation does to every answer before comparing."""
     return answer.replace("\n", " ").replace("\t", " ").strip()
 
 
 def normalize_answer(ans: str) -> str:
-    """Official VQA answer normalisation (punctuation, number words, articles, contractions):
-    "Two" -> "2", "yes." -> "yes", "the dog" -> "dog", "dont" -> "don't"."""
-    return _process_digit_article(_process_punctuation(_clean(ans)))
+    """Official VQA answer normalisation (processPunctuation then processDigitArticle: number words, articles,
+    contractions): "Two" -> "2", "yes." -> "yes", "the dog" -> "dog", "dont" -> "don't"."""
+    words = [_MANUAL_MAP.get(w, w) for w in _process_punctuation(_clean(ans)).lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def _loo(k: int, n: int = 10) -> float:
@@ -1147,9 +1032,8 @@ def _loo(k: int, n: int = 10) -> float:
 
 
 def vqa_score(pred: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction: mean over the 10 leave-one-out subsets of min(#matches/3, 1)
-    (1, 2, 3, >=4 matches -> 0.3, 0.6, 0.9, 1.0). As the official vqaEval.py (master, 2021 fix): answers
-    are stripped, and normalised only when the annotators disagree; when they agree the match is exact."""
+    """Official VQA accuracy of one prediction (_loo: 1, 2, 3, >=4 matches -> 0.3, 0.6, 0.9, 1.0), as
+    vqaEval.py (2021 fix): answers stripped, normalised only if the annotators disagree, else exact match."""
     pred, gts = _clean(pred), [_clean(a) for a in answers]
     if len(set(gts)) > 1:
         pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
@@ -1157,8 +1041,7 @@ def vqa_score(pred: str, answers: Sequence[str]) -> float:
 
 
 def vqa_accuracy(preds: Sequence[str], records: Sequence[dict]) -> dict:
-    """{"overall": %, "yes/no": %, "number": %, "other": %}, 2 decimals as the official evaluation (only the
-    answer types present in `records`)."""
+    """{"overall": %, "yes/no": %, "number": %, "other": %} (the types present), 2 decimals as vqaEval.py."""
     if len(preds) != len(records):
         raise ValueError(f"vqa_accuracy: {len(preds)} predictions for {len(records)} records")
     scores = [vqa_score(p, r["answers"]) for p, r in zip(preds, records)]
@@ -1175,8 +1058,7 @@ _CAP_PUNCT = set("''`.?!,:;-()[]{}\"")
 
 
 def _caption_tokens(text: str) -> list[str]:
-    """Lower-cased tokens without punctuation, approximating the PTB tokenizer that the COCO
-    caption evaluation runs (split "n't" and "'s"-style clitics, drop punctuation tokens)."""
+    """Lower-cased tokens, clitics ("n't", "'s") split, punctuation tokens dropped."""
     # DEVIATION: COCO eval uses Stanford CoreNLP's PTBTokenizer (Java); this is a regex approximation.
     t = text.lower().replace("\n", " ")
     t = re.sub(r"(\w)n't\b", r"\1 n't", t)
@@ -1252,19 +1134,17 @@ def caption_metrics(preds: dict, refs: dict) -> dict:
     if missing or not preds:
         raise ValueError(f"caption_metrics: no references for ids {missing[:5]}" if missing else
                          "caption_metrics: no predictions")
-    ids = list(preds)
-    hyps = [_caption_tokens(preds[i]) for i in ids]
-    rs = [[_caption_tokens(r) for r in refs[i]] for i in ids]
+    hyps = [_caption_tokens(p) for p in preds.values()]
+    rs = [[_caption_tokens(r) for r in refs[i]] for i in preds]
     out = {f"BLEU-{k + 1}": 100 * b for k, b in enumerate(_bleu(hyps, rs))}
     out["CIDEr"] = 100 * _cider_d(hyps, rs)
     return out
 
 
 def scienceqa_accuracy(texts: Sequence[str], records: Sequence[dict]) -> dict:
-    """Accuracy of the generated texts (percent, 2 decimals) in the columns of MemVP's Table 2, scored as the
-    official evaluation: the first capital letter [A-Z] of the text is the answer (case-sensitive: "b" has
-    none); no capital letter, or a letter beyond the problem's choices, is wrong. Columns: average;
-    NAT / SOC / LAN; TXT (hint), IMG (image), NO (neither); G1-6 / G7-12 (if any)."""
+    """Accuracy (percent, 2 decimals) in the columns of MemVP's Table 2 (average; NAT / SOC / LAN; TXT (hint),
+    IMG (image), NO (neither); G1-6 / G7-12), as the official evaluation: the first capital letter [A-Z] of
+    the text is the answer; none ("b" has none), or a letter beyond the problem's choices, is wrong."""
     if len(texts) != len(records):
         raise ValueError(f"scienceqa_accuracy: {len(texts)} predictions for {len(records)} records")
     groups = {"NAT": lambda m: m["subject"] == "natural science",
@@ -1304,9 +1184,8 @@ def harmonic_mean(base: float, new: float) -> float:
 
 def answer_vocab(records: Sequence[dict], min_freq: int = 9) -> list[str]:
     """Classes of a VQA classifier head: the normalised answers that are the most common answer of >= min_freq
-    training questions (3129 for VQAv2 train+val with 9), by frequency, then alphabetically, each written
-    as its most frequent RAW form ("t-shirt", not "t shirt"): the official metric compares unanimous
-    answers exactly."""
+    training questions (3129 for VQAv2 train+val with 9), by frequency, then alphabetically, each as its most
+    frequent raw form ("t-shirt", not "t shirt"): the official metric compares unanimous answers exactly."""
     counts = Counter(normalize_answer(r["answer"]) for r in records)
     keep = sorted((a for a, c in counts.items() if c >= min_freq), key=lambda a: (-counts[a], a))
     raw: dict[str, Counter] = {a: Counter() for a in keep}
@@ -1334,7 +1213,7 @@ def _class_index(vocab: tuple) -> dict:
     return {normalize_answer(a): i for i, a in enumerate(vocab)}
 
 
-# -------------------------------------------------------------------------------------------- 6. DataLoaders
+# -------------------------------------------------------------------------------------------- 5. DataLoaders
 def _collate(batch):
     """Records stay a list of dicts; anything else goes through torch's default_collate."""
     if isinstance(batch[0], dict) and "task" in batch[0]:
@@ -1344,9 +1223,8 @@ def _collate(batch):
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                 collate_fn: Callable = None, num_workers: int = 0, drop_last: bool = False):
-    """DataLoader whose order depends only on (seed, epoch): a DistributedSampler(seed=seed), one replica
-    outside torch.distributed (each rank's shard padded by repetition). Call set_epoch(loader, e) before each
-    epoch; to resume mid-epoch, skip the batches already seen. Records stay lists; tensors are stacked."""
+    """DataLoader whose order depends only on (seed, epoch) (set_epoch): a DistributedSampler(seed=seed),
+    one replica outside torch.distributed (shards padded by repetition). Records stay lists of dicts."""
     from torch.utils.data import DataLoader, DistributedSampler
     rank, world = _rank_world()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
@@ -1357,11 +1235,10 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
 
 def set_epoch(loader, epoch: int) -> None:
     """Set the epoch of the loader's sampler (shuffling order = f(seed, epoch))."""
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
 
 
-# ------------------------------------------------ 7. For the scripts: value checks, counts, threads, seeds
+# ------------------------------------------------ 6. For the scripts: value checks, counts, threads, seeds
 def check_values(args, rules: dict) -> None:
     """For Args.__post_init__: the script's {flag: (rule, ok)}, the rules shared by the end of a flag's name
     (lr, dropout) and distinct integer --seeds; a value that breaks one is a UsageError."""

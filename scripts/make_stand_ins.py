@@ -14,13 +14,16 @@ folders ship with the repository.
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,6 +41,55 @@ def recipe(name: str):
     return register
 
 
+# --------------------------------------------------------- the synthetic world as text, the tiny tokenizer
+TOKEN_RE = re.compile(r"\w+|[^\w\s]+")  # = tokenizers' Whitespace pre-tokenizer
+CAPTION_WORDS = "there is an image with object objects the a and , . :"
+DESCRIBE = ("{objs}.", "there is {objs}.", "the image shows {objs}.", "{n}: {objs}.", "{sentences}.")
+
+
+def describe_scene(scene: dict, rng: Optional[np.random.Generator] = None) -> str:
+    """Every object's size, colour, shape and position, e.g. "a large red circle on the left and a small
+    blue square at the top."; with rng in varied order and wording. The tiny LMs read it as context."""
+    objs = list(scene["objects"])
+    form = 0
+    if rng is not None:
+        objs = [objs[i] for i in rng.permutation(len(objs))]
+        form = int(rng.integers(len(DESCRIBE)))
+    n, where = len(objs), data._WHERE
+    return DESCRIBE[form].format(
+        objs=data._join([data._a(f"{o['size']} {o['color']} {o['shape']} {where[o['pos']]}") for o in objs]),
+        n=f"{data._NUMWORD[n]} object{'s' if n > 1 else ''}",
+        sentences=data._join([f"the {o['size']} {o['color']} {o['shape']} is {where[o['pos']]}"
+                              for o in objs]))
+
+
+def synthetic_vocab() -> list[str]:
+    """Every word the synthetic world can produce (questions, answers, captions, descriptions), sorted."""
+    texts = [t for ts in data._Q_TEMPLATES.values() for t in ts] + list(data._WHERE.values())
+    texts += [*data._RELATIONS, CAPTION_WORDS, *DESCRIBE, " ".join(data._PLURAL.values()),
+              " ".join(data.SHAPES + data.COLORS + data.SIZES + data.POSITIONS + data._NUMWORD),
+              "yes no 0 1 2 3 4 5 6 7 8 9"]
+    words = {w for t in texts for w in TOKEN_RE.findall(re.sub(r"\{\w+\}", " ", t).lower())}
+    return sorted(words)
+
+
+def build_tokenizer(words: Iterable[str] = None):
+    """Lower-case word-level PreTrainedTokenizerFast over the words of `words` (texts, any order; default
+    synthetic_vocab()), split on whitespace and punctuation; pad "<pad>" = 0, bos "<s>" = 1, eos "</s>" = 2,
+    unk "<unk>" = 3, none added automatically (like GPT-2). decode() joins tokens with spaces."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = synthetic_vocab() if words is None else words
+    found = {w for text in words for w in TOKEN_RE.findall(text.lower())}
+    vocab = {w: i for i, w in enumerate(specials + sorted(found - set(specials)))}  # ids independent of order
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", unk_token="<unk>", model_max_length=512)
+
+
 # ------------------------------------------------------------------------------ the frozen tiny CNN (data.py)
 # DEVIATION (offline only): the papers' frozen towers (CLIP, an ImageNet-21k ViT) are pre-trained on real
 # images; the synthetic world's stand-in is a small CNN trained, supervised, to name the objects of scenes of
@@ -52,7 +104,15 @@ def make_tiny_cnn(folder: Path, steps: Optional[int]) -> None:
     torch.manual_seed(0)
     model = data.TinyCNN(data.TINY_CNN_WIDTH, data.TINY_CNN_IMAGE_SIZE)
     pretrain_tiny_cnn(model, **dict(TINY_CNN_RECIPE, steps=steps or TINY_CNN_RECIPE["steps"]))
-    model.save_pretrained(folder)
+    save_tiny_cnn(model, folder)
+
+
+def save_tiny_cnn(model: data.TinyCNN, folder) -> None:
+    """The folder data.TinyCNN.from_pretrained reads: config.json + model.safetensors."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, "config.json").write_text(json.dumps(model.config, indent=2) + "\n")
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              Path(folder, "model.safetensors"))
 
 
 def pretrain_tiny_cnn(model: data.TinyCNN, *, images, steps, batch, lr, world) -> None:
@@ -116,7 +176,7 @@ MEMVP_WORDS = ["Provide a one-sentence caption for the provided image.",  # memv
 
 def tiny_lm(arch: str, vocab: int, d: int, layers: int, ffn: int, heads: int, kv_heads: int = 0,
             t5_ffn: str = "relu", max_pos: int = 1024):
-    """Config-built LM, random weights (pad 0, bos 1, eos 2, as data.build_tokenizer). DEVIATION (tiny LMs):
+    """Config-built LM, random weights (pad 0, bos 1, eos 2, as build_tokenizer). DEVIATION (tiny LMs):
     init std d^-0.5 (T5's own) for BART and LLaMA too, not HF's 0.02: with 0.02 a width-64 LM barely moves its
     first layers in pre-training and never learns to read its context."""
     import transformers
@@ -145,7 +205,7 @@ def pretrain_texts(task: str, n_images: int) -> list:
     dataset = "shapes_caption" if task == "caption" else "shapes_vqa"
     recs = data.load_records(dataset, "train", world_seed=data.PRETRAIN_WORLD, split_sizes=sizes)
     recs = data.caption_pairs(recs) if task == "caption" else recs
-    return [((data.describe_scene(r["meta"]["scene"], rng) + " " if rng.random() < 0.5 else "")
+    return [((describe_scene(r["meta"]["scene"], rng) + " " if rng.random() < 0.5 else "")
              + (MEMVP_WORDS[0] if task == "caption" else r["question"]), r.get("caption", r.get("answer")))
             for r in recs]
 
@@ -159,7 +219,7 @@ def pretrain_memvp_lm(folder: Path, steps: Optional[int], arch: str, task: str =
     import memvp
     from tqdm import tqdm
     steps = 1000 if steps is None else steps
-    tok = tok or data.build_tokenizer(data.synthetic_vocab() + MEMVP_WORDS)
+    tok = tok or build_tokenizer(synthetic_vocab() + MEMVP_WORDS)
     transformers.set_seed(0)
     lm = tiny_lm(arch, len(tok), d, layers, 4 * d, max(1, d // 16), max(1, d // 32), t5_ffn).train()
     enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -211,7 +271,7 @@ def scienceqa_texts(task: str, n_images: int) -> list:
         others = sorted(pool[r["question_type"]] - {r["answer"]})
         choices = [str(c) for c in rng.permutation(others)[:int(rng.integers(1, 5))]] + [r["answer"]]
         choices = [choices[i] for i in rng.permutation(len(choices))]
-        context = data.describe_scene(r["meta"]["scene"], rng) if rng.random() < 0.5 else ""
+        context = describe_scene(r["meta"]["scene"], rng) if rng.random() < 0.5 else ""
         problem = {"question": r["question"], "context": context, "choices": choices, "meta": {"caption": ""},
                    "answer": "ABCDE"[choices.index(r["answer"])]}
         out.append(data.scienceqa_prompt(problem))
@@ -223,7 +283,7 @@ def make_tiny_llama_scienceqa(folder: Path, steps: Optional[int]) -> None:
     """The tiny LLaMA for --dataset scienceqa offline: its tokenizer keeps the option letters A-E upper-case
     (the official scorer reads the first capital letter) and it is pre-trained on scienceqa_texts."""
     from tokenizers import AddedToken
-    tok = data.build_tokenizer(data.synthetic_vocab() + MEMVP_WORDS + ["( )"])
+    tok = build_tokenizer(synthetic_vocab() + MEMVP_WORDS + ["( )"])
     tok.add_tokens([AddedToken(letter, single_word=True, normalized=False) for letter in "ABCDE"])
     pretrain_memvp_lm(folder, steps, "llama", tok=tok, texts=scienceqa_texts)
 
@@ -261,11 +321,11 @@ def routing_pretrain_texts(task: str, tok, rng) -> list[tuple[list[int], int]]:
     bos, eos = tok.bos_token_id, tok.eos_token_id
     if task == "caption":
         recs = data.load_records("shapes_caption", "train", world_seed=data.PRETRAIN_WORLD)
-        scene, caption = zip(*[(data.describe_scene(r["meta"]["scene"], rng) if rng.random() < 0.75 else "",
+        scene, caption = zip(*[(describe_scene(r["meta"]["scene"], rng) if rng.random() < 0.75 else "",
                                 c) for r in recs for c in r["captions"]])
         return [(s + [bos] + c + [eos], 0) for s, c in zip(enc(scene), enc(caption))]
     recs = data.load_records("shapes_vqa", "train", world_seed=data.PRETRAIN_WORLD)
-    scene = enc(data.describe_scene(r["meta"]["scene"], rng) for r in recs)
+    scene = enc(describe_scene(r["meta"]["scene"], rng) for r in recs)
     question, answer = enc(r["question"] for r in recs), enc(r["answer"] for r in recs)
     return [([bos] + s + [eos] + q + a + [eos], len(a)) for s, q, a in zip(scene, question, answer)]
 
@@ -311,7 +371,7 @@ def pretrain_routing_lm(name: str, steps: int, tok):
 @recipe("tiny-gpt2")
 def make_tiny_gpt2(folder: Path, steps: Optional[int] = None) -> None:
     """routing_bottleneck.py's captioning LM: tiny GPT-2 (64 wide, 2 layers), causal LM, 600 steps."""
-    tok = data.build_tokenizer()
+    tok = build_tokenizer()
     pretrain_routing_lm("tiny-gpt2", 600 if steps is None else steps, tok).save_pretrained(folder)
     tok.save_pretrained(folder)
 
@@ -319,7 +379,7 @@ def make_tiny_gpt2(folder: Path, steps: Optional[int] = None) -> None:
 @recipe("tiny-roberta")
 def make_tiny_roberta(folder: Path, steps: Optional[int] = None) -> None:
     """routing_bottleneck.py's VQA encoder: tiny RoBERTa (64 wide, 2 layers), masked LM, 3000 steps."""
-    tok = data.build_tokenizer()
+    tok = build_tokenizer()
     pretrain_routing_lm("tiny-roberta", 3000 if steps is None else steps, tok).save_pretrained(folder)
     tok.save_pretrained(folder)
 
@@ -370,7 +430,7 @@ def pretrain_tiny_blip2(folder: Path, steps: Optional[int], init: str) -> None:
     """ALL weights of the tiny BLIP-2 trained on four caption styles and four VQA families of
     data.PRETRAIN_WORLD (prefix_tuning.mix_records), interleaved; AdamW, linear warm-up and decay."""
     import prefix_tuning as pt
-    tok = data.build_tokenizer(data.synthetic_vocab() + BLIP2_PROMPT_WORDS)
+    tok = build_tokenizer(synthetic_vocab() + BLIP2_PROMPT_WORDS)
     torch.manual_seed(0)
     model, r = tiny_blip2(len(tok), init), dict(BLIP2_PRETRAIN, steps=steps or BLIP2_PRETRAIN["steps"])
     recs = pt.mix_records("train", data.PRETRAIN_WORLD)
@@ -457,7 +517,7 @@ def make_tiny_clip(folder: Path, steps: Optional[int], seed: int) -> None:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
     # the tokenizer puts "<s> ... <eot>" around each text: data.py's [EOS] is id 2, which HF's CLIPTextModel
     # reads as legacy "pool at argmax(id)"; <eot> is the last id
-    tok = data.build_tokenizer(["a an the of and is there photo image with on at in x , .", *data.COLORS,
+    tok = build_tokenizer(["a an the of and is there photo image with on at in x , .", *data.COLORS,
                                 *data.SHAPES, *data.SIZES, *data.POSITIONS])
     tok.add_special_tokens({"eos_token": "<eot>"})
     tok.backend_tokenizer.post_processor = TemplateProcessing(

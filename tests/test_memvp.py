@@ -432,7 +432,7 @@ def test_official_vqav2_with_local_llama_and_clip(tmp_path, capsys):
         (root / f"v2_OpenEnded_mscoco_{cs}_questions.json").write_text(json.dumps({"questions": qs}))
         (root / f"v2_mscoco_{cs}_annotations.json").write_text(json.dumps({"annotations": anns}))
     (root / "train2014" / "COCO_train2014_000000000004.jpg").write_bytes(b"not a jpeg")
-    tok = data.build_tokenizer(["what color is it ? red"])
+    tok = make_stand_ins.build_tokenizer(["what color is it ? red"])
     make_stand_ins.tiny_lm("llama", len(tok), 32, 1, 64, 2, 1).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     torch.manual_seed(0)
@@ -483,7 +483,7 @@ def test_bad_inputs(tmp_path, capsys):
     import transformers
     transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)
                                  ).save_pretrained(tmp_path / "gpt2")
-    data.build_tokenizer(["a"]).save_pretrained(tmp_path / "gpt2")
+    make_stand_ins.build_tokenizer(["a"]).save_pretrained(tmp_path / "gpt2")
     bad_model = small(tmp_path / "o1", "--model", str(tmp_path / "gpt2"))
     assert "cannot patch GPT2LMHeadModel" in run_bad(bad_model, capsys)
     bad_data = small(tmp_path / "o2", "--dataset", "vqav2", "--data_root", str(tmp_path / "no"))

@@ -35,7 +35,7 @@ def one_thread():
 def tiny(tmp_path_factory):
     """Checkpoint folders of a random tiny GPT-2 and RoBERTa (width 32, 1 layer) + the synthetic tokenizer,
     built by the stand-in recipes' model function -> {"caption": [--model, folder], "vqa": [...]}."""
-    folders, tok = {}, data.build_tokenizer()
+    folders, tok = {}, make_stand_ins.build_tokenizer()
     for task, name in (("caption", "tiny-gpt2"), ("vqa", "tiny-roberta")):
         folder = tmp_path_factory.mktemp(name)
         torch.manual_seed(0)
@@ -124,7 +124,7 @@ def tiny_model(task, method, kind, **kw):
     """A tiny VisualLM on a random frozen tiny LM (seed 0), r = 4, width 32, 2 layers -> (model, plain LM)."""
     a = rb.with_defaults(rb.Args(dataset="shapes_vqa" if task == "vqa" else "shapes_caption", r_bottleneck=4,
                                  **kw))
-    tok = data.build_tokenizer()
+    tok = make_stand_ins.build_tokenizer()
     torch.manual_seed(0)
     plain = make_stand_ins.tiny_gpt2_or_roberta(a.model.split("/")[-1], tok, 32, 2)
     answers = ["yes", "no", "red"] if task == "vqa" else []
@@ -322,10 +322,10 @@ def test_visual_map_per_batch_and_fitted_on_a_bounded_sample(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ end to end
 def test_pretraining_text_has_the_scene_in_context():
-    tok = data.build_tokenizer()
+    tok = make_stand_ins.build_tokenizer()
     first = data.load_records("shapes_vqa", "train", world_seed=data.PRETRAIN_WORLD)[0]
     ids, n_answer = make_stand_ins.routing_pretrain_texts("vqa", tok, np.random.default_rng(0))[0]
-    scene = rb.encode(tok, data.describe_scene(first["meta"]["scene"], np.random.default_rng(0)))
+    scene = rb.encode(tok, make_stand_ins.describe_scene(first["meta"]["scene"], np.random.default_rng(0)))
     assert ids[: len(scene)] == scene and tok.decode(ids[-1 - n_answer:-1]) == first["answer"]   # <s> scene </s>
     texts = make_stand_ins.routing_pretrain_texts("caption", tok, np.random.default_rng(0))     # [scene] <s> ...
     first = data.load_records("shapes_caption", "train", world_seed=data.PRETRAIN_WORLD)[0]
@@ -425,7 +425,7 @@ def test_real_formats_local_gpt2_and_vit(tmp_path):
     """COCO Karpathy files (dataset_coco.json + JPEGs), a local GPT-2 folder (+ tokenizer) and a local HF ViT
     tower whose pooled output (width 32 = GPT-2 width) is x_R, fed as it is."""
     from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel
-    tok = data.build_tokenizer()
+    tok = make_stand_ins.build_tokenizer()
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64,
                                bos_token_id=1, eos_token_id=2)).save_pretrained(tmp_path / "gpt2")
