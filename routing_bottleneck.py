@@ -75,29 +75,22 @@ ROUTINGS = {  # name -> routing function; a new one is an entry here and a branc
 
 def route(x_t: torch.Tensor, x_v: Optional[torch.Tensor], kind: str) -> torch.Tensor:
     """x_t (B, L, r) = W_down x_H, x_v (B, N, r) = W_down x_R -> routed bottleneck feature (B, L, r).
-
-    For N = 1 (pooled visual feature) this matches the released code exactly. For the fused GPT-2
-    c_attn the bottleneck holds the q and v parts side by side (r' = 2r) and, as in the released
-    code, the routing runs over that whole 2r-dim bottleneck.
-    """
+    GPT-2's fused c_attn holds q and v side by side (r' = 2r): as released, routing spans all 2r dims."""
     if kind == "none":
         return x_t                                       # plain LoRA / Adapter
     if kind == "xtxvTxv":
         # x_t (x_v)^T x_v: (B, L, r) @ (B, r, N) @ (B, N, r); for N = 1 it is <x_t, x_v> x_v.
-        # DEVIATION (N > 1 only): the released code uses x_v.reshape(B, r, N), which equals the
-        # transpose only for N = 1; we use the transpose, i.e. the formula as written.
+        # DEVIATION (N > 1 only): released x_v.reshape(B, r, N) is the transpose only for N = 1; we transpose.
         return (x_t @ x_v.transpose(1, 2)) @ x_v
-    # x'_v: the visual bottleneck row broadcast over the L text tokens, (B, 1, r).
-    # DEVIATION (N > 1 only): the released code only runs these with N = 1; for grid features we
-    # mean-pool the N visual rows inside the bottleneck (still linear and parameter-free).
+    # x'_v (B, 1, r): the visual row, broadcast over the L text tokens. DEVIATION (N > 1 only): released code
+    # runs these with N = 1 only; for grid features we mean-pool the N rows (still linear, parameter-free).
     x_v1 = x_v if x_v.size(1) == 1 else x_v.mean(1, keepdim=True)
     if kind == "mul":
         return x_t * x_v1                                # x_t o x'_v (element-wise)
     if kind == "add":
         return x_t + x_v1                                # x_t + x'_v
     if kind == "xtxv2":
-        # x_t x''_v: x''_v is the r x r matrix whose every row is x'_v, so
-        # (x_t x''_v)[l, j] = (sum_k x_t[l, k]) * x'_v[j].
+        # x''_v: the r x r matrix whose every row is x'_v, so (x_t x''_v)[l, j] = (sum_k x_t[l, k]) * x'_v[j]
         return x_t @ x_v1.expand(-1, x_t.size(-1), -1)
     raise ValueError(f"route has no branch for the routing function {kind!r}")
 
@@ -135,12 +128,9 @@ class RoutedLoRA(nn.Module):
 
 class RoutedAdapter(nn.Module):
     """Adapter with routing:  h = x_H + W_up act(route(W_down x_H, W_down x_R))  (W_down, W_up with biases).
-
-    residual=False is the released RoBERTa Adapter (add_res off in the VQA script): h = W_up act(...) replaces
-    the sub-layer's output, W_up keeps PyTorch's init. DEVIATION: residual=True for RoBERTa too (as GPT-2),
-    chosen by measurement on the pre-trained tiny RoBERTa (3 seeds): with it every routing beats the plain
-    adapter by 2.1-4.2 VQA points; without it they shrink to +0.2-1.2 or turn into losses (RESULTS.md).
-    """
+    residual=False is the released RoBERTa Adapter (add_res off): h = W_up act(...) replaces the sub-layer's
+    output. DEVIATION: residual=True for RoBERTa too (as GPT-2), measured on the tiny RoBERTa (3 seeds): every
+    routing then beats the plain adapter by 2.1-4.2 VQA points; without it +0.2-1.2 or losses (RESULTS.md)."""
 
     def __init__(self, d, r, act, kind, ctx, residual=True):
         super().__init__()
@@ -167,12 +157,9 @@ def merge_lora(lm: nn.Module) -> nn.Module:
         if isinstance(m, RoutedLoRA):
             if m.kind != "none":
                 raise UsageError(f"{name}: LoRA with routing {m.kind!r} cannot be merged (it depends on x_R)")
+            weight = m.base.weight.t() if isinstance(m.base, Conv1D) else m.base.weight    # (d_out, d_in)
             for i, (a, b) in enumerate(m.slices):
-                delta = m.scaling * m.lora_B[i] @ m.lora_A[i * m.r:(i + 1) * m.r]     # (d_slice, d_in)
-                if isinstance(m.base, Conv1D):                                   # GPT-2: weight is (in, out)
-                    m.base.weight[:, a:b] += delta.t()
-                else:
-                    m.base.weight[a:b] += delta
+                weight[a:b] += m.scaling * m.lora_B[i] @ m.lora_A[i * m.r:(i + 1) * m.r]  # (d_slice, d_in)
             parent, child = name.rsplit(".", 1)
             setattr(lm.get_submodule(parent), child, m.base)
     return lm
@@ -180,9 +167,7 @@ def merge_lora(lm: nn.Module) -> nn.Module:
 
 def in_out(m: nn.Module) -> tuple[int, int]:
     """(d_in, d_out) of an nn.Linear, or of GPT-2's Conv1D (a Linear with its weight stored as (in, out))."""
-    if isinstance(m, Conv1D):
-        return m.nx, m.nf
-    return m.in_features, m.out_features
+    return (m.nx, m.nf) if isinstance(m, Conv1D) else (m.in_features, m.out_features)
 
 
 # --- 2. Patching a Hugging Face LM (module names as in transformers' sources) -------------------------------
@@ -204,8 +189,7 @@ def lm_family(lm) -> str:
 
 
 def patch_lm(lm, method, r, kind, ctx, dropout=0.0, residual=True):
-    """Freeze lm; LoRA on q and v (alpha = r, as released) or adapters after the sub-layers.
-    -> (family, adapters)"""
+    """Freeze lm; LoRA on q and v (alpha = r, as released) or adapters after the sub-layers -> adapters."""
     fam, adapters, shared = lm_family(lm), nn.ModuleList(), {}
     lm.requires_grad_(False)
     pattern = (LORA_AT if method == "lora" else ADAPTER_AT)[fam]
@@ -223,7 +207,7 @@ def patch_lm(lm, method, r, kind, ctx, dropout=0.0, residual=True):
             slices = [(0, d // 3), (2 * d // 3, d)] if fam == "gpt2" else [(0, d)]
             parent, child = name.rsplit(".", 1)
             setattr(lm.get_submodule(parent), child, RoutedLoRA(base, slices, r, r, kind, ctx, dropout))
-    return fam, adapters
+    return adapters
 
 
 class VisualLM(nn.Module):
@@ -255,7 +239,7 @@ def build_model(a: Args, p: Prepared, method: str, kind: str) -> VisualLM:
     torch.manual_seed(a.seed)                                  # the same PEFT init for every routing kind
     lm, ctx = type(p.lm)(p.lm.config), VisualContext()
     lm.load_state_dict(p.lm.state_dict())
-    adapters = patch_lm(lm, method, rank_of(a, method), kind, ctx, a.lora_dropout, a.adapter_residual)[1]
+    adapters = patch_lm(lm, method, rank_of(a, method), kind, ctx, a.lora_dropout, a.adapter_residual)
     return VisualLM(lm, p.task, ctx, adapters, len(p.answers))
 
 
@@ -271,6 +255,9 @@ def expected_trainable(model: VisualLM) -> int:
 
 
 # --- 3. Data: records -> frozen visual features x_R + token ids (data.py) -----------------------------------
+FIT_ROWS = 100_000  # the visual map is fitted on at most this many train feature rows
+
+
 @dataclasses.dataclass
 class VisualMap:
     """x_R of a batch from the cached vision features (B, N, C) -- the cache stays memory-mapped and only the
@@ -282,9 +269,6 @@ class VisualMap:
         x = feats[rows].float()                                                   # (B, N, C)
         x = x if self.norm is None else x @ self.norm                             # (B, N, d)
         return (x if self.mean is None else x - self.mean).to(device)
-
-
-FIT_ROWS = 100_000  # the visual map is fitted on at most this many train feature rows
 
 
 def fit_visual_map(feats: torch.Tensor, width: int, center: bool) -> VisualMap:
@@ -325,23 +309,6 @@ class Prepared:
     targets: Optional[torch.Tensor] = None           # VQA: soft scores (train examples, #answers)
 
 
-def load_lm(a: Args, task: str, device):
-    """The frozen LM and tokenizer of --model (a hub id or folder, stand_ins/ included) -> (tok, lm)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    transformers.utils.logging.disable_progress_bar()  # stderr: the run's own messages (one line on error)
-    try:
-        tok = AutoTokenizer.from_pretrained(data.model_path(a.model))
-        lm = (AutoModel if task == "vqa" else AutoModelForCausalLM).from_pretrained(data.model_path(a.model))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load model {a.model!r} ({str(e).splitlines()[0]})") from None
-    if (task == "vqa") != (lm_family(lm) == "roberta"):
-        raise UsageError(f"{a.model} ({lm_family(lm)}) does not fit {a.dataset}: captions: GPT-2/LLaMA, "
-                         "VQA: RoBERTa")
-    tok.pad_token = tok.pad_token or tok.eos_token
-    pin_threads(lm, device)
-    return tok, lm.eval()
-
-
 def visual_features(a: Args, records, split: str, train: bool, device):
     """-> (records, feats (images, N, C) memory-mapped, rows); unreadable train images drop their records."""
     cache = os.path.join(a.cache_dir or data.cache_dir(), "features")
@@ -361,16 +328,29 @@ def encode(tok, text: str, max_len: int = 50) -> list[int]:
 
 
 def prepare(a: Args, device) -> Prepared:
+    """The records, the frozen LM of --model (a hub id or folder, stand_ins/ included), token ids, features."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     task = TASK[a.dataset]
     train = data.load_records(a.dataset, "train", a.data_root, limit=a.train_limit)
     evals = data.load_records(a.dataset, a.eval_split, a.data_root, limit=a.eval_limit)
-    tok, lm = load_lm(a, task, device)
+    transformers.utils.logging.disable_progress_bar()  # stderr: the run's own messages (one line on error)
+    try:
+        path = data.model_path(a.model)
+        tok = AutoTokenizer.from_pretrained(path)
+        lm = (AutoModel if task == "vqa" else AutoModelForCausalLM).from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {a.model!r} ({str(e).splitlines()[0]})") from None
+    if (task == "vqa") != (lm_family(lm) == "roberta"):
+        raise UsageError(f"{a.model} ({lm_family(lm)}) does not fit {a.dataset}: captions: GPT-2/LLaMA, "
+                         "VQA: RoBERTa")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    pin_threads(lm, device)
     if task == "caption":
         train = data.caption_pairs(train)                    # one example per (image, caption)
     train, feats_train, rows = visual_features(a, train, "train", True, device)
     feats_eval, rows_eval = visual_features(a, evals, a.eval_split, False, device)[1:]
     visual = fit_visual_map(feats_train, lm.config.hidden_size, a.center_visual)
-    p = Prepared(task, tok, lm, feats_train, [], feats_eval, rows_eval, evals, visual)
+    p = Prepared(task, tok, lm.eval(), feats_train, [], feats_eval, rows_eval, evals, visual)
     text = [r["caption"] if task == "caption" else r["question"] for r in train]
     p.train = [(int(rows[i]), encode(tok, t), i) for i, t in enumerate(text)]
     if task == "vqa":
@@ -443,7 +423,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
             data.set_epoch(loader, epoch)      # order = f(seed, epoch): a resumed run skips the seen batches
             for items in itertools.islice(loader, skip, None):
                 with whole_step():
-                    with autocast(device):
+                    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                         loss = loss_fn(net, p, items, device)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: "
@@ -475,11 +455,6 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     return res, model
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def generate(model: VisualLM, p: Prepared, x_r, num_beams) -> list[str]:
     """Captions for visual features x_r (B, N, d) from the prefix [x_R, <s>] (at most 30 tokens)."""
@@ -501,7 +476,7 @@ def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> 
     model.eval()
     for s in tqdm(range(0, len(recs), bs), desc="eval", leave=False, disable=rank > 0):
         x_r = p.visual(p.feats_eval, p.rows_eval[s: s + bs], device)
-        with autocast(device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):  # bf16 on CUDA
             if p.task == "caption":
                 preds += generate(model, p, x_r, a.num_beams)
             else:
@@ -518,17 +493,6 @@ def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> 
     m = data.caption_metrics({r["image_id"]: c for r, c in zip(p.eval_records, preds)},
                              {r["image_id"]: r["captions"] for r in p.eval_records})
     return {"BLEU-4": m["BLEU-4"], "CIDEr": m["CIDEr"], "example": preds[0]}
-
-
-def export_merged(model: VisualLM, p: Prepared, out: str) -> None:
-    """LoRA (routing none) folded into the LM: a plain Hugging Face checkpoint + tokenizer, and
-    visual_prefix.pt (the frozen map of the vision feature to x_R; the VQA head and its answers)."""
-    merge_lora(model.lm).save_pretrained(out)
-    p.tok.save_pretrained(out)
-    head = None if model.head is None else model.head.state_dict()
-    torch.save({"norm": p.visual.norm, "mean": p.visual.mean, "head": head, "answers": p.answers},
-               os.path.join(out, "visual_prefix.pt"))
-    print(f"merged LoRA model written to {out}", file=sys.stderr)
 
 
 # Flags: one `arg` per field of `Args`, read by transformers.HfArgumentParser (run_cli, last in the file)
@@ -691,7 +655,13 @@ def run(a: Args) -> dict:
                                world)
         results.append(res)
         if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
-            export_merged(model, p, a.export_merged)
+            # a plain HF checkpoint + tokenizer, and the frozen map to x_R, the VQA head and its answers
+            merge_lora(model.lm).save_pretrained(a.export_merged)
+            p.tok.save_pretrained(a.export_merged)
+            head = None if model.head is None else model.head.state_dict()
+            torch.save({"norm": p.visual.norm, "mean": p.visual.mean, "head": head, "answers": p.answers},
+                       os.path.join(a.export_merged, "visual_prefix.pt"))
+            print(f"merged LoRA model written to {a.export_merged}", file=sys.stderr)
     out = {"task": p.task, "runs": results, "args": dataclasses.asdict(a)}
     if rank == 0:
         if not a.eval_only:
