@@ -18,8 +18,7 @@ Poster -> code
 
 As released: frozen ViT pooled feature; GPT-2 captioning (LoRA on q, v of c_attn; adapters after attention
 and MLP; beam search); RoBERTa VQA as classification (frozen pooler on the visual token, 2-layer head, BCE).
-Offline (shapes_*): the stand-ins stand_ins/tiny-gpt2 and stand_ins/tiny-roberta (scripts/make_stand_ins.py)
-and data.py's tiny-cnn features.
+Offline (shapes_*): stand_ins/tiny-gpt2 and tiny-roberta (scripts/make_stand_ins.py), data.py's tiny-cnn.
 
   python routing_bottleneck.py                                  # tiny GPT-2 captions: LoRA none vs x_t o x'_v
   python routing_bottleneck.py --compare --seeds 0,1,2          # LoRA and Adapter x 5 routings, 3 seeds
@@ -309,17 +308,6 @@ class Prepared:
     targets: Optional[torch.Tensor] = None           # VQA: soft scores (train examples, #answers)
 
 
-def visual_features(a: Args, records, split: str, train: bool, device):
-    """-> (records, feats (images, N, C) memory-mapped, rows); unreadable train images drop their records."""
-    cache = os.path.join(a.cache_dir or data.cache_dir(), "features")
-    feats, rows, missing = data.extract_features(
-        records, a.vision, dataset=a.dataset, split=split, train=train, pooled=a.visual_tokens == "pooled",
-        image_size=a.image_size, device=str(device), cache_dir=cache)
-    if train:
-        records, rows = data.drop_missing(records, rows, missing)
-    return records, feats, torch.as_tensor(rows).long()
-
-
 def encode(tok, text: str, max_len: int = 50) -> list[int]:
     """<s> text </s> (CLS/SEP or GPT-2's <|endoftext|> where there is no <s>); released max length 50."""
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
@@ -328,7 +316,7 @@ def encode(tok, text: str, max_len: int = 50) -> list[int]:
 
 
 def prepare(a: Args, device) -> Prepared:
-    """The records, the frozen LM of --model (a hub id or folder, stand_ins/ included), token ids, features."""
+    """The records, the frozen LM of --model (a hub id or folder, stand_ins/ too), token ids, features."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     task = TASK[a.dataset]
     train = data.load_records(a.dataset, "train", a.data_root, limit=a.train_limit)
@@ -347,8 +335,12 @@ def prepare(a: Args, device) -> Prepared:
     pin_threads(lm, device)
     if task == "caption":
         train = data.caption_pairs(train)                    # one example per (image, caption)
-    train, feats_train, rows = visual_features(a, train, "train", True, device)
-    feats_eval, rows_eval = visual_features(a, evals, a.eval_split, False, device)[1:]
+    features = dict(dataset=a.dataset, pooled=a.visual_tokens == "pooled", image_size=a.image_size,
+                    device=str(device), cache_dir=os.path.join(a.cache_dir or data.cache_dir(), "features"))
+    feats_train, rows, missing = data.extract_features(train, a.vision, split="train", train=True, **features)
+    train, rows = data.drop_missing(train, rows, missing)       # unreadable images drop their records
+    feats_eval, rows_eval, _ = data.extract_features(evals, a.vision, split=a.eval_split, train=False,
+                                                     **features)
     visual = fit_visual_map(feats_train, lm.config.hidden_size, a.center_visual)
     p = Prepared(task, tok, lm.eval(), feats_train, [], feats_eval, rows_eval, evals, visual)
     text = [r["caption"] if task == "caption" else r["question"] for r in train]
@@ -565,8 +557,7 @@ class Args:
     train_limit: Optional[int] = arg(None, "use only the first N train records")
     eval_split: str = arg("test", "split of the final evaluation (Karpathy test for COCO)", eval_only=True)
     eval_limit: Optional[int] = arg(None, "evaluate only the first N records", eval_only=True)
-    num_beams: Optional[int] = arg(None, f"beam size for captions ({by_dataset('num_beams')})",
-                                   eval_only=True)
+    num_beams: Optional[int] = arg(None, f"caption beam size ({by_dataset('num_beams')})", eval_only=True)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
     seed: int = arg(0, "seed of the PEFT init and the data order")
     seeds: Optional[str] = arg(None, "comma list: run each seed (out_dir/seed<N>), table of mean ± std")
@@ -574,8 +565,7 @@ class Args:
     resume: bool = arg(False, "continue from the checkpoints in out_dir")
     overwrite: bool = arg(False, "replace a finished run in out_dir")
     eval_only: bool = arg(False, "evaluate the checkpoints in out_dir without training")
-    export_merged: Optional[str] = arg(None, "folder: the LoRA (routing none) model merged into the LM",
-                                       eval_only=True)
+    export_merged: Optional[str] = arg(None, "folder: LoRA (routing none) merged into the LM", eval_only=True)
     epochs: Optional[int] = arg(None, f"training epochs ({by_dataset('epochs')})")
     max_steps: Optional[int] = arg(None, "stop after N steps (the LR schedule still spans --epochs)")
     batch_size: Optional[int] = arg(None, f"batch size per process ({by_dataset('batch_size')})")
@@ -588,15 +578,14 @@ class Args:
     def __post_init__(self):
         kinds = self.kinds.split(",")
         bad = [k for k in kinds if k not in ROUTINGS] + [k for i, k in enumerate(kinds) if k in kinds[:i]]
-        at_least_1 = (">= 1", lambda v: v >= 1)
+        positive = (">= 1", lambda v: v >= 1)
         check_values(self, {
             "dataset": (f"one of {', '.join(TASK)}", lambda v: v in TASK),
             "method": ("lora, adapter or both", lambda v: v in ("lora", "adapter", "both")),
             "kinds": (f"distinct names of {','.join(ROUTINGS)}; unknown or repeated: {bad}",
                       lambda v: not bad),
             "visual_tokens": ("pooled or grid", lambda v: v in ("pooled", "grid")),
-            "epochs": at_least_1, "batch_size": at_least_1, "r_bottleneck": at_least_1,
-            "num_beams": at_least_1,
+            "epochs": positive, "batch_size": positive, "r_bottleneck": positive, "num_beams": positive,
             "max_steps": (">= 0", lambda v: v >= 0), "num_workers": (">= 0", lambda v: v >= 0),
             "warmup": ("a number >= 0", lambda v: 0 <= v < math.inf),
             "export_merged": ("given with a LoRA run with routing none (a routed LoRA cannot be merged)",
@@ -667,9 +656,8 @@ def run(a: Args) -> dict:
         if not a.eval_only:
             Path(a.out_dir, "results.json").write_text(json.dumps(out, indent=2))
         r = f"{rank_of(a, 'lora')}/{rank_of(a, 'adapter')}" if a.method == "both" else rank_of(a, a.method)
-        steps = max(x["steps"] for x in results)
-        print(f"{a.dataset}, {a.model} + {a.vision}, r={r}, {steps} steps/run, {len(p.eval_records)} "
-              f"{a.eval_split} records, seed(s) {a.seeds or a.seed}")
+        print(f"{a.dataset}, {a.model} + {a.vision}, r={r}, {max(x['steps'] for x in results)} steps/run, "
+              f"{len(p.eval_records)} {a.eval_split} records, seed(s) {a.seeds or a.seed}")
         print(table(results, p.task))
         print(f"time: {time.time() - t0:.1f}s")
     return out
