@@ -372,9 +372,10 @@ def loss_fn(model, p: Prepared, items: list, device) -> torch.Tensor:
 
 
 # --- 4. Training and evaluation -----------------------------------------------------------------------------
-def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
+def train_run(a: Args, p: Prepared, method, kind, device, rank, world):
     """Train one (method, routing) on the shared data and budget (--resume: continue it; --eval_only: load
     its checkpoint), then evaluate it -> (results, model)."""
+    run_dir = os.path.join(a.out_dir, *([f"seed{a.seed}"] if a.seeds else []), f"{method}-{kind}")
     ckpt, done = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "results.json")
     os.makedirs(run_dir, exist_ok=True)
     if a.resume and os.path.isfile(done) and not a.export_merged:    # a complete run is not repeated
@@ -639,9 +640,7 @@ def run(a: Args) -> dict:
     methods = ["lora", "adapter"] if a.method == "both" else [a.method]
     results = []
     for seed, method, kind in itertools.product(seeds, methods, a.kinds.split(",")):
-        run_dir = os.path.join(a.out_dir, *([f"seed{seed}"] if a.seeds else []), f"{method}-{kind}")
-        res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, run_dir, device, rank,
-                               world)
+        res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, device, rank, world)
         results.append(res)
         if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
             # a plain HF checkpoint + tokenizer, and the frozen map to x_R, the VQA head and its answers
