@@ -58,11 +58,7 @@ import data
 
 
 # --- 1. The method: routing functions and the two PEFT modules ----------------------------------------------
-class Routing(NamedTuple):
-    label: str      # in the results table (the poster's notation in ASCII)
-    formula: str    # in --help (the poster's notation)
-
-
+Routing = NamedTuple("Routing", [("label", str), ("formula", str)])  # label: table (ASCII), formula: --help
 ROUTINGS = {  # name -> routing function; a new one is an entry here and a branch in `route`
     "none": Routing("None", "x_t"),
     "mul": Routing("x_t o x'_v", "x_t∘x'_v"),
@@ -108,10 +104,9 @@ class RoutedLoRA(nn.Module):
         super().__init__()
         self.base, self.slices, self.r, self.kind, self.ctx = base, slices, r, kind, ctx
         self.scaling, self.drop = alpha / r, nn.Dropout(dropout)
-        # LoRA's init: W_down kaiming-uniform, W_up = 0, so h = W x_H when training starts.
         self.lora_A = nn.Parameter(torch.empty(len(slices) * r, in_out(base)[0]))
         self.lora_B = nn.Parameter(torch.zeros(len(slices), slices[0][1] - slices[0][0], r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # LoRA's init; W_up = 0: h = W x_H at start
 
     def forward(self, x):
         x_t = self.drop(x) @ self.lora_A.t()                                          # (B, L, k r)
@@ -159,8 +154,7 @@ def merge_lora(lm: nn.Module) -> nn.Module:
             weight = m.base.weight.t() if isinstance(m.base, Conv1D) else m.base.weight    # (d_out, d_in)
             for i, (a, b) in enumerate(m.slices):
                 weight[a:b] += m.scaling * m.lora_B[i] @ m.lora_A[i * m.r:(i + 1) * m.r]  # (d_slice, d_in)
-            parent, child = name.rsplit(".", 1)
-            setattr(lm.get_submodule(parent), child, m.base)
+            lm.set_submodule(name, m.base)
     return lm
 
 
@@ -204,8 +198,7 @@ def patch_lm(lm, method, r, kind, ctx, dropout=0.0, residual=True):
         else:                     # GPT-2's c_attn computes [q | k | v]: LoRA on q and v (enable_lora=[T,F,T])
             d = in_out(base)[1]
             slices = [(0, d // 3), (2 * d // 3, d)] if fam == "gpt2" else [(0, d)]
-            parent, child = name.rsplit(".", 1)
-            setattr(lm.get_submodule(parent), child, RoutedLoRA(base, slices, r, r, kind, ctx, dropout))
+            lm.set_submodule(name, RoutedLoRA(base, slices, r, r, kind, ctx, dropout))
     return adapters
 
 
@@ -271,8 +264,7 @@ class VisualMap:
 
 
 def fit_visual_map(feats: torch.Tensor, width: int, center: bool) -> VisualMap:
-    """The frozen map, fitted on all train feature rows, or on a seeded sample of FIT_ROWS of them when there
-    are more (grid features of a large dataset): the memory it takes is bounded, whatever the dataset."""
+    """The frozen map, fitted on the train feature rows (a seeded sample of FIT_ROWS if more: bounded)."""
     flat = feats.reshape(-1, feats.size(-1))                                      # (rows, C)
     if len(flat) > FIT_ROWS:
         pick = torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:FIT_ROWS]
@@ -373,8 +365,7 @@ def loss_fn(model, p: Prepared, items: list, device) -> torch.Tensor:
 
 # --- 4. Training and evaluation -----------------------------------------------------------------------------
 def train_run(a: Args, p: Prepared, method, kind, device, rank, world):
-    """Train one (method, routing) on the shared data and budget (--resume: continue it; --eval_only: load
-    its checkpoint), then evaluate it -> (results, model)."""
+    """Train one (method, routing) (--resume: continue; --eval_only: load), evaluate -> (results, model)."""
     run_dir = os.path.join(a.out_dir, *([f"seed{a.seed}"] if a.seeds else []), f"{method}-{kind}")
     ckpt, done = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "results.json")
     os.makedirs(run_dir, exist_ok=True)
@@ -463,8 +454,7 @@ def generate(model: VisualLM, p: Prepared, x_r, num_beams) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> dict:
-    """On rank 0 (the others wait): BLEU-4 and CIDEr of the beam-search captions, or the official VQA
-    accuracy of the arg-max answers."""
+    """On rank 0 (others wait): BLEU-4, CIDEr of beam-search captions, or VQA accuracy of arg-max answers."""
     recs, preds, bs = p.eval_records if rank == 0 else [], [], max(1, a.batch_size)
     model.eval()
     for s in tqdm(range(0, len(recs), bs), desc="eval", leave=False, disable=rank > 0):
