@@ -344,10 +344,8 @@ def prepare(a: Args, device) -> Prepared:
 
 
 def pad(seqs, value):
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    ids = nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True, padding_value=value)
+    mask = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True)
     return ids, mask
 
 
