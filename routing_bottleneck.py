@@ -100,11 +100,11 @@ class RoutedLoRA(nn.Module):
     `slices`: the output columns LoRA writes to (all, or the q and v thirds of GPT-2's fused c_attn);
     W_down stacks one r x d_in block per slice (routed together), W_up is one d_slice x r block per slice."""
 
-    def __init__(self, base, slices, r, alpha, kind, ctx, dropout=0.0):
+    def __init__(self, base, d_in, slices, r, alpha, kind, ctx, dropout=0.0):
         super().__init__()
         self.base, self.slices, self.r, self.kind, self.ctx = base, slices, r, kind, ctx
         self.scaling, self.drop = alpha / r, nn.Dropout(dropout)
-        self.lora_A = nn.Parameter(torch.empty(len(slices) * r, in_out(base)[0]))
+        self.lora_A = nn.Parameter(torch.empty(len(slices) * r, d_in))
         self.lora_B = nn.Parameter(torch.zeros(len(slices), slices[0][1] - slices[0][0], r))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # LoRA's init; W_up = 0: h = W x_H at start
 
@@ -158,11 +158,6 @@ def merge_lora(lm: nn.Module) -> nn.Module:
     return lm
 
 
-def in_out(m: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear, or of GPT-2's Conv1D (a Linear with its weight stored as (in, out))."""
-    return (m.nx, m.nf) if isinstance(m, Conv1D) else (m.in_features, m.out_features)
-
-
 # --- 2. Patching a Hugging Face LM (module names as in transformers' sources) -------------------------------
 LORA_AT = {"gpt2": r"\.attn\.c_attn$", "llama": r"\.self_attn\.(q_proj|v_proj)$",
            "roberta": r"\.attention\.self\.(query|value)$"}
@@ -196,9 +191,9 @@ def patch_lm(lm, method, r, kind, ctx, dropout=0.0, residual=True):
                 adapters.append(shared[block])
             base.register_forward_hook(lambda _m, _x, out, adapter=shared[block]: adapter(out))  # new output
         else:                     # GPT-2's c_attn computes [q | k | v]: LoRA on q and v (enable_lora=[T,F,T])
-            d = in_out(base)[1]
-            slices = [(0, d // 3), (2 * d // 3, d)] if fam == "gpt2" else [(0, d)]
-            lm.set_submodule(name, RoutedLoRA(base, slices, r, r, kind, ctx, dropout))
+            d_out, d_in = base.weight.t().shape if isinstance(base, Conv1D) else base.weight.shape
+            slices = [(0, d_out // 3), (2 * d_out // 3, d_out)] if fam == "gpt2" else [(0, d_out)]
+            lm.set_submodule(name, RoutedLoRA(base, d_in, slices, r, r, kind, ctx, dropout))
     return adapters
 
 
@@ -238,7 +233,7 @@ def build_model(a: Args, p: Prepared, method: str, kind: str) -> VisualLM:
 def expected_trainable(model: VisualLM) -> int:
     """The method's count: LoRA k r (d_in + d_slice) per layer, Adapter 2 d r + r + d, the VQA head."""
     d = model.lm.config.hidden_size
-    n = sum(len(m.slices) * m.r * (in_out(m.base)[0] + m.slices[0][1] - m.slices[0][0])
+    n = sum(len(m.slices) * m.r * (m.lora_A.size(1) + m.slices[0][1] - m.slices[0][0])
             for m in model.lm.modules() if isinstance(m, RoutedLoRA))
     n += sum(2 * d * m.down.out_features + m.down.out_features + d for m in model.adapters)
     if model.head is not None:                                 # Linear(d, 2d), LayerNorm(2d), Linear(2d, A)
@@ -271,9 +266,8 @@ def fit_visual_map(feats: torch.Tensor, width: int, center: bool) -> VisualMap:
         flat = flat[pick.sort().values]
     flat, m = flat.float(), VisualMap()
     if flat.size(1) != width:
-        # DEVIATION (vision width C != LM width d only): the paper feeds the ViT pooled output as it is (ViT-B
-        # width = GPT-2 width); here x is mapped on its top-d directions (SVD of the train features, not
-        # centred, so the mean feature is kept; random directions if there are too few), unit RMS; frozen.
+        # DEVIATION (C != d only): the paper feeds the ViT pooled output as it is (ViT-B width = GPT-2 width);
+        # here its top-d directions (uncentred SVD: the mean feature is kept; random if too few), unit RMS.
         if min(flat.shape) >= width:
             norm = torch.linalg.svd(flat, full_matrices=False)[2][:width].T                   # (C, d)
         else:
@@ -437,7 +431,6 @@ def train_run(a: Args, p: Prepared, method, kind, device, rank, world):
     return res, model
 
 
-@torch.no_grad()
 def generate(model: VisualLM, p: Prepared, x_r, num_beams) -> list[str]:
     """Captions for visual features x_r (B, N, d) from the prefix [x_R, <s>] (at most 30 tokens)."""
     bos, eos = encode(p.tok, "")
