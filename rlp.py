@@ -458,7 +458,7 @@ def setup_device(device: str):
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, decay="cosine", constant_warmup=None):
-    """Warm-up (linear, or CoOp's constant factor `constant_warmup` x lr), then cosine or linear decay to 0."""
+    """Warm-up (linear, or CoOp's constant: constant_warmup x lr), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if constant_warmup is None else constant_warmup

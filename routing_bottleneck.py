@@ -18,8 +18,7 @@ Poster -> code
 
 As released: frozen ViT pooled feature; GPT-2 captioning (LoRA on q, v of c_attn; adapters after attention
 and MLP; beam search); RoBERTa VQA as classification (frozen pooler on the visual token, 2-layer head, BCE).
-Offline (shapes_*): the stand-ins stand_ins/tiny-gpt2 and stand_ins/tiny-roberta (scripts/make_stand_ins.py)
-and data.py's tiny-cnn features.
+Offline (shapes_*): stand_ins/tiny-gpt2 and tiny-roberta (scripts/make_stand_ins.py), data.py's tiny-cnn.
 
   python routing_bottleneck.py                                  # tiny GPT-2 captions: LoRA none vs x_t o x'_v
   python routing_bottleneck.py --compare --seeds 0,1,2          # LoRA and Adapter x 5 routings, 3 seeds
@@ -58,11 +57,7 @@ import data
 
 
 # --- 1. The method: routing functions and the two PEFT modules ----------------------------------------------
-class Routing(NamedTuple):
-    label: str      # in the results table (the poster's notation in ASCII)
-    formula: str    # in --help (the poster's notation)
-
-
+Routing = NamedTuple("Routing", [("label", str), ("formula", str)])  # label: table (ASCII), formula: --help
 ROUTINGS = {  # name -> routing function; a new one is an entry here and a branch in `route`
     "none": Routing("None", "x_t"),
     "mul": Routing("x_t o x'_v", "x_t∘x'_v"),
@@ -74,29 +69,22 @@ ROUTINGS = {  # name -> routing function; a new one is an entry here and a branc
 
 def route(x_t: torch.Tensor, x_v: Optional[torch.Tensor], kind: str) -> torch.Tensor:
     """x_t (B, L, r) = W_down x_H, x_v (B, N, r) = W_down x_R -> routed bottleneck feature (B, L, r).
-
-    For N = 1 (pooled visual feature) this matches the released code exactly. For the fused GPT-2
-    c_attn the bottleneck holds the q and v parts side by side (r' = 2r) and, as in the released
-    code, the routing runs over that whole 2r-dim bottleneck.
-    """
+    GPT-2's fused c_attn holds q and v side by side (r' = 2r): as released, routing spans all 2r dims."""
     if kind == "none":
         return x_t                                       # plain LoRA / Adapter
     if kind == "xtxvTxv":
         # x_t (x_v)^T x_v: (B, L, r) @ (B, r, N) @ (B, N, r); for N = 1 it is <x_t, x_v> x_v.
-        # DEVIATION (N > 1 only): the released code uses x_v.reshape(B, r, N), which equals the
-        # transpose only for N = 1; we use the transpose, i.e. the formula as written.
+        # DEVIATION (N > 1 only): released x_v.reshape(B, r, N) is the transpose only for N = 1; we transpose.
         return (x_t @ x_v.transpose(1, 2)) @ x_v
-    # x'_v: the visual bottleneck row broadcast over the L text tokens, (B, 1, r).
-    # DEVIATION (N > 1 only): the released code only runs these with N = 1; for grid features we
-    # mean-pool the N visual rows inside the bottleneck (still linear and parameter-free).
+    # x'_v (B, 1, r): the visual row, broadcast over the L text tokens. DEVIATION (N > 1 only): released code
+    # runs these with N = 1 only; for grid features we mean-pool the N rows (still linear, parameter-free).
     x_v1 = x_v if x_v.size(1) == 1 else x_v.mean(1, keepdim=True)
     if kind == "mul":
         return x_t * x_v1                                # x_t o x'_v (element-wise)
     if kind == "add":
         return x_t + x_v1                                # x_t + x'_v
     if kind == "xtxv2":
-        # x_t x''_v: x''_v is the r x r matrix whose every row is x'_v, so
-        # (x_t x''_v)[l, j] = (sum_k x_t[l, k]) * x'_v[j].
+        # x''_v: the r x r matrix whose every row is x'_v, so (x_t x''_v)[l, j] = (sum_k x_t[l, k]) * x'_v[j]
         return x_t @ x_v1.expand(-1, x_t.size(-1), -1)
     raise ValueError(f"route has no branch for the routing function {kind!r}")
 
@@ -111,14 +99,13 @@ class RoutedLoRA(nn.Module):
     `slices`: the output columns LoRA writes to (all, or the q and v thirds of GPT-2's fused c_attn);
     W_down stacks one r x d_in block per slice (routed together), W_up is one d_slice x r block per slice."""
 
-    def __init__(self, base, slices, r, alpha, kind, ctx, dropout=0.0):
+    def __init__(self, base, d_in, slices, r, alpha, kind, ctx, dropout=0.0):
         super().__init__()
         self.base, self.slices, self.r, self.kind, self.ctx = base, slices, r, kind, ctx
         self.scaling, self.drop = alpha / r, nn.Dropout(dropout)
-        # LoRA's init: W_down kaiming-uniform, W_up = 0, so h = W x_H when training starts.
-        self.lora_A = nn.Parameter(torch.empty(len(slices) * r, in_out(base)[0]))
+        self.lora_A = nn.Parameter(torch.empty(len(slices) * r, d_in))
         self.lora_B = nn.Parameter(torch.zeros(len(slices), slices[0][1] - slices[0][0], r))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # LoRA's init; W_up = 0: h = W x_H at start
 
     def forward(self, x):
         x_t = self.drop(x) @ self.lora_A.t()                                          # (B, L, k r)
@@ -134,12 +121,9 @@ class RoutedLoRA(nn.Module):
 
 class RoutedAdapter(nn.Module):
     """Adapter with routing:  h = x_H + W_up act(route(W_down x_H, W_down x_R))  (W_down, W_up with biases).
-
-    residual=False is the released RoBERTa Adapter (add_res off in the VQA script): h = W_up act(...) replaces
-    the sub-layer's output, W_up keeps PyTorch's init. DEVIATION: residual=True for RoBERTa too (as GPT-2),
-    chosen by measurement on the pre-trained tiny RoBERTa (3 seeds): with it every routing beats the plain
-    adapter by 2.1-4.2 VQA points; without it they shrink to +0.2-1.2 or turn into losses (RESULTS.md).
-    """
+    residual=False is the released RoBERTa Adapter (add_res off): h = W_up act(...) replaces the sub-layer's
+    output. DEVIATION: residual=True for RoBERTa too (as GPT-2), measured on the tiny RoBERTa (3 seeds): every
+    routing then beats the plain adapter by 2.1-4.2 VQA points; without it +0.2-1.2 or losses (RESULTS.md)."""
 
     def __init__(self, d, r, act, kind, ctx, residual=True):
         super().__init__()
@@ -166,22 +150,11 @@ def merge_lora(lm: nn.Module) -> nn.Module:
         if isinstance(m, RoutedLoRA):
             if m.kind != "none":
                 raise UsageError(f"{name}: LoRA with routing {m.kind!r} cannot be merged (it depends on x_R)")
+            weight = m.base.weight.t() if isinstance(m.base, Conv1D) else m.base.weight    # (d_out, d_in)
             for i, (a, b) in enumerate(m.slices):
-                delta = m.scaling * m.lora_B[i] @ m.lora_A[i * m.r:(i + 1) * m.r]     # (d_slice, d_in)
-                if isinstance(m.base, Conv1D):                                   # GPT-2: weight is (in, out)
-                    m.base.weight[:, a:b] += delta.t()
-                else:
-                    m.base.weight[a:b] += delta
-            parent, child = name.rsplit(".", 1)
-            setattr(lm.get_submodule(parent), child, m.base)
+                weight[a:b] += m.scaling * m.lora_B[i] @ m.lora_A[i * m.r:(i + 1) * m.r]  # (d_slice, d_in)
+            lm.set_submodule(name, m.base)
     return lm
-
-
-def in_out(m: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of an nn.Linear, or of GPT-2's Conv1D (a Linear with its weight stored as (in, out))."""
-    if isinstance(m, Conv1D):
-        return m.nx, m.nf
-    return m.in_features, m.out_features
 
 
 # --- 2. Patching a Hugging Face LM (module names as in transformers' sources) -------------------------------
@@ -203,8 +176,7 @@ def lm_family(lm) -> str:
 
 
 def patch_lm(lm, method, r, kind, ctx, dropout=0.0, residual=True):
-    """Freeze lm; LoRA on q and v (alpha = r, as released) or adapters after the sub-layers.
-    -> (family, adapters)"""
+    """Freeze lm; LoRA on q and v (alpha = r, as released) or adapters after the sub-layers -> adapters."""
     fam, adapters, shared = lm_family(lm), nn.ModuleList(), {}
     lm.requires_grad_(False)
     pattern = (LORA_AT if method == "lora" else ADAPTER_AT)[fam]
@@ -218,11 +190,10 @@ def patch_lm(lm, method, r, kind, ctx, dropout=0.0, residual=True):
                 adapters.append(shared[block])
             base.register_forward_hook(lambda _m, _x, out, adapter=shared[block]: adapter(out))  # new output
         else:                     # GPT-2's c_attn computes [q | k | v]: LoRA on q and v (enable_lora=[T,F,T])
-            d = in_out(base)[1]
-            slices = [(0, d // 3), (2 * d // 3, d)] if fam == "gpt2" else [(0, d)]
-            parent, child = name.rsplit(".", 1)
-            setattr(lm.get_submodule(parent), child, RoutedLoRA(base, slices, r, r, kind, ctx, dropout))
-    return fam, adapters
+            d_out, d_in = base.weight.t().shape if isinstance(base, Conv1D) else base.weight.shape
+            slices = [(0, d_out // 3), (2 * d_out // 3, d_out)] if fam == "gpt2" else [(0, d_out)]
+            lm.set_submodule(name, RoutedLoRA(base, d_in, slices, r, r, kind, ctx, dropout))
+    return adapters
 
 
 class VisualLM(nn.Module):
@@ -254,14 +225,14 @@ def build_model(a: Args, p: Prepared, method: str, kind: str) -> VisualLM:
     torch.manual_seed(a.seed)                                  # the same PEFT init for every routing kind
     lm, ctx = type(p.lm)(p.lm.config), VisualContext()
     lm.load_state_dict(p.lm.state_dict())
-    adapters = patch_lm(lm, method, rank_of(a, method), kind, ctx, a.lora_dropout, a.adapter_residual)[1]
+    adapters = patch_lm(lm, method, rank_of(a, method), kind, ctx, a.lora_dropout, a.adapter_residual)
     return VisualLM(lm, p.task, ctx, adapters, len(p.answers))
 
 
 def expected_trainable(model: VisualLM) -> int:
     """The method's count: LoRA k r (d_in + d_slice) per layer, Adapter 2 d r + r + d, the VQA head."""
     d = model.lm.config.hidden_size
-    n = sum(len(m.slices) * m.r * (in_out(m.base)[0] + m.slices[0][1] - m.slices[0][0])
+    n = sum(len(m.slices) * m.r * (m.lora_A.size(1) + m.slices[0][1] - m.slices[0][0])
             for m in model.lm.modules() if isinstance(m, RoutedLoRA))
     n += sum(2 * d * m.down.out_features + m.down.out_features + d for m in model.adapters)
     if model.head is not None:                                 # Linear(d, 2d), LayerNorm(2d), Linear(2d, A)
@@ -270,6 +241,9 @@ def expected_trainable(model: VisualLM) -> int:
 
 
 # --- 3. Data: records -> frozen visual features x_R + token ids (data.py) -----------------------------------
+FIT_ROWS = 100_000  # the visual map is fitted on at most this many train feature rows
+
+
 @dataclasses.dataclass
 class VisualMap:
     """x_R of a batch from the cached vision features (B, N, C) -- the cache stays memory-mapped and only the
@@ -283,21 +257,16 @@ class VisualMap:
         return (x if self.mean is None else x - self.mean).to(device)
 
 
-FIT_ROWS = 100_000  # the visual map is fitted on at most this many train feature rows
-
-
 def fit_visual_map(feats: torch.Tensor, width: int, center: bool) -> VisualMap:
-    """The frozen map, fitted on all train feature rows, or on a seeded sample of FIT_ROWS of them when there
-    are more (grid features of a large dataset): the memory it takes is bounded, whatever the dataset."""
+    """The frozen map, fitted on the train feature rows (a seeded sample of FIT_ROWS if more: bounded)."""
     flat = feats.reshape(-1, feats.size(-1))                                      # (rows, C)
     if len(flat) > FIT_ROWS:
         pick = torch.randperm(len(flat), generator=torch.Generator().manual_seed(0))[:FIT_ROWS]
         flat = flat[pick.sort().values]
     flat, m = flat.float(), VisualMap()
     if flat.size(1) != width:
-        # DEVIATION (vision width C != LM width d only): the paper feeds the ViT pooled output as it is (ViT-B
-        # width = GPT-2 width); here x is mapped on its top-d directions (SVD of the train features, not
-        # centred, so the mean feature is kept; random directions if there are too few), unit RMS; frozen.
+        # DEVIATION (C != d only): the paper feeds the ViT pooled output as it is (ViT-B width = GPT-2 width);
+        # here its top-d directions (uncentred SVD: the mean feature is kept; random if too few), unit RMS.
         if min(flat.shape) >= width:
             norm = torch.linalg.svd(flat, full_matrices=False)[2][:width].T                   # (C, d)
         else:
@@ -324,34 +293,6 @@ class Prepared:
     targets: Optional[torch.Tensor] = None           # VQA: soft scores (train examples, #answers)
 
 
-def load_lm(a: Args, task: str, device):
-    """The frozen LM and tokenizer of --model (a hub id or folder, stand_ins/ included) -> (tok, lm)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    transformers.utils.logging.disable_progress_bar()  # stderr: the run's own messages (one line on error)
-    try:
-        tok = AutoTokenizer.from_pretrained(data.model_path(a.model))
-        lm = (AutoModel if task == "vqa" else AutoModelForCausalLM).from_pretrained(data.model_path(a.model))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load model {a.model!r} ({str(e).splitlines()[0]})") from None
-    if (task == "vqa") != (lm_family(lm) == "roberta"):
-        raise UsageError(f"{a.model} ({lm_family(lm)}) does not fit {a.dataset}: captions: GPT-2/LLaMA, "
-                         "VQA: RoBERTa")
-    tok.pad_token = tok.pad_token or tok.eos_token
-    data.pin_threads(lm, device)
-    return tok, lm.eval()
-
-
-def visual_features(a: Args, records, split: str, train: bool, device):
-    """-> (records, feats (images, N, C) memory-mapped, rows); unreadable train images drop their records."""
-    cache = os.path.join(a.cache_dir or data.cache_dir(), "features")
-    feats, rows, missing = data.extract_features(
-        records, a.vision, dataset=a.dataset, split=split, train=train, pooled=a.visual_tokens == "pooled",
-        image_size=a.image_size, device=str(device), cache_dir=cache)
-    if train:
-        records, rows = data.drop_missing(records, rows, missing)
-    return records, feats, torch.as_tensor(rows).long()
-
-
 def encode(tok, text: str, max_len: int = 50) -> list[int]:
     """<s> text </s> (CLS/SEP or GPT-2's <|endoftext|> where there is no <s>); released max length 50."""
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
@@ -360,16 +301,33 @@ def encode(tok, text: str, max_len: int = 50) -> list[int]:
 
 
 def prepare(a: Args, device) -> Prepared:
+    """The records, the frozen LM of --model (a hub id or folder, stand_ins/ too), token ids, features."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     task = TASK[a.dataset]
     train = data.load_records(a.dataset, "train", a.data_root, limit=a.train_limit)
     evals = data.load_records(a.dataset, a.eval_split, a.data_root, limit=a.eval_limit)
-    tok, lm = load_lm(a, task, device)
+    transformers.utils.logging.disable_progress_bar()  # stderr: the run's own messages (one line on error)
+    try:
+        path = data.model_path(a.model)
+        tok = AutoTokenizer.from_pretrained(path)
+        lm = (AutoModel if task == "vqa" else AutoModelForCausalLM).from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load model {a.model!r} ({str(e).splitlines()[0]})") from None
+    if (task == "vqa") != (lm_family(lm) == "roberta"):
+        raise UsageError(f"{a.model} ({lm_family(lm)}) does not fit {a.dataset}: captions: GPT-2/LLaMA, "
+                         "VQA: RoBERTa")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    data.pin_threads(lm, device)
     if task == "caption":
         train = data.caption_pairs(train)                    # one example per (image, caption)
-    train, feats_train, rows = visual_features(a, train, "train", True, device)
-    feats_eval, rows_eval = visual_features(a, evals, a.eval_split, False, device)[1:]
+    features = dict(dataset=a.dataset, pooled=a.visual_tokens == "pooled", image_size=a.image_size,
+                    device=str(device), cache_dir=os.path.join(a.cache_dir or data.cache_dir(), "features"))
+    feats_train, rows, missing = data.extract_features(train, a.vision, split="train", train=True, **features)
+    train, rows = data.drop_missing(train, rows, missing)       # unreadable images drop their records
+    feats_eval, rows_eval, _ = data.extract_features(evals, a.vision, split=a.eval_split, train=False,
+                                                     **features)
     visual = fit_visual_map(feats_train, lm.config.hidden_size, a.center_visual)
-    p = Prepared(task, tok, lm, feats_train, [], feats_eval, rows_eval, evals, visual)
+    p = Prepared(task, tok, lm.eval(), feats_train, [], feats_eval, rows_eval, evals, visual)
     text = [r["caption"] if task == "caption" else r["question"] for r in train]
     p.train = [(int(rows[i]), encode(tok, t), i) for i, t in enumerate(text)]
     if task == "vqa":
@@ -379,10 +337,8 @@ def prepare(a: Args, device) -> Prepared:
 
 
 def pad(seqs, value):
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), value, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    ids = nn.utils.rnn.pad_sequence([torch.tensor(s) for s in seqs], batch_first=True, padding_value=value)
+    mask = nn.utils.rnn.pad_sequence([torch.ones(len(s), dtype=torch.long) for s in seqs], batch_first=True)
     return ids, mask
 
 
@@ -399,9 +355,9 @@ def loss_fn(model, p: Prepared, items: list, device) -> torch.Tensor:
 
 
 # --- 4. Training and evaluation -----------------------------------------------------------------------------
-def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
-    """Train one (method, routing) on the shared data and budget (--resume: continue it; --eval_only: load
-    its checkpoint), then evaluate it -> (results, model)."""
+def train_run(a: Args, p: Prepared, method, kind, device, rank, world):
+    """Train one (method, routing) (--resume: continue; --eval_only: load), evaluate -> (results, model)."""
+    run_dir = os.path.join(a.out_dir, *([f"seed{a.seed}"] if a.seeds else []), f"{method}-{kind}")
     ckpt, done = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "results.json")
     os.makedirs(run_dir, exist_ok=True)
     if a.resume and os.path.isfile(done) and not a.export_merged:    # a complete run is not repeated
@@ -442,7 +398,7 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
             data.set_epoch(loader, epoch)      # order = f(seed, epoch): a resumed run skips the seen batches
             for items in itertools.islice(loader, skip, None):
                 with whole_step():
-                    with autocast(device):
+                    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                         loss = loss_fn(net, p, items, device)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: "
@@ -474,12 +430,6 @@ def train_run(a: Args, p: Prepared, method, kind, run_dir, device, rank, world):
     return res, model
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-@torch.no_grad()
 def generate(model: VisualLM, p: Prepared, x_r, num_beams) -> list[str]:
     """Captions for visual features x_r (B, N, d) from the prefix [x_R, <s>] (at most 30 tokens)."""
     bos, eos = encode(p.tok, "")
@@ -494,13 +444,12 @@ def generate(model: VisualLM, p: Prepared, x_r, num_beams) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> dict:
-    """On rank 0 (the others wait): BLEU-4 and CIDEr of the beam-search captions, or the official VQA
-    accuracy of the arg-max answers."""
+    """On rank 0 (others wait): BLEU-4, CIDEr of beam-search captions, or VQA accuracy of arg-max answers."""
     recs, preds, bs = p.eval_records if rank == 0 else [], [], max(1, a.batch_size)
     model.eval()
     for s in tqdm(range(0, len(recs), bs), desc="eval", leave=False, disable=rank > 0):
         x_r = p.visual(p.feats_eval, p.rows_eval[s: s + bs], device)
-        with autocast(device):
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):  # bf16 on CUDA
             if p.task == "caption":
                 preds += generate(model, p, x_r, a.num_beams)
             else:
@@ -517,17 +466,6 @@ def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> 
     m = data.caption_metrics({r["image_id"]: c for r, c in zip(p.eval_records, preds)},
                              {r["image_id"]: r["captions"] for r in p.eval_records})
     return {"BLEU-4": m["BLEU-4"], "CIDEr": m["CIDEr"], "example": preds[0]}
-
-
-def export_merged(model: VisualLM, p: Prepared, out: str) -> None:
-    """LoRA (routing none) folded into the LM: a plain Hugging Face checkpoint + tokenizer, and
-    visual_prefix.pt (the frozen map of the vision feature to x_R; the VQA head and its answers)."""
-    merge_lora(model.lm).save_pretrained(out)
-    p.tok.save_pretrained(out)
-    head = None if model.head is None else model.head.state_dict()
-    torch.save({"norm": p.visual.norm, "mean": p.visual.mean, "head": head, "answers": p.answers},
-               os.path.join(out, "visual_prefix.pt"))
-    print(f"merged LoRA model written to {out}", file=sys.stderr)
 
 
 # Flags: one `arg` per field of `Args`, read by transformers.HfArgumentParser (run_cli, last in the file)
@@ -598,8 +536,7 @@ class Args:
     train_limit: Optional[int] = arg(None, "use only the first N train records")
     eval_split: str = arg("test", "split of the final evaluation (Karpathy test for COCO)", eval_only=True)
     eval_limit: Optional[int] = arg(None, "evaluate only the first N records", eval_only=True)
-    num_beams: Optional[int] = arg(None, f"beam size for captions ({by_dataset('num_beams')})",
-                                   eval_only=True)
+    num_beams: Optional[int] = arg(None, f"caption beam size ({by_dataset('num_beams')})", eval_only=True)
     device: str = arg("auto", "auto | cpu | cuda | cuda:N")
     seed: int = arg(0, "seed of the PEFT init and the data order")
     seeds: Optional[str] = arg(None, "comma list: run each seed (out_dir/seed<N>), table of mean ± std")
@@ -607,8 +544,7 @@ class Args:
     resume: bool = arg(False, "continue from the checkpoints in out_dir")
     overwrite: bool = arg(False, "replace a finished run in out_dir")
     eval_only: bool = arg(False, "evaluate the checkpoints in out_dir without training")
-    export_merged: Optional[str] = arg(None, "folder: the LoRA (routing none) model merged into the LM",
-                                       eval_only=True)
+    export_merged: Optional[str] = arg(None, "folder: LoRA (routing none) merged into the LM", eval_only=True)
     epochs: Optional[int] = arg(None, f"training epochs ({by_dataset('epochs')})")
     max_steps: Optional[int] = arg(None, "stop after N steps (the LR schedule still spans --epochs)")
     batch_size: Optional[int] = arg(None, f"batch size per process ({by_dataset('batch_size')})")
@@ -621,15 +557,14 @@ class Args:
     def __post_init__(self):
         kinds = self.kinds.split(",")
         bad = [k for k in kinds if k not in ROUTINGS] + [k for i, k in enumerate(kinds) if k in kinds[:i]]
-        at_least_1 = (">= 1", lambda v: v >= 1)
+        positive = (">= 1", lambda v: v >= 1)
         data.check_values(self, {
             "dataset": (f"one of {', '.join(TASK)}", lambda v: v in TASK),
             "method": ("lora, adapter or both", lambda v: v in ("lora", "adapter", "both")),
             "kinds": (f"distinct names of {','.join(ROUTINGS)}; unknown or repeated: {bad}",
                       lambda v: not bad),
             "visual_tokens": ("pooled or grid", lambda v: v in ("pooled", "grid")),
-            "epochs": at_least_1, "batch_size": at_least_1, "r_bottleneck": at_least_1,
-            "num_beams": at_least_1,
+            "epochs": positive, "batch_size": positive, "r_bottleneck": positive, "num_beams": positive,
             "max_steps": (">= 0", lambda v: v >= 0), "num_workers": (">= 0", lambda v: v >= 0),
             "warmup": ("a number >= 0", lambda v: 0 <= v < math.inf),
             "export_merged": ("given with a LoRA run with routing none (a routed LoRA cannot be merged)",
@@ -655,8 +590,8 @@ def rank_of(a: Args, method: str) -> int:
 def table(results: list, task: str) -> str:
     keys = ["BLEU-4", "CIDEr"] if task == "caption" else ["VQA"]
     multi, width = len({r["seed"] for r in results}) > 1, 2 + max(len(r.label) for r in ROUTINGS.values())
-    lines = [f"{'PEFT':8s}{'routing':{width}s}" + "".join(f"{k:>15s}" for k in keys) + f"{'Δ' + keys[-1]:>9s}"
-             f"{'trainable':>11s}"]
+    lines = [f"{'PEFT':8s}{'routing':{width}s}" + "".join(f"{k:>15s}" for k in keys)
+             + f"{'Δ' + keys[-1]:>9s}{'trainable':>11s}"]
     for method, name in (("lora", "LoRA"), ("adapter", "Adapter")):
         base = [r[keys[-1]] for r in results if r["method"] == method and r["routing"] == "none"]
         for kind, routing in ROUTINGS.items():
@@ -683,20 +618,23 @@ def run(a: Args) -> dict:
     methods = ["lora", "adapter"] if a.method == "both" else [a.method]
     results = []
     for seed, method, kind in itertools.product(seeds, methods, a.kinds.split(",")):
-        run_dir = os.path.join(a.out_dir, *([f"seed{seed}"] if a.seeds else []), f"{method}-{kind}")
-        res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, run_dir, device, rank,
-                               world)
+        res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, device, rank, world)
         results.append(res)
         if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
-            export_merged(model, p, a.export_merged)
+            # a plain HF checkpoint + tokenizer, and the frozen map to x_R, the VQA head and its answers
+            merge_lora(model.lm).save_pretrained(a.export_merged)
+            p.tok.save_pretrained(a.export_merged)
+            head = None if model.head is None else model.head.state_dict()
+            torch.save({"norm": p.visual.norm, "mean": p.visual.mean, "head": head, "answers": p.answers},
+                       os.path.join(a.export_merged, "visual_prefix.pt"))
+            print(f"merged LoRA model written to {a.export_merged}", file=sys.stderr)
     out = {"task": p.task, "runs": results, "args": dataclasses.asdict(a)}
     if rank == 0:
         if not a.eval_only:
             Path(a.out_dir, "results.json").write_text(json.dumps(out, indent=2))
         r = f"{rank_of(a, 'lora')}/{rank_of(a, 'adapter')}" if a.method == "both" else rank_of(a, a.method)
-        steps = max(x["steps"] for x in results)
-        print(f"{a.dataset}, {a.model} + {a.vision}, r={r}, {steps} steps/run, {len(p.eval_records)} "
-              f"{a.eval_split} records, seed(s) {a.seeds or a.seed}")
+        print(f"{a.dataset}, {a.model} + {a.vision}, r={r}, {max(x['steps'] for x in results)} steps/run, "
+              f"{len(p.eval_records)} {a.eval_split} records, seed(s) {a.seeds or a.seed}")
         print(table(results, p.task))
         print(f"time: {time.time() - t0:.1f}s")
     return out
@@ -739,7 +677,7 @@ def setup_device(device: str):
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, decay="cosine", constant_warmup=None):
-    """Warm-up (linear, or CoOp's constant factor `constant_warmup` x lr), then cosine or linear decay to 0."""
+    """Warm-up (linear, or CoOp's constant: constant_warmup x lr), then cosine or linear decay to 0."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps if constant_warmup is None else constant_warmup
