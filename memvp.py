@@ -36,7 +36,6 @@ import copy
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -807,7 +806,7 @@ def run(args: Args) -> dict:
     cores = os.cpu_count() or 1
     if len(jobs) > 1 and device.type == "cpu" and torch.get_num_threads() == 1 and world == 1 and cores > 1:
         # the two sides are independent and the LM runs on one thread: one process (and core) per side
-        spawn = multiprocessing.get_context("spawn")
+        spawn = torch.multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(len(jobs), spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             res["modes"] = dict(zip(modes, pool.map(run_mode, *zip(*jobs))))
     else:
