@@ -353,7 +353,8 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
         kind = transformers.AutoConfig.from_pretrained(args.vision).model_type
         if kind not in ("clip", "clip_vision_model"):
             raise UsageError(f"--vision {args.vision}: the LLaMA recipe reads a CLIP tower (its ln_post)")
-        post = transformers.CLIPVisionModel.from_pretrained(args.vision).vision_model.post_layernorm
+        tower = transformers.CLIPVisionModel.from_pretrained(args.vision)
+        post = next(m for n, m in tower.named_modules() if n.endswith("post_layernorm"))
     return Split(recs, feats, rows, items, post)
 
 
