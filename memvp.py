@@ -19,8 +19,7 @@ Equation -> code
   baseline    input-space prompting + LoRA on q/v (Table 7 LLaVA-LoRA)        VLModel.lm_inputs, add_lora
 
 Offline default: VQA on data.py's synthetic world, frozen tiny-cnn grid tokens, stand_ins/tiny-llama (a
-tiny LLaMA-style LM pre-trained on another world's questions by scripts/make_stand_ins.py).
-
+tiny LLaMA-style LM pre-trained on another world's questions by scripts/make_stand_ins.py):
   python memvp.py                                 # MemVP vs input-space + LoRA on the tiny LLaMA
   python memvp.py --seeds 0,1,2                   # the same, mean ± std over three seeds
   python memvp.py --model stand_ins/tiny-bart     # tiny BART: memory in the encoder FFNs (Sec. 5.1)
@@ -37,7 +36,6 @@ import copy
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import re
 import signal
@@ -129,10 +127,7 @@ class MemVPFFN(nn.Module):
         self.ffn, self.act, self.bank, self.table, self.scale, self.x = ffn, act, bank, table, scale, None
         self.mem_dropout = nn.Dropout(dropout)  # official: dropout on act(<x, K>)
         if fc1 is not None:
-            fc1.register_forward_pre_hook(self.read_x)
-
-    def read_x(self, module, inputs):
-        self.x = inputs[0]
+            fc1.register_forward_pre_hook(lambda fc1, inputs: setattr(self, "x", inputs[0]))
 
     def forward(self, h):  # (B, L, d): the FFN input x (BART: fc2's input act(fc1 x))
         x, self.x = (h if self.x is None else self.x), None
@@ -193,13 +188,12 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_A.T.to(x.dtype) @ self.lora_B.T.to(x.dtype)) * self.scaling
 
 
-def add_lora(lm: nn.Module, r: int, alpha: float) -> int:
-    """LoRA on every attention query / value projection (self- and cross-attention); -> parameters added."""
+def add_lora(lm: nn.Module, r: int, alpha: float) -> None:
+    """LoRA on every attention query / value projection (self- and cross-attention)."""
     hits = [(n, m) for n, m in lm.named_modules()
             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in ("q_proj", "v_proj", "q", "v")]
     for name, m in hits:
         lm.set_submodule(name, LoRALinear(m, r, alpha))
-    return sum(r * (m.in_features + m.out_features) for _, m in hits)
 
 
 def merge_lora(lm: nn.Module) -> nn.Module:
@@ -282,15 +276,12 @@ def method_parameters(model: VLModel) -> int:
     p^k, p^v (MemVP) or f and every LoRA A, B (input space), + the LM's norms for BART/T5 (Sec. 5.1)."""
     added = list((model.prompts if model.mode == "memvp" else model.projector).parameters())
     added += [t for m in model.lm.modules() if isinstance(m, LoRALinear) for t in (m.lora_A, m.lora_B)]
-    if model.enc_dec:
-        norms = [m for m in model.lm.modules() if "norm" in type(m).__name__.lower()]
-        added += [p for m in norms for p in m.parameters(False)]
-    return sum(p.numel() for p in added)
+    norms = [p for m in model.lm.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)]
+    return sum(p.numel() for p in added + (norms if model.enc_dec else []))
 
 
 def load_lm(model: str):
-    """An LM and its tokenizer by hub id or folder (the offline stand-ins: stand_ins/<name>, data.model_path);
-    fp32 weights, bf16 autocast on GPU."""
+    """An LM (fp32 weights; bf16 autocast on GPU) and its tokenizer, by hub id or folder (data.model_path)."""
     path = data.model_path(model)
     try:
         seq2seq = transformers.AutoConfig.from_pretrained(path).is_encoder_decoder
@@ -527,10 +518,9 @@ def eq13_15(d: int, n: int, L: int) -> dict:
 def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int = 0, head: int = -1,
                    memory_layers: int = 0) -> float:
     """Forward FLOPs of the whole LM per sample (2 per multiply-add): Eq. 13-15 with the real layer shapes
-    (GQA, gated FFN), MemVP's n_mem entries (padding included) in the `memory_layers` FFNs that carry them,
-    LoRA r on every q/v (decoders too), the LM head on `head` positions (-1: every text / target position;
-    1: prefill). Causal self-attention (LLaMA, BART/T5 decoders) counts the T(T+1)/2 pairs a causal kernel
-    computes, not Eq. 13's T x T square."""
+    (GQA, gated FFN), MemVP's n_mem entries (padding included) in `memory_layers` FFNs, LoRA r on every q/v
+    (decoders too), the LM head on `head` positions (-1: every text / target position; 1: prefill). Causal
+    self-attention (LLaMA, BART/T5 decoders): the T(T+1)/2 pairs of a causal kernel, not Eq. 13's T x T."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     dq = h * (getattr(cfg, "head_dim", None) or d // h)
     dkv = dq // h * (getattr(cfg, "num_key_value_heads", None) or h)
@@ -542,10 +532,9 @@ def analytic_flops(cfg, mode: str, n: int, n_mem: int, L: int, tgt: int, r: int 
     layer += attn(T, T, not cfg.is_encoder_decoder)
     total = cfg.num_hidden_layers * layer + (memory_layers * 4 * n_mem * d * L if mode == "memvp" else 0)
     if cfg.is_encoder_decoder:  # decoder: self-attention, cross-attention over the T encoder states, FFN
-        t = tgt
-        dec = t * (12 * d * dq + ffn) + 4 * T * d * dq + attn(t, t, True) + attn(t, T, False)
+        dec = tgt * (12 * d * dq + ffn) + 4 * T * d * dq + attn(tgt, tgt, True) + attn(tgt, T, False)
         total += getattr(cfg, "decoder_layers", getattr(cfg, "num_decoder_layers", 0)) * (
-            dec + 4 * r * d * (3 * t + T))  # LoRA on self-attention q, v and cross-attention q (t), v (T)
+            dec + 4 * r * d * (3 * tgt + T))  # LoRA on self-attention q, v and cross-attention q (tgt), v (T)
     return total + 2 * ((tgt if cfg.is_encoder_decoder else L) if head < 0 else head) * d * cfg.vocab_size
 
 
@@ -562,21 +551,19 @@ def saved_activations_mb(fn) -> float:
     return sum(seen.values()) / 2 ** 20
 
 
-def smollm2_shape(layers: int) -> nn.Module:
-    """A random-weight LLaMA of SmolLM2-135M's shape (9 heads, 3 key/value heads), init std d^-0.5."""
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-        initializer_range=576 ** -0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-
-
 def run_benchmark(args: Args, device) -> dict:
-    """Both sides on one LM (random weights at SmolLM2-135M's shape, or --bench_model) with the paper's n_pos
-    and LoRA rank of its family: FLOPs, training step, prefill, decoding, activations."""
+    """Both sides on one LM (random weights of SmolLM2-135M's shape, or --bench_model), its family's n_pos
+    and LoRA rank, CLIP ViT-L/14 features (d_v 1024): FLOPs, training step, prefill, decoding, activations."""
     from torch.utils.flop_counter import FlopCounterMode
     transformers.set_seed(args.seed)
-    # CLIP ViT-L/14 features (d_v 1024)
-    lm = load_lm(args.bench_model)[0] if args.bench_model else smollm2_shape(args.bench_layers)
+    if args.bench_model:
+        lm = load_lm(args.bench_model)[0]
+    else:  # a random-weight LLaMA of SmolLM2-135M's shape (9 heads, 3 key/value heads), init std d^-0.5
+        lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.bench_layers,
+            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+            tie_word_embeddings=True, initializer_range=576 ** -0.5, pad_token_id=0, bos_token_id=1,
+            eos_token_id=2))
     resolve_family(args, lm.requires_grad_(False), 1, synthetic=False)
     B, n, L, cfg = args.bench_batch, args.bench_n, args.bench_L, lm.config
     n_mem, tgt, dv, gen = max(args.n_pos, n), (16 if cfg.is_encoder_decoder else L), 1024, 8
@@ -598,15 +585,13 @@ def run_benchmark(args: Args, device) -> dict:
                            "analytic": analytic_flops(cfg, mode, n, n_mem, L, tgt, r, -1, k),
                            "prefill_analytic": analytic_flops(cfg, mode, n, n_mem, L, 1, r, 1, k),
                            "model": m, "opt": opt, "train": [], "prefill": [], "decode": []}
-        s["act_mb"] = saved_activations_mb(lambda: bench_step(s, batch, device))
+        s["act_mb"] = saved_activations_mb(lambda: bench_call(s, batch, device))
     for _ in range(args.bench_iters + 1):  # the sides alternate, so drifting machine load hits both
         for s in sides.values():
-            for key, fn in (("train", lambda: bench_step(s, batch, device)),
-                            ("prefill", lambda: bench_generate(s, batch, 1, device)),
-                            ("decode", lambda: bench_generate(s, batch, 1 + gen, device))):
+            for key, new_tokens in (("train", 0), ("prefill", 1), ("decode", 1 + gen)):
                 sync()
                 t0 = time.perf_counter()
-                fn()
+                bench_call(s, batch, device, new_tokens)
                 sync()
                 s[key].append(time.perf_counter() - t0)
     for s in sides.values():  # medians; the first round warms up
@@ -617,28 +602,27 @@ def run_benchmark(args: Args, device) -> dict:
         f"benchmark: {type(lm).__name__} {cfg.num_hidden_layers}x{cfg.hidden_size}, batch {B}, n={n} "
         f"(MemVP memory: {n_mem}), L={L}, LoRA r={args.lora_rank}, {device.type}")}
     print(format_benchmark(res))
+    Path(args.out_dir, "results.json").write_text(json.dumps(res, indent=2))
     return res
 
 
-def bench_step(s: dict, batch: list, device):
+def bench_call(s: dict, batch: list, device, new_tokens: int = 0):
+    """A training step (fwd + bwd + AdamW), or the greedy generation of `new_tokens` tokens."""
     with autocast(device):
+        if new_tokens:
+            return s["model"].eval().generate(*batch[:3], min_new_tokens=new_tokens,
+                                              max_new_tokens=new_tokens, do_sample=False)
         loss = s["model"].train()(*batch)
     loss.backward()
     s["opt"].step()
     s["opt"].zero_grad(set_to_none=True)
 
 
-def bench_generate(s: dict, batch: list, tokens: int, device):
-    with autocast(device):
-        s["model"].eval().generate(*batch[:3], min_new_tokens=tokens, max_new_tokens=tokens, do_sample=False)
-
-
 def format_benchmark(r: dict) -> str:
-    m, i, e = r["sides"]["memvp"], r["sides"]["input"], r["eq13_15"]
-    rows = [("trainable parameters", f"{m['params']:,}", f"{i['params']:,}", ""),
-            ("GFLOPs of a layer, Eq. 13-15", f"{e['memvp'] / 1e9:.3f}", f"{e['input'] / 1e9:.3f}",
-             f"{e['input'] / e['memvp']:.2f}x")]
-    for key, name, fmt, unit in (("analytic", "GFLOPs/sample, whole LM, analytic", "{:.3f}", 1e9),
+    m, i = ({**r["sides"][side], "layer": r["eq13_15"][side]} for side in ("memvp", "input"))
+    rows = [("trainable parameters", f"{m['params']:,}", f"{i['params']:,}", "")]
+    for key, name, fmt, unit in (("layer", "GFLOPs of a layer, Eq. 13-15", "{:.3f}", 1e9),
+                                 ("analytic", "GFLOPs/sample, whole LM, analytic", "{:.3f}", 1e9),
                                  ("prefill_analytic", "  the same, prefill (1 position)", "{:.3f}", 1e9),
                                  ("counted", "GFLOPs/sample, whole LM, counted (torch)", "{:.3f}", 1e9),
                                  ("train", "training step (fwd + bwd + AdamW)", "{:.3f}s", 1),
@@ -720,8 +704,7 @@ class Args:
     eval_limit: Optional[int] = arg(None, "evaluate the first N records", eval_only=True)
     eval_split: str = arg("test", "val | test", eval_only=True)
     log_every: int = arg(50, "log to <mode>/metrics.jsonl every N steps", eval_only=True)
-    export_merged: bool = arg(False, "save the input side's LM with its LoRA merged (<mode>/merged_lm)",
-                              eval_only=True)
+    export_merged: bool = arg(False, "save input/merged_lm: the input side's LM, LoRA merged", eval_only=True)
     ckpt_every: int = arg(500, "checkpoint every N steps (and at the end)", eval_only=True)
     device: str = arg("auto", "auto | cpu | cuda")
     seed: int = arg(0, "random seed")
@@ -777,10 +760,9 @@ def resolve_family(args: Args, lm, world: int, synthetic: bool) -> None:
 def build_vl(args: Args, lm, mode: str, d_vis: int, bos_first: bool) -> VLModel:
     """A fresh copy of the frozen LM with the visual bridge of `mode` (the same LM weights on both sides)."""
     layers = None if args.memory_layers is None else [int(i) for i in args.memory_layers.split(",")]
-    return VLModel(copy.deepcopy(lm), mode, d_vis, lam=args.lam, scale=args.scale, n_pos=args.n_pos,
-                   shared_pos=not lm.config.is_encoder_decoder, proj_hidden=args.proj_hidden,  # Sec. 5.2
-                   mem_dropout=args.mem_dropout, lora_rank=args.lora_rank, bos_first=bos_first,
-                   memory_layers=layers)
+    same = {k: getattr(args, k) for k in ("lam", "scale", "n_pos", "proj_hidden", "mem_dropout", "lora_rank")}
+    return VLModel(copy.deepcopy(lm), mode, d_vis, shared_pos=not lm.config.is_encoder_decoder,  # Sec. 5.2
+                   bos_first=bos_first, memory_layers=layers, **same)
 
 
 def run(args: Args) -> dict:
@@ -795,9 +777,7 @@ def run(args: Args) -> dict:
     device, rank, world = setup_device(args.device)
     prepare_out_dir(args, rank)
     if args.benchmark:
-        res = run_benchmark(args, device)
-        Path(args.out_dir, "results.json").write_text(json.dumps(res, indent=2))
-        return res
+        return run_benchmark(args, device)
     modes = ("memvp", "input") if args.prompting == "both" else (args.prompting,)
     saved = [os.path.join(args.out_dir, mode, "checkpoint.pt") for mode in modes]
     found = [p for p in saved if os.path.isfile(p)]
@@ -826,7 +806,7 @@ def run(args: Args) -> dict:
     cores = os.cpu_count() or 1
     if len(jobs) > 1 and device.type == "cpu" and torch.get_num_threads() == 1 and world == 1 and cores > 1:
         # the two sides are independent and the LM runs on one thread: one process (and core) per side
-        spawn = multiprocessing.get_context("spawn")
+        spawn = torch.multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(len(jobs), spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
             res["modes"] = dict(zip(modes, pool.map(run_mode, *zip(*jobs))))
     else:
