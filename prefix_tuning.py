@@ -373,9 +373,8 @@ def setup(a: Args, device) -> Setup:
 def build(s: Setup, with_prefix: bool = True, a: Optional[Args] = None) -> PrefixBlip2:
     """A fresh copy of the frozen LMM with the prefixes of `a` (default s.args; or none); only they train."""
     a = a or s.args
-    model = PrefixBlip2(copy.deepcopy(s.base), a.num_prefix if with_prefix else 0, a.lm_prefix,
-                        a.qformer_prefix, a.prefix_hidden, a.vision_cache_mb)
-    return model.eval()
+    return PrefixBlip2(copy.deepcopy(s.base), a.num_prefix if with_prefix else 0, a.lm_prefix,
+                       a.qformer_prefix, a.prefix_hidden, a.vision_cache_mb).eval()
 
 
 # ---- Training: one loop, prefix parameters only -----------------------------------------------------------
@@ -653,8 +652,7 @@ def run(cli: Args) -> dict:
     if rank == 0:
         base = build(s, with_prefix=False).to(device)
         mix = evaluate(base, s.records["mix"], s) if s.records["mix"] else {}
-        downstream = evaluate(base, s.records["eval"], s)
-        rows["pre-trained, no prefix"].append({"downstream": downstream, "mix": mix})
+        rows["pre-trained, no prefix"] = [{"downstream": evaluate(base, s.records["eval"], s), "mix": mix}]
     for name, one in runs_of(a):
         rows.setdefault(name, []).append(run_one(one, s, device, rank, world, log))
     if rank == 0:
