@@ -44,7 +44,6 @@ import signal
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -54,7 +53,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -141,16 +139,13 @@ class PrefixBlip2(nn.Module):
     def visual_tokens(self, batch: dict, qformer_prefix: Optional[torch.Tensor]) -> torch.Tensor:
         """ViT (frozen: outputs cached) -> Q-Former with its key/value prefixes -> projection: (B, Q, d)."""
         lmm, vit = self.lmm, self.lmm.vision_model
-        dtype = vit.embeddings.patch_embedding.weight.dtype
-        pixels = batch["pixel_values"].to(lmm.query_tokens.device, dtype)
+        pixels = batch["pixel_values"].to(lmm.query_tokens.device, vit.dtype)
         img = self.vision_cache(vit, pixels, batch["image_ids"])                       # (B, N, d_vit)
         for layer, attn in enumerate(self.qformer_attn):
             attn.prefix = None if qformer_prefix is None else qformer_prefix[layer]   # (2, P, d_q)
-        try:
-            q = lmm.qformer(query_embeds=lmm.query_tokens.expand(len(img), -1, -1), encoder_hidden_states=img)
-        finally:
-            for attn in self.qformer_attn:
-                attn.prefix = None
+        q = lmm.qformer(query_embeds=lmm.query_tokens.expand(len(img), -1, -1), encoder_hidden_states=img)
+        for attn in self.qformer_attn:                                         # prefixes: this forward only
+            attn.prefix = None
         return lmm.language_projection(q.last_hidden_state)                            # (B, Q, d)
 
     def lm_inputs(self, batch: dict, ids: torch.Tensor, mask: torch.Tensor):
@@ -193,27 +188,22 @@ class PrefixBlip2(nn.Module):
 class VisionCache:
     """Outputs of the frozen ViT per image id, at most max_mb MB, least recently used dropped first: memory
     does not grow with the dataset. Valid only while the ViT is frozen: a forward with a trainable ViT
-    parameter bypasses and empties it (call clear() after changing ViT weights any other way)."""
+    parameter bypasses and empties it (changing ViT weights any other way needs a new cache)."""
 
     def __init__(self, max_mb: float):
         self.max_bytes, self.bytes, self.items = int(max_mb * 2 ** 20), 0, OrderedDict()
 
-    def clear(self):
-        self.bytes = 0
-        self.items.clear()
-
     def __call__(self, vit: nn.Module, pixels: torch.Tensor, ids: list) -> torch.Tensor:
         if any(p.requires_grad for p in vit.parameters()):
-            self.clear()
+            self.bytes, self.items = 0, OrderedDict()
             return vit(pixel_values=pixels).last_hidden_state
         miss = [i for i, k in enumerate(ids) if k not in self.items]
         with torch.no_grad():
             computed = vit(pixel_values=pixels[miss]).last_hidden_state if miss else []
-        new = dict(zip([ids[i] for i in miss], computed))
-        out = torch.stack([new[k] if k in new else self.items[k] for k in ids])        # (B, N, d_vit)
-        for k, v in new.items():
+        for k, v in dict(zip([ids[i] for i in miss], computed)).items():
             self.items[k] = v.clone()                      # a copy: a view would keep the whole batch alive
             self.bytes += v.nbytes
+        out = torch.stack([self.items[k] for k in ids])                                 # (B, N, d_vit)
         for k in ids:
             self.items.move_to_end(k)
         while self.bytes > self.max_bytes:
@@ -237,10 +227,9 @@ def patch_qformer(qformer: nn.Module) -> list:
 
 def kv_cache(prefix: torch.Tensor, batch: int, heads: int):
     """--lm_prefix kv: the prefix (L, 2, P, d_kv) as every LM layer's past keys/values (a DynamicCache)."""
-    from transformers import DynamicCache
     kv = prefix.view(*prefix.shape[:3], heads, -1).transpose(2, 3)                     # (L, 2, H, P, d_h)
-    return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                                        for k, v in kv])
+    return transformers.DynamicCache(
+        ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
 
 
 def call_lm(lm: nn.Module, x, am, pos, cache=None, use_cache: bool = False, hidden: bool = False):
@@ -253,8 +242,8 @@ def call_lm(lm: nn.Module, x, am, pos, cache=None, use_cache: bool = False, hidd
 
 
 # ---- Data -> batches --------------------------------------------------------------------------------------
-PT_FAMILIES, DOWN_FAMILIES = ("color", "shape", "count", "exist"), ("position", "relation")
-PT_STYLES, DOWN_STYLE = (0, 1, 2, 3), 4                  # caption templates of data.ShapesWorld.captions
+PRETRAIN_MIX = {"vqa": ("color", "shape", "count", "exist"), "caption": (0, 1, 2, 3)}  # question families,
+HELD_OUT = {"shapes_vqa": ("position", "relation"), "shapes_caption": (4,)}  # caption styles (ShapesWorld)
 WORLD = {"train": 1200, "val": 200, "test": 300}         # images per split of a synthetic world
 DATASETS = ("shapes_caption", "shapes_vqa", "coco", "flickr30k", "vqav2")
 PAPER = dict(epochs=5, batch_size=128, lr=5e-5, warmup_steps=5000, prefix_hidden=512,   # BLIP-2, Table 14
@@ -264,13 +253,8 @@ SYNTHETIC = dict(PAPER, batch_size=16,   # shapes_*: 375 steps on 1200 images, a
                  warmup_steps=30, prefix_hidden=128,  # DEVIATION: scaled to the 375 steps and a 64-wide LM
                  eval_limit=300,         # the whole test split of captions; the first 300 questions
                  prompts={"caption": "caption :", "vqa": "question : {q} answer :"})  # the stand-in's own
-
-
-def defaults(dataset: str) -> dict:
-    """The paper's values (VQAv2: no warm-up, Table 14), or the synthetic world's (its stand-in is tiny)."""
-    if dataset.startswith("shapes_"):
-        return SYNTHETIC
-    return dict(PAPER, warmup_steps=0) if dataset == "vqav2" else PAPER
+DEFAULTS = {"shapes_caption": SYNTHETIC, "shapes_vqa": SYNTHETIC,   # any other dataset: PAPER
+            "vqav2": dict(PAPER, warmup_steps=0)}                  # VQAv2: no warm-up (Table 14)
 
 
 def shapes_records(task: str, split: str, world: int, keep: tuple) -> list:
@@ -283,41 +267,34 @@ def shapes_records(task: str, split: str, world: int, keep: tuple) -> list:
 
 def mix_records(split: str, world: int, limit: Optional[int] = None) -> list:
     """The stand-in's pre-training mix: VQA and captions interleaved (caption pairs for training)."""
-    vqa = shapes_records("vqa", split, world, PT_FAMILIES)
-    caps = shapes_records("caption", split, world, PT_STYLES)
+    vqa, caps = (shapes_records(task, split, world, PRETRAIN_MIX[task]) for task in ("vqa", "caption"))
     caps = data.caption_pairs(caps) if split == "train" else caps
     return ([r for pair in zip(vqa, caps) for r in pair] + vqa[len(caps):] + caps[len(vqa):])[:limit]
 
 
 def task_records(dataset: str, split: str, data_root: Optional[str], limit: Optional[int]) -> list:
     """Downstream records, one per image or question (captions: all references); synthetic ones held out."""
-    if dataset == "shapes_caption":
-        return shapes_records("caption", split, 0, (DOWN_STYLE,))[:limit]
-    if dataset == "shapes_vqa":
-        return shapes_records("vqa", split, 0, DOWN_FAMILIES)[:limit]
+    if dataset in HELD_OUT:
+        return shapes_records(dataset.removeprefix("shapes_"), split, 0, HELD_OUT[dataset])[:limit]
     return data.load_records(dataset, split, data_root)[:limit]
 
 
 class Collate:
-    """Records -> batch: pixels (the model's image size and mean/std); [bos] prompt (+ target + eos)
-    left-padded, labels on target + eos; the prompt alone for generation. Target: "caption" (a caption pair)
-    or "answer" (VQA), if present. An unreadable image: its record is dropped in training (train=True);
-    in evaluation it is kept with pixel values 0, counted in batch["unreadable"]. Keeps no per-image state."""
+    """Records -> batch: pixels (the model's size, mean/std); [bos] prompt (+ target + eos) left-padded,
+    labels on target + eos; the prompt alone for generation. Target: "caption" (a caption pair) or "answer"
+    (VQA). An unreadable image: record dropped in training, pixels 0 in evaluation (batch["unreadable"])."""
 
     def __init__(self, tok, image_size: int, prompts: dict, mean, std):
         self.tok, self.size, self.prompts = tok, image_size, prompts
         self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
 
-    def pixels(self, rec: dict) -> torch.Tensor:
-        img = data.load_image(rec, self.size).convert("RGB").resize((self.size, self.size))
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)    # (3, H, W)
-        return (x - self.mean) / self.std
-
     def __call__(self, recs: list, train: bool = True) -> dict:
         pixels = {}
         for i, r in enumerate(recs):
             try:
-                pixels[i] = self.pixels(r)
+                img = data.load_image(r, self.size).convert("RGB").resize((self.size, self.size))
+                x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
+                pixels[i] = (x - self.mean) / self.std
             except data.UnreadableImage as e:                  # the policy of data.py's feature path
                 print(f"warning: unreadable image {e}: " + ("its training record is dropped" if train else
                                                             "evaluated with pixel values 0"), file=sys.stderr)
@@ -348,7 +325,7 @@ class Collate:
 
 
 # ---- One setting: the frozen LMM, its records and collate (pt_peft_train.py uses it too) -------------------
-@dataclass
+@dataclasses.dataclass
 class Setup:
     args: Args                   # the resolved settings (prefixes, decoding, limits)
     tokenizer: object
@@ -362,37 +339,31 @@ SETUP_FIELDS = ("dataset", "data_root", "model", "num_prefix", "lm_prefix", "qfo
                 "num_beams", "max_new_tokens", "train_limit", "eval_limit", "vision_cache_mb")
 
 
-def load_blip2(name: str, device):
-    """A BLIP-2 folder or hub id -> (frozen model, tokenizer, image processor), one frozen copy per run."""
+def setup(a: Args, device) -> Setup:
+    """The records, frozen LMM (one copy per run: a BLIP-2 folder or hub id) and collate of a setting
+    (pt_peft_train.py passes its SETUP_FIELDS)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
-    path = data.model_path(name)
+    a = resolve(a)
+    split = "val" if a.dataset == "vqav2" else "test"                    # Karpathy test; VQAv2 val
+    recs = {"train": task_records(a.dataset, "train", a.data_root, a.train_limit),
+            "eval": task_records(a.dataset, split, a.data_root, a.eval_limit),
+            "mix": mix_records("test", 0, a.eval_limit) if a.dataset.startswith("shapes_") else []}
+    if not recs["train"] or not recs["eval"]:
+        raise UsageError(f"{a.dataset}: no records to train or evaluate (--train_limit, --eval_limit)")
+    path = data.model_path(a.model)
     try:
         kind = AutoConfig.from_pretrained(path).model_type
         if kind != "blip-2":
             raise ValueError(f"{kind}; expected BLIP-2")
         tok, processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model {name}: {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--model {a.model}: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None:
-        raise UsageError(f"--model {name}: its tokenizer has no pad token")
+        raise UsageError(f"--model {a.model}: its tokenizer has no pad token")
     base = Blip2ForConditionalGeneration.from_pretrained(path).eval().requires_grad_(False)
     data.pin_threads(base, torch.device(device))
-    return base, tok, processor
-
-
-def setup(a: Args, device) -> Setup:
-    """The frozen LMM, records and collate of a setting (pt_peft_train.py passes its SETUP_FIELDS)."""
-    a = resolve(a)
-    split = "val" if a.dataset == "vqav2" else "test"                    # Karpathy test; VQAv2 val
-    recs = {"train": task_records(a.dataset, "train", a.data_root, a.train_limit),
-            "eval": task_records(a.dataset, split, a.data_root, a.eval_limit), "mix": []}
-    if not recs["train"] or not recs["eval"]:
-        raise UsageError(f"{a.dataset}: no records to train or evaluate (--train_limit, --eval_limit)")
-    if a.dataset.startswith("shapes_"):
-        recs["mix"] = mix_records("test", 0, a.eval_limit)
-    base, tok, processor = load_blip2(a.model, device)
-    col = Collate(tok, processor.size["height"], defaults(a.dataset)["prompts"], processor.image_mean,
-                  processor.image_std)
+    prompts = DEFAULTS.get(a.dataset, PAPER)["prompts"]
+    col = Collate(tok, processor.size["height"], prompts, processor.image_mean, processor.image_std)
     task = recs["eval"][0]["task"]
     recs["train"] = data.caption_pairs(recs["train"]) if task == "caption" else recs["train"]
     return Setup(a, tok, base, recs, col, task)
@@ -401,10 +372,8 @@ def setup(a: Args, device) -> Setup:
 def build(s: Setup, with_prefix: bool = True, a: Optional[Args] = None) -> PrefixBlip2:
     """A fresh copy of the frozen LMM with the prefixes of `a` (default s.args; or none); only they train."""
     a = a or s.args
-    model = PrefixBlip2(copy.deepcopy(s.base), a.num_prefix if with_prefix else 0, a.lm_prefix,
-                        a.qformer_prefix, a.prefix_hidden, a.vision_cache_mb)
-    assert all(n.startswith(PREFIX_PARAMS) for n, p in model.named_parameters() if p.requires_grad)
-    return model.eval()
+    return PrefixBlip2(copy.deepcopy(s.base), a.num_prefix if with_prefix else 0, a.lm_prefix,
+                       a.qformer_prefix, a.prefix_hidden, a.vision_cache_mb).eval()
 
 
 # ---- Training: one loop, prefix parameters only -----------------------------------------------------------
@@ -414,8 +383,6 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
     recs = s.records["train"]
     loader = data.make_loader(recs, a.batch_size, shuffle=True, seed=a.seed, collate_fn=s.collate,
                               num_workers=a.num_workers, drop_last=len(recs) >= a.batch_size * world)
-    if len(loader) == 0:
-        raise UsageError(f"no training batches ({len(recs)} records, --batch_size {a.batch_size})")
     total = len(loader) * a.epochs
     stop = total if a.max_steps is None else min(total, a.max_steps)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, betas=(0.9, 0.99),
@@ -436,15 +403,14 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
         sched.load_state_dict(state["scheduler"])
         step, loss = state["step"], torch.tensor(state["train_loss"])
     last_good = path if os.path.exists(path) else "none"
-    net = DDP(model) if world > 1 else model
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net.train()
     bar = tqdm(total=stop, initial=step, desc="prefix-tuning", disable=rank != 0, file=sys.stderr)
     t0 = time.time()
     try:
         while step < stop:
-            epoch, skip = divmod(step, len(loader))
-            data.set_epoch(loader, epoch)
-            for batch in itertools.islice(loader, skip, None):       # a resumed epoch skips what it has seen
+            data.set_epoch(loader, step // len(loader))
+            for batch in itertools.islice(loader, step % len(loader), None):    # resumed: skip what it saw
                 if step >= stop:
                     break
                 with whole_step():
@@ -478,10 +444,9 @@ def train(a: Args, model: PrefixBlip2, s: Setup, device, rank: int, world: int, 
 @torch.no_grad()
 def beam_search(model: PrefixBlip2, batch: dict, num_beams: int, max_new_tokens: int, eos_id: int,
                 pad_id: int, use_cache: bool = True) -> list:
-    """Beam search (num_beams = 1: greedy), the final pick by sum log-prob / length (HF length_penalty 1).
-    use_cache: one forward over [prefix; visual; prompt], then one token per step on the KV cache, beams
-    reordered in it (a kv-mode prefix sits in the same cache); use_cache=False re-runs the whole sequence
-    every step (the tests' reference). Returns the generated token ids of each sample."""
+    """Beam search (num_beams = 1: greedy), the final pick by sum log-prob / length (HF length_penalty 1) ->
+    each sample's token ids. use_cache: one forward over [prefix; visual; prompt], then one token per step on
+    the KV cache (a kv-mode prefix in it too), beams reordered in it; False re-runs the whole sequence."""
     K, B, lm = num_beams, len(batch["prompt_ids"]), model.lmm.language_model
     dev = model.lmm.query_tokens.device
     bb = {"image_ids": [i for i in batch["image_ids"] for _ in range(K)],
@@ -559,7 +524,7 @@ def arg(default, help: str, eval_only: bool = False):
     return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     dataset: str = arg("shapes_caption", " | ".join(DATASETS))
     data_root: Optional[str] = arg(None, "root of the real datasets (default: none, offline)")
@@ -576,8 +541,7 @@ class Args:
     max_steps: Optional[int] = arg(None, "stop after N steps, same LR schedule (default: no limit)")
     batch_size: Optional[int] = arg(None, f"per process (default: {PAPER['batch_size']}, Table 14; "
                                           f"shapes_*: {SYNTHETIC['batch_size']})")
-    lr: Optional[float] = arg(None, f"peak learning rate (default: {PAPER['lr']}, Table 14; "
-                                    f"shapes_*: {SYNTHETIC['lr']})")
+    lr: Optional[float] = arg(None, f"max LR (default: {PAPER['lr']}, Table 14; shapes_*: {SYNTHETIC['lr']})")
     warmup_steps: Optional[int] = arg(None, f"warm-up steps (default: {PAPER['warmup_steps']}, VQAv2 0, "
                                             f"Table 14; shapes_*: {SYNTHETIC['warmup_steps']})")
     num_workers: int = arg(0, "DataLoader workers")
@@ -612,7 +576,7 @@ VARIANTS = {"qformer_lm": ("Q-Former + LM input (Table 8)", "input", True),
 
 def resolve(a: Args) -> Args:
     """None -> the dataset's default (PAPER, or SYNTHETIC for shapes_*); P by task (Table 8)."""
-    table = defaults(a.dataset)
+    table = DEFAULTS.get(a.dataset, PAPER)
     unset = {k: table[k] for k, v in dataclasses.asdict(a).items() if v is None and k in table}
     a = dataclasses.replace(a, **unset)
     name = a.dataset + "-compare" * a.compare + (f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
@@ -685,8 +649,7 @@ def run(cli: Args) -> dict:
     if rank == 0:
         base = build(s, with_prefix=False).to(device)
         mix = evaluate(base, s.records["mix"], s) if s.records["mix"] else {}
-        downstream = evaluate(base, s.records["eval"], s)
-        rows["pre-trained, no prefix"].append({"downstream": downstream, "mix": mix})
+        rows["pre-trained, no prefix"] = [{"downstream": evaluate(base, s.records["eval"], s), "mix": mix}]
     for name, one in runs_of(a):
         rows.setdefault(name, []).append(run_one(one, s, device, rank, world, log))
     if rank == 0:

@@ -30,7 +30,6 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -46,7 +45,7 @@ from prefix_tuning import (UsageError, arg, from_checkpoint, load_checkpoint, lr
 
 
 # === The method: stage orders (Sec. 3 "Two-stage Optimization"; Tables 2 and 5) ===
-@dataclass
+@dataclasses.dataclass
 class Stage:
     train: tuple          # parameter groups that train: ("prefix",), ("peft",), ("prefix", "peft")
     epochs: int
@@ -207,7 +206,7 @@ def merged_lmm(lmm: nn.Module) -> nn.Module:
     out = copy.deepcopy(lmm)
     for n, m in [(n, m) for n, m in out.named_modules() if isinstance(m, LoRALinear)]:
         m.base.weight.data += (m.lora_B @ m.lora_A).data * m.scaling
-        setattr(out.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1], m.base)
+        out.set_submodule(n, m.base)
     return out
 
 
@@ -254,7 +253,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
         for n, p in params.items():        # prefix_tuning uses its ViT cache only while the ViT is frozen
             p.requires_grad_(n in {m for g in st.train for m in groups[g]})
         model.prefix_state = "on" if st.use_prefix else "off"
-        total, step = st.epochs * len(loader), 0
+        total, step = st.epochs * len(loader), step0 if si == si0 else 0
         opt = torch.optim.AdamW([{"params": [params[n] for n in groups[g]], "lr": st.lrs[g]}
                                  for g in st.train], betas=(0.9, 0.99), weight_decay=0.05)  # Table 14
         warm = a.warmup_steps if a.warmup_steps is not None else max(1, total // 10)
@@ -264,7 +263,6 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
             if step0 > 0:
                 opt.load_state_dict(state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
-                step = step0
         net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
         try:
@@ -333,7 +331,7 @@ ORDERS = ("pt_first", "peft_first", "parallel", "none", "prefix_only")
 PEFTS = ("lora", "s_adapter", "p_adapter", "full")
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     dataset: str = arg("shapes_caption", " | ".join(pt.DATASETS))
     data_root: Optional[str] = arg(None, "root of the real datasets (default: none, offline)")
@@ -378,10 +376,9 @@ class Args:
 
     def __post_init__(self):
         # num_prefix, num_beams and the limits: prefix_tuning.Args checks them (the setup is built with it)
-        rules = {k: (">= 1", lambda v: v >= 1) for k in ("lora_r", "adapter_dim", "batch_size", "save_every",
-                                                          "rank_images")}
-        for k in ("epochs", "pt_epochs", "ft_epochs", "max_steps", "warmup_steps", "num_workers"):
-            rules[k] = (">= 0", lambda v: v >= 0)
+        minimum = dict(lora_r=1, adapter_dim=1, batch_size=1, save_every=1, rank_images=1, epochs=0,
+                       pt_epochs=0, ft_epochs=0, max_steps=0, warmup_steps=0, num_workers=0)
+        rules = {k: (f">= {n}", lambda v, n=n: v >= n) for k, n in minimum.items()}
         for flag, choices in (("order", ORDERS), ("peft", PEFTS), ("peft_target", tuple(LORA_TARGETS)),
                               ("dataset", pt.DATASETS)):
             rules[flag] = (", ".join(choices), lambda v, c=choices: v in c)
@@ -401,17 +398,16 @@ SHORT = {"lora": "LoRA", "s_adapter": "S-Adapter", "p_adapter": "P-Adapter", "fu
 
 def variants(a: Args) -> list[tuple[str, Args]]:
     """[(row name, Args)]: one run, or --compare's, for each seed (flags as given: see resolve)."""
-    out = []
+    out, seeds = [], [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]
     for order, peft, target in COMPARE if a.compare else [(a.order, None, None)]:
         peft, target = peft or a.peft, target or a.peft_target
         x = f"{SHORT[peft]}-{SHORT[target]}"
         name = {"pt_first": f"Prefix -> {x}", "peft_first": f"{x} -> Prefix", "parallel": f"Prefix + {x}",
                 "none": x, "prefix_only": "Prefix-tuning"}[order]
         sub = os.path.join(a.out_dir, f"{order}-{peft}-{target}") if a.compare else a.out_dir
-        for seed in [int(x) for x in a.seeds.split(",")] if a.seeds else [a.seed]:
-            one = dataclasses.replace(a, order=order, peft=peft, peft_target=target, seed=seed,
-                                      out_dir=os.path.join(sub, f"seed{seed}" if a.seeds else ""))
-            out.append((name, one))
+        out += [(name, dataclasses.replace(a, order=order, peft=peft, peft_target=target, seed=seed,
+                                           out_dir=os.path.join(sub, f"seed{seed}" if a.seeds else "")))
+                for seed in seeds]
     return out
 
 
