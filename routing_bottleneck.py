@@ -50,7 +50,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
-from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 import data
@@ -121,13 +120,12 @@ class RoutedLoRA(nn.Module):
 
 class RoutedAdapter(nn.Module):
     """Adapter with routing:  h = x_H + W_up act(route(W_down x_H, W_down x_R))  (W_down, W_up with biases).
-    residual=False is the released RoBERTa Adapter (add_res off): h = W_up act(...) replaces the sub-layer's
-    output. DEVIATION: residual=True for RoBERTa too (as GPT-2), measured on the tiny RoBERTa (3 seeds): every
-    routing then beats the plain adapter by 2.1-4.2 VQA points; without it +0.2-1.2 or losses (RESULTS.md)."""
+    DEVIATION: residual=True for RoBERTa too (released add_res off: W_up act(...) is the output). On the
+    tiny RoBERTa (3 seeds) every routing beats the plain adapter by 2.1-4.2 VQA points, without it <= 1.2."""
 
     def __init__(self, d, r, act, kind, ctx, residual=True):
         super().__init__()
-        self.down, self.up, self.act = nn.Linear(d, r), nn.Linear(r, d), ACT2FN[act]
+        self.down, self.up, self.act = nn.Linear(d, r), nn.Linear(r, d), transformers.activations.ACT2FN[act]
         self.kind, self.ctx, self.residual = kind, ctx, residual
         if residual:   # DEVIATION: W_up = 0, the identity at init (as LoRA); released: PyTorch's init
             nn.init.zeros_(self.up.weight)
@@ -146,14 +144,13 @@ def merge_lora(lm: nn.Module) -> nn.Module:
     A routed update depends on the image -- W_up M(x_v) W_down x_H with M = diag(x_v), x_v^T x_v or a rank-1
     matrix of x_v; x_t + x'_v adds the bias W_up x_v -- so no single weight matrix reproduces it."""
     lm = copy.deepcopy(lm)
-    for name, m in list(lm.named_modules()):
-        if isinstance(m, RoutedLoRA):
-            if m.kind != "none":
-                raise UsageError(f"{name}: LoRA with routing {m.kind!r} cannot be merged (it depends on x_R)")
-            weight = m.base.weight.t() if isinstance(m.base, Conv1D) else m.base.weight    # (d_out, d_in)
-            for i, (a, b) in enumerate(m.slices):
-                weight[a:b] += m.scaling * m.lora_B[i] @ m.lora_A[i * m.r:(i + 1) * m.r]  # (d_slice, d_in)
-            lm.set_submodule(name, m.base)
+    for name, m in [(n, m) for n, m in lm.named_modules() if isinstance(m, RoutedLoRA)]:
+        if m.kind != "none":
+            raise UsageError(f"{name}: LoRA with routing {m.kind!r} cannot be merged (it depends on x_R)")
+        weight = m.base.weight.t() if isinstance(m.base, Conv1D) else m.base.weight    # (d_out, d_in)
+        for i, (a, b) in enumerate(m.slices):
+            weight[a:b] += m.scaling * m.lora_B[i] @ m.lora_A[i * m.r:(i + 1) * m.r]  # (d_slice, d_in)
+        lm.set_submodule(name, m.base)
     return lm
 
 
@@ -177,23 +174,21 @@ def lm_family(lm) -> str:
 
 def patch_lm(lm, method, r, kind, ctx, dropout=0.0, residual=True):
     """Freeze lm; LoRA on q and v (alpha = r, as released) or adapters after the sub-layers -> adapters."""
-    fam, adapters, shared = lm_family(lm), nn.ModuleList(), {}
+    fam, shared = lm_family(lm), {}
     lm.requires_grad_(False)
     pattern = (LORA_AT if method == "lora" else ADAPTER_AT)[fam]
-    for name in [n for n, _ in lm.named_modules() if re.search(pattern, n)]:
-        base = lm.get_submodule(name)
+    for name, base in [(n, m) for n, m in lm.named_modules() if re.search(pattern, n)]:
         if method == "adapter":   # decoders: ONE adapter per block, after attention and MLP (post_module)
             block = name if fam == "roberta" else re.sub(r"\.(attn|mlp|self_attn)\..*$", "", name)
             if block not in shared:
                 act = getattr(lm.config, "activation_function", None) or lm.config.hidden_act
                 shared[block] = RoutedAdapter(lm.config.hidden_size, r, act, kind, ctx, residual)
-                adapters.append(shared[block])
             base.register_forward_hook(lambda _m, _x, out, adapter=shared[block]: adapter(out))  # new output
         else:                     # GPT-2's c_attn computes [q | k | v]: LoRA on q and v (enable_lora=[T,F,T])
             d_out, d_in = base.weight.t().shape if isinstance(base, Conv1D) else base.weight.shape
             slices = [(0, d_out // 3), (2 * d_out // 3, d_out)] if fam == "gpt2" else [(0, d_out)]
             lm.set_submodule(name, RoutedLoRA(base, d_in, slices, r, r, kind, ctx, dropout))
-    return adapters
+    return nn.ModuleList(shared.values())
 
 
 class VisualLM(nn.Module):
@@ -220,8 +215,7 @@ class VisualLM(nn.Module):
 
 
 def build_model(a: Args, p: Prepared, method: str, kind: str) -> VisualLM:
-    """The run's own copy of the frozen LM (built from its config, the frozen weights loaded) with the PEFT
-    modules of (method, routing kind), all drawn after torch.manual_seed(--seed)."""
+    """The run's own copy of the frozen LM (built from its config, then loaded) with its PEFT modules."""
     torch.manual_seed(a.seed)                                  # the same PEFT init for every routing kind
     lm, ctx = type(p.lm)(p.lm.config), VisualContext()
     lm.load_state_dict(p.lm.state_dict())
@@ -246,8 +240,7 @@ FIT_ROWS = 100_000  # the visual map is fitted on at most this many train featur
 
 @dataclasses.dataclass
 class VisualMap:
-    """x_R of a batch from the cached vision features (B, N, C) -- the cache stays memory-mapped and only the
-    batch is converted: x_R = feats.float() @ norm - mean, with norm (C, d) and mean (d,) frozen."""
+    """x_R = feats.float() @ norm - mean (norm (C, d), mean (d,) frozen), batch by batch from the cache."""
     norm: Optional[torch.Tensor] = None
     mean: Optional[torch.Tensor] = None
 
@@ -396,7 +389,7 @@ def train_run(a: Args, p: Prepared, method, kind, device, rank, world):
         while step < stop:
             epoch, skip = divmod(step, len(loader))
             data.set_epoch(loader, epoch)      # order = f(seed, epoch): a resumed run skips the seen batches
-            for items in itertools.islice(loader, skip, None):
+            for items in itertools.islice(loader, skip, skip + stop - step):
                 with whole_step():
                     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                         loss = loss_fn(net, p, items, device)
@@ -415,8 +408,6 @@ def train_run(a: Args, p: Prepared, method, kind, device, rank, world):
                             print(json.dumps(rec), file=f)
                     if step % 500 == 0 or step == stop:
                         save()
-                if step == stop:
-                    break
     except KeyboardInterrupt:
         save()
         raise
@@ -577,10 +568,9 @@ def with_defaults(a: Args) -> Args:
     if a.compare:
         filled.update(method="both", kinds=",".join(ROUTINGS))
     a = dataclasses.replace(a, **filled)
-    what = ("compare" if a.compare else f"{a.method}-{a.kinds.replace(',', '_')}") + (
-        f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
+    runs = ("compare" if a.compare else f"{a.method}-{a.kinds}") + (f"-seeds{a.seeds}" if a.seeds else "")
     return dataclasses.replace(a, out_dir=a.out_dir or f"runs/routing_bottleneck/{a.dataset}-"
-                                                       f"{a.model.split('/')[-1]}-{what}")
+                                                       f"{a.model.split('/')[-1]}-{runs.replace(',', '_')}")
 
 
 def rank_of(a: Args, method: str) -> int:
@@ -621,7 +611,6 @@ def run(a: Args) -> dict:
         res, model = train_run(dataclasses.replace(a, seed=seed), p, method, kind, device, rank, world)
         results.append(res)
         if a.export_merged and rank == 0 and (method, kind, seed) == ("lora", "none", seeds[0]):
-            # a plain HF checkpoint + tokenizer, and the frozen map to x_R, the VQA head and its answers
             merge_lora(model.lm).save_pretrained(a.export_merged)
             p.tok.save_pretrained(a.export_merged)
             head = None if model.head is None else model.head.state_dict()
