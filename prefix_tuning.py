@@ -107,9 +107,6 @@ class QFormerPrefixAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, L, d), None
 
 
-PREFIX_PARAMS = "prefix_encoders."   # the name of every trainable parameter of PrefixBlip2 starts with it
-
-
 class PrefixBlip2(nn.Module):
     """A frozen Blip2ForConditionalGeneration (`lmm`) with Table 8's prefixes: key/value prefixes in every
     Q-Former self-attention layer and input (or kv) prefixes in the LM. forward(batch) -> LM loss.
@@ -148,14 +145,14 @@ class PrefixBlip2(nn.Module):
             attn.prefix = None
         return lmm.language_projection(q.last_hidden_state)                            # (B, Q, d)
 
-    def lm_inputs(self, batch: dict, ids: torch.Tensor, mask: torch.Tensor):
+    def lm_inputs(self, batch: dict):
         """Fig. 5: [prefix (input mode); visual tokens; text] -> (embeddings, attention mask, positions, KV
         cache holding a kv-mode prefix or None). Text is left-padded; positions skip the pads."""
         P = self.prefix_state
         if not isinstance(P, dict):
             P = {} if P == "off" else {k: enc() for k, enc in self.prefix_encoders.items()}
         vis = self.visual_tokens(batch, P.get("qformer"))                              # (B, Q, d)
-        B, ids, mask = len(vis), ids.to(vis.device), mask.to(vis.device)
+        B, ids, mask = len(vis), batch["input_ids"].to(vis.device), batch["attention_mask"].to(vis.device)
         x = torch.cat([vis, self.lmm.language_model.get_input_embeddings()(ids).to(vis.dtype)], 1)
         am = torch.cat([mask.new_ones(vis.shape[:2]), mask], 1)                        # (B, Q + T)
         if "lm" in P and self.lm_mode == "input":
@@ -169,8 +166,7 @@ class PrefixBlip2(nn.Module):
 
     def forward(self, batch: dict) -> torch.Tensor:
         T = batch["labels"].shape[1]
-        out, _ = call_lm(self.lmm.language_model, *self.lm_inputs(batch, batch["input_ids"],
-                                                                  batch["attention_mask"]))
+        out, _ = call_lm(self.lmm.language_model, *self.lm_inputs(batch))
         logits = out.logits[:, -T - 1:-1].float()             # position t predicts text token t
         labels = batch["labels"].to(logits.device)            # -100 except target + eos
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -178,17 +174,15 @@ class PrefixBlip2(nn.Module):
     @torch.no_grad()
     def features(self, batch: dict) -> dict:
         """LM last-layer states at the visual-token and text positions, prefixes in context (as forward)."""
-        x, am, pos, cache = self.lm_inputs(batch, batch["input_ids"], batch["attention_mask"])
-        h = call_lm(self.lmm.language_model, x, am, pos, cache, hidden=True)[0].hidden_states[-1]
+        h = call_lm(self.lmm.language_model, *self.lm_inputs(batch), hidden=True)[0].hidden_states[-1]
         T, Q = batch["input_ids"].shape[1], self.lmm.config.num_query_tokens
         mask = batch["attention_mask"].to(h.device)
         return {"image": h[:, -T - Q:-T], "text": h[:, -T:], "text_mask": mask}
 
 
 class VisionCache:
-    """Outputs of the frozen ViT per image id, at most max_mb MB, least recently used dropped first: memory
-    does not grow with the dataset. Valid only while the ViT is frozen: a forward with a trainable ViT
-    parameter bypasses and empties it (changing ViT weights any other way needs a new cache)."""
+    """Frozen-ViT outputs per image id, at most max_mb MB, least recently used dropped first. A forward
+    with a trainable ViT parameter bypasses and empties it; other changes to ViT weights need a new cache."""
 
     def __init__(self, max_mb: float):
         self.max_bytes, self.bytes, self.items = int(max_mb * 2 ** 20), 0, OrderedDict()
@@ -333,15 +327,12 @@ class Setup:
     records: dict                # train: caption pairs or questions; eval: one per image; mix: shapes_* only
     collate: Collate
     task: str                    # caption | vqa
-
-
-SETUP_FIELDS = ("dataset", "data_root", "model", "num_prefix", "lm_prefix", "qformer_prefix", "prefix_hidden",
-                "num_beams", "max_new_tokens", "train_limit", "eval_limit", "vision_cache_mb")
+    FIELDS = ("dataset", "data_root", "model", "num_prefix", "lm_prefix", "qformer_prefix", "prefix_hidden",
+              "num_beams", "max_new_tokens", "train_limit", "eval_limit", "vision_cache_mb")  # the Args read
 
 
 def setup(a: Args, device) -> Setup:
-    """The records, frozen LMM (one copy per run: a BLIP-2 folder or hub id) and collate of a setting
-    (pt_peft_train.py passes its SETUP_FIELDS)."""
+    """The records, frozen LMM (a BLIP-2 folder or hub id) and collate of a setting (Setup.FIELDS of Args)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
     a = resolve(a)
     split = "val" if a.dataset == "vqav2" else "test"                    # Karpathy test; VQAv2 val
@@ -457,12 +448,13 @@ def beam_search(model: PrefixBlip2, batch: dict, num_beams: int, max_new_tokens:
     score[:, 0] = 0                                                                  # one live beam at first
     done, lens = torch.zeros(B * K, dtype=torch.bool, device=dev), torch.zeros(B * K, device=dev)
     if use_cache:
-        x, am, pos, cache = model.lm_inputs(bb, pids, pm)
+        x, am, pos, cache = model.lm_inputs(dict(bb, input_ids=pids, attention_mask=pm))
         out, cache = call_lm(lm, x, am, pos, cache, use_cache=True)
         pos = pos[:, -1:]
     for _ in range(max_new_tokens):
         if not use_cache:
-            out, _ = call_lm(lm, *model.lm_inputs(bb, torch.cat([pids, seqs], 1), torch.cat([pm, gm], 1)))
+            ids, mask = torch.cat([pids, seqs], 1), torch.cat([pm, gm], 1)
+            out, _ = call_lm(lm, *model.lm_inputs(dict(bb, input_ids=ids, attention_mask=mask)))
         lp = out.logits[:, -1].float().log_softmax(-1)                                 # (B K, V)
         lp[done] = float("-inf")
         lp[done, pad_id] = 0.0                                                         # finished: score kept
@@ -578,10 +570,9 @@ def resolve(a: Args) -> Args:
     """None -> the dataset's default (PAPER, or SYNTHETIC for shapes_*); P by task (Table 8)."""
     table = DEFAULTS.get(a.dataset, PAPER)
     unset = {k: table[k] for k, v in dataclasses.asdict(a).items() if v is None and k in table}
-    a = dataclasses.replace(a, **unset)
     name = a.dataset + "-compare" * a.compare + (f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
-    return dataclasses.replace(a, num_prefix=a.num_prefix or (16 if a.dataset.endswith("vqa") else 8),
-                               out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name))
+    return dataclasses.replace(a, **unset, out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name),
+                               num_prefix=a.num_prefix or (16 if a.dataset.endswith("vqa") else 8))
 
 
 def runs_of(a: Args) -> list:
@@ -622,17 +613,15 @@ def print_table(a: Args, s: Setup, rows: dict) -> None:
     def cell(v):
         return "-" if None in v else data.mean_std(v) if a.seeds and len(v) > 1 else f"{v[0]:.2f}"
     decoding = f"captions by beam {a.num_beams}" if s.task == "caption" else "greedy answers"
-    seeds = f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}"
-    model = Path(a.model).name
-    print(f"\nprefix-tuning a frozen {model} on {a.dataset}: P = {a.num_prefix}, {decoding}, {seeds}")
+    print(f"\nprefix-tuning a frozen {Path(a.model).name} on {a.dataset}: P = {a.num_prefix}, {decoding},",
+          f"seeds {a.seeds}" if a.seeds else f"seed {a.seed}")
     row = "| {:<29} | {:>14} | {:>14} | {:>14} | {:>6} |"
     print(row.format("model", "CIDEr" if s.task == "caption" else "VQA acc", "mix", "train CE", "time"))
     print(f"|{'-' * 31}|{'-' * 16}|{'-' * 16}|{'-' * 16}|{'-' * 8}|")
     for name, rs in rows.items():
         t = [r["seconds"] for r in rs if "seconds" in r]
-        cells = [cell([r["downstream"]["score"] for r in rs]), cell([r["mix"].get("score") for r in rs]),
-                 cell([r.get("train_loss") for r in rs]), f"{sum(t) / len(t):.1f}s" if t else "-"]
-        print(row.format(name, *cells))
+        columns = zip(*[(r["downstream"]["score"], r["mix"].get("score"), r.get("train_loss")) for r in rs])
+        print(row.format(name, *map(cell, columns), f"{sum(t) / len(t):.1f}s" if t else "-"))
 
 
 def run(cli: Args) -> dict:

@@ -40,8 +40,7 @@ import transformers
 
 import data
 import prefix_tuning as pt
-from prefix_tuning import (UsageError, arg, from_checkpoint, load_checkpoint, lr_schedule, prepare_out_dir,
-                           run_cli, save_checkpoint, setup_device, whole_step)
+from prefix_tuning import UsageError, arg
 
 
 # === The method: stage orders (Sec. 3 "Two-stage Optimization"; Tables 2 and 5) ===
@@ -219,7 +218,7 @@ def attach_method(model: nn.Module, a: Args) -> tuple[dict, int]:
     elif peft in ("s_adapter", "p_adapter"):
         add_adapters(model.lmm, a.peft_target, a.adapter_dim, parallel=peft == "p_adapter")
     params, mods = dict(model.named_parameters()), list(model.modules())
-    groups = {"prefix": [n for n in params if n.startswith(pt.PREFIX_PARAMS)],
+    groups = {"prefix": [n for n in params if n.startswith("prefix_encoders.")],
               "peft": [n for n in params if peft and n.startswith("lmm.") and is_peft_param(n[4:], a)]}
     return groups, (sum(params[n].numel() for n in groups["prefix"] + groups["peft"] * (peft == "full"))
                     + sum(a.lora_r * (m.base.in_features + m.base.out_features)      # A (r, in) + B (out, r)
@@ -235,14 +234,14 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
     params, stop = dict(model.named_parameters()), math.inf if a.max_steps is None else a.max_steps
     si0, step0, gstep = (state["stage"], state["step"], state["global_step"]) if state else (0, 0, 0)
     if a.eval_only or si0 >= len(plan):                   # nothing (more) to train: the trained tensors
-        load_checkpoint(path, model)
+        pt.load_checkpoint(path, model)
         return {"finished": si0 >= len(plan), "global_step": gstep}
     loader = data.make_loader(setup.records["train"], a.batch_size, shuffle=True, seed=a.seed,
                               collate_fn=setup.collate, num_workers=a.num_workers)
 
     def save(si, step, opt=None, sched=None):
         if rank == 0:
-            save_checkpoint(path, {"trainable": {n: params[n].detach().cpu().clone() for n in names},
+            pt.save_checkpoint(path, {"trainable": {n: params[n].detach().cpu().clone() for n in names},
                                    "optimizer": opt and opt.state_dict(), "stage": si, "step": step,
                                    "scheduler": sched and sched.state_dict(), "global_step": gstep,
                                    "args": dataclasses.asdict(a)})
@@ -257,9 +256,9 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
         opt = torch.optim.AdamW([{"params": [params[n] for n in groups[g]], "lr": st.lrs[g]}
                                  for g in st.train], betas=(0.9, 0.99), weight_decay=0.05)  # Table 14
         warm = a.warmup_steps if a.warmup_steps is not None else max(1, total // 10)
-        sched = lr_schedule(opt, min(warm, total), total, decay="linear")
+        sched = pt.lr_schedule(opt, min(warm, total), total, decay="linear")
         if state is not None and si == si0:
-            load_checkpoint(path, model)             # the trained tensors and the RNG states
+            pt.load_checkpoint(path, model)          # the trained tensors and the RNG states
             if step0 > 0:
                 opt.load_state_dict(state["optimizer"])
                 sched.load_state_dict(state["scheduler"])
@@ -271,7 +270,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
                 for batch in itertools.islice(loader, step % len(loader), None):
                     if gstep >= stop:
                         break
-                    with whole_step():
+                    with pt.whole_step():
                         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                             loss = net(batch)
                         if not torch.isfinite(loss):
@@ -416,17 +415,16 @@ def resolve(a: Args) -> Args:
     table = SYNTHETIC if a.dataset.startswith("shapes_") else PAPER
     a = dataclasses.replace(a, **{k: table[k] for k in ("epochs", "pt_lr", "batch_size", "warmup_steps",
                                                          "num_beams") if getattr(a, k) is None})
-    pt_epochs, ft_epochs = [a.epochs if e is None else e for e in (a.pt_epochs, a.ft_epochs)]
-    return dataclasses.replace(a, pt_epochs=pt_epochs, ft_epochs=ft_epochs,
-                               lr=a.lr or table["lr_full" if a.peft == "full" else "lr"])
+    epochs = {k: a.epochs for k in ("pt_epochs", "ft_epochs") if getattr(a, k) is None}
+    return dataclasses.replace(a, **epochs, lr=a.lr or table["lr_full" if a.peft == "full" else "lr"])
 
 
 def run_variant(a: Args, setup, device, rank: int, world: int) -> dict:
     """Build the pre-trained LMM, attach prefix / PEFT, train the stages (--eval_only: load), evaluate.
     --resume and --eval_only take the run's settings from its checkpoint."""
     path = os.path.join(a.out_dir, "ckpt.pt")
-    state = load_checkpoint(path) if a.eval_only or a.resume and os.path.exists(path) else None
-    a = resolve(from_checkpoint(a, state) if state else a)
+    state = pt.load_checkpoint(path) if a.eval_only or a.resume and os.path.exists(path) else None
+    a = resolve(pt.from_checkpoint(a, state) if state else a)
     os.makedirs(a.out_dir, exist_ok=True)
     transformers.set_seed(a.seed)
     model = pt.build(setup, with_prefix=a.order != "none").to(device)
@@ -486,16 +484,16 @@ def write_fig4(out_dir: str, rows: dict) -> str:
 def run(a: Args) -> dict:
     tag = ("-compare" if a.compare else "") + ("-seeds" + a.seeds.replace(",", "_") if a.seeds else "")
     a = dataclasses.replace(a, out_dir=a.out_dir or os.path.join("runs", "pt_peft_train", a.dataset + tag))
-    device, rank, world = setup_device(a.device)
-    prepare_out_dir(a, rank)
+    device, rank, world = pt.setup_device(a.device)
+    pt.prepare_out_dir(a, rank)
     first = os.path.join(variants(a)[0][1].out_dir, "ckpt.pt")
     if a.eval_only or a.resume and os.path.exists(first):     # the data and LMM of the checkpointed runs
-        saved = load_checkpoint(first)["args"]
+        saved = pt.load_checkpoint(first)["args"]
         a = dataclasses.replace(a, **{k: saved[k] for k in ("dataset", "model", "num_prefix", "train_limit")})
     runs, t0 = variants(a), time.time()
-    shared = {k: v for k, v in dataclasses.asdict(resolve(runs[0][1])).items() if k in pt.SETUP_FIELDS}
+    shared = {k: v for k, v in dataclasses.asdict(resolve(runs[0][1])).items() if k in pt.Setup.FIELDS}
     setup = pt.setup(pt.Args(**shared), device)                            # one LMM + data for all runs
-    prepare_out_dir(a, rank, inputs_loaded=True)
+    pt.prepare_out_dir(a, rank, inputs_loaded=True)
     rows = {}
     for name, v in runs:
         rows.setdefault(name, []).append(run_variant(v, setup, device, rank, world))
@@ -515,7 +513,7 @@ def run(a: Args) -> dict:
 
 
 def main(argv=None) -> dict:
-    return run_cli(run, Args, argv)
+    return pt.run_cli(run, Args, argv)
 
 
 if __name__ == "__main__":

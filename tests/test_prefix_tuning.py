@@ -86,13 +86,13 @@ def test_no_prefix_equals_hf_and_lm_input_prefix_layout(s):
     for model in (pt.build(s, with_prefix=False), _model(s)):
         if model.prefix_encoders:
             model.prefix_state = "off"                          # exactly the base LMM
-        x, am, pos, cache = model.lm_inputs(b, b["input_ids"], b["attention_mask"])
+        x, am, pos, cache = model.lm_inputs(b)
         out = pt.call_lm(s.base.language_model, x, am, pos, cache)[0].logits
         assert cache is None and torch.allclose(out[:, -T:][m], ref[:, -T:][m], atol=1e-5)
     # LM input prefix alone (Fig. 5): the same as HF's LM on [P; visual; text] built by hand
     model = _model(s, "input", qformer=False)
     P = model.prefix_encoders["lm"]()
-    x, am, pos, _ = model.lm_inputs(b, b["input_ids"], b["attention_mask"])
+    x, am, pos, _ = model.lm_inputs(b)
     assert x.shape[1] == len(P) + s.base.config.num_query_tokens + T
     out = pt.call_lm(s.base.language_model, x, am, pos)[0].logits
     assert torch.allclose(out[:, -T:][m], _hf_logits(s.base, b, P)[:, -T:][m], atol=1e-5)
@@ -176,7 +176,7 @@ def test_grads_only_to_prefixes(s):
     model = _model(s, "input", True)
     model(_batch(s, 2)).backward()
     for n, p in model.named_parameters():
-        trains = n.startswith(pt.PREFIX_PARAMS)
+        trains = n.startswith("prefix_encoders.")
         assert p.requires_grad == trains and (p.grad is not None and p.grad.abs().sum() > 0) == trains, n
 
 

@@ -216,7 +216,7 @@ def test_gradients_only_on_each_stage_parameters(tmp_path, monkeypatch, order, p
     P.main(TINY + ["--order", order, "--peft", peft, "--peft_target", target, "--out_dir", str(tmp_path)])
     setup, model = built[0]
     params = dict(model.named_parameters())
-    prefix = {n for n in params if n.startswith(P.pt.PREFIX_PARAMS)}
+    prefix = {n for n in params if n.startswith("prefix_encoders.")}
     stage2 = {n for n in params if n.startswith("lmm.") and P.is_peft_param(n[4:], P.Args(peft=peft,
                                                                                          peft_target=target))}
     want = {"pt_first": [prefix, prefix | stage2], "peft_first": [stage2, prefix]}[order]
