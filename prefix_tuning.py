@@ -572,7 +572,7 @@ def resolve(a: Args) -> Args:
     unset = {k: table[k] for k, v in dataclasses.asdict(a).items() if v is None and k in table}
     name = a.dataset + "-compare" * a.compare + (f"-seeds{a.seeds.replace(',', '_')}" if a.seeds else "")
     return dataclasses.replace(a, **unset, out_dir=a.out_dir or os.path.join("runs", "prefix_tuning", name),
-                               num_prefix=a.num_prefix or (16 if a.dataset.endswith("vqa") else 8))
+                               num_prefix=a.num_prefix or (16 if "vqa" in a.dataset else 8))
 
 
 def runs_of(a: Args) -> list:

@@ -377,3 +377,9 @@ def test_unreadable_images_dropped_in_training_zero_in_evaluation(tmp_path, caps
     test = s.collate(s.records["eval"], train=False)
     assert len(train["image_ids"]) == 2 and train["unreadable"] == 0
     assert len(test["image_ids"]) == 3 and test["unreadable"] == 1 and not test["pixel_values"][0].any()
+
+
+def test_prefix_length_follows_the_task_table_8():
+    """P = 8 for captioning, 16 for VQA (Table 8, BLIP-2), on the real and the synthetic datasets."""
+    assert {d: pt.resolve(pt.Args(dataset=d)).num_prefix for d in pt.DATASETS} == {
+        "shapes_caption": 8, "shapes_vqa": 16, "coco": 8, "flickr30k": 8, "vqav2": 16}
