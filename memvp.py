@@ -143,7 +143,7 @@ def find_ffns(lm: nn.Module) -> list:
     every decoder FFN of a LLaMA-family LM (Sec. 5.2). UsageError when none is found."""
     root = lm.get_encoder() if lm.config.is_encoder_decoder else lm
     prefix, found = next(n for n, m in lm.named_modules() if m is root), []
-    for name, m in root.named_modules():
+    for name, m in root.named_modules(prefix=prefix):
         has = lambda *names: all(isinstance(getattr(m, a, None), nn.Linear) for a in names)  # noqa: E731
         if has("fc1", "fc2") and hasattr(m, "activation_fn"):
             found.append(("bart", name, m, m.activation_fn))
@@ -154,16 +154,16 @@ def find_ffns(lm: nn.Module) -> list:
     if not found:
         raise UsageError(f"cannot patch {type(lm).__name__}: expected encoder FFNs with fc1/fc2 (BART) or "
                          "wi/wo (T5), or decoder FFNs with gate_proj/up_proj/down_proj (LLaMA family)")
-    return [(k, f"{prefix}.{n}".strip("."), m, a) for k, n, m, a in found]
+    return found
 
 
 def patch_memvp(lm: nn.Module, bank: MemoryBank, scale: float, dropout: float, shared: bool,
-                layers: Optional[list] = None) -> list:
-    """Wrap the FFNs of find_ffns numbered `layers` (default: all of them, the paper's choice) in place
+                layers: Optional[str] = None) -> list:
+    """Wrap the FFNs of find_ffns numbered `layers` ("6,7"; default: all of them, the paper's choice) in place
     (BART: its fc2); the k-th patched FFN reads table k (shared: table 0). -> the patched FFNs' names."""
     ffns = find_ffns(lm)
-    layers = list(range(len(ffns))) if layers is None else layers
-    if not layers or not all(0 <= i < len(ffns) for i in layers):
+    layers = list(range(len(ffns))) if layers is None else [int(i) for i in layers.split(",")]
+    if not all(0 <= i < len(ffns) for i in layers):
         raise UsageError(f"--memory_layers {layers}: {type(lm).__name__} has FFNs 0-{len(ffns) - 1}")
     for table, i in enumerate(layers):
         kind, name, m, act = ffns[i]
@@ -190,10 +190,9 @@ class LoRALinear(nn.Module):
 
 def add_lora(lm: nn.Module, r: int, alpha: float) -> None:
     """LoRA on every attention query / value projection (self- and cross-attention)."""
-    hits = [(n, m) for n, m in lm.named_modules()
-            if isinstance(m, nn.Linear) and n.rpartition(".")[2] in ("q_proj", "v_proj", "q", "v")]
-    for name, m in hits:
-        lm.set_submodule(name, LoRALinear(m, r, alpha))
+    for name, m in list(lm.named_modules()):
+        if isinstance(m, nn.Linear) and name.rpartition(".")[2] in ("q_proj", "v_proj", "q", "v"):
+            lm.set_submodule(name, LoRALinear(m, r, alpha))
 
 
 def merge_lora(lm: nn.Module) -> nn.Module:
@@ -206,23 +205,23 @@ def merge_lora(lm: nn.Module) -> nn.Module:
 
 
 class VLModel(nn.Module):
-    """Frozen LM + trainable visual bridge: memory space (MemVP) or input space + LoRA on q/v."""
+    """A copy of the frozen LM + a trainable visual bridge: memory space (MemVP) or input space + LoRA on q/v,
+    with the settings of `args` (lam, scale, n_pos, proj_hidden, mem_dropout, memory_layers, lora_rank)."""
 
-    def __init__(self, lm: nn.Module, mode: str, d_vis: int, *, lam=0.01, scale=1.0, n_pos=240,
-                 shared_pos=False, proj_hidden=128, mem_dropout=0.0, lora_rank=0, bos_first=True,
-                 memory_layers: Optional[list] = None):
+    def __init__(self, lm: nn.Module, mode: str, d_vis: int, args: Args, bos_first: bool = True):
         super().__init__()
-        self.lm, self.mode, self.enc_dec = lm, mode, bool(lm.config.is_encoder_decoder)
+        self.lm, self.mode, self.enc_dec = copy.deepcopy(lm), mode, bool(lm.config.is_encoder_decoder)
         self.lead = int(not self.enc_dec and bos_first)  # decoder-only: the text starts with bos
-        d, hidden = lm.get_input_embeddings().embedding_dim, 0 if self.enc_dec else proj_hidden
-        if mode == "input" and lora_rank:
-            add_lora(lm, lora_rank, lora_rank)  # DEVIATION: LoRA alpha = r (the paper gives only r)
+        d, hidden = lm.get_input_embeddings().embedding_dim, 0 if self.enc_dec else args.proj_hidden
+        if mode == "input" and args.lora_rank:
+            add_lora(self.lm, args.lora_rank, args.lora_rank)  # DEVIATION: LoRA alpha = r (the paper: only r)
         self.memory_layers = []  # the names of the FFNs that carry the memory
         if mode == "memvp":
-            self.bank = MemoryBank()
-            self.memory_layers = patch_memvp(lm, self.bank, scale, mem_dropout, shared_pos, memory_layers)
-            tables = 1 if shared_pos else len(self.memory_layers)
-            self.prompts = MemVPPrompts(d_vis, d, n_pos, tables, lam, hidden)
+            self.bank, shared = MemoryBank(), not self.enc_dec  # LLaMA: one p^k, p^v table (Sec. 5.2)
+            self.memory_layers = patch_memvp(self.lm, self.bank, args.scale, args.mem_dropout, shared,
+                                             args.memory_layers)
+            tables = 1 if shared else len(self.memory_layers)
+            self.prompts = MemVPPrompts(d_vis, d, args.n_pos, tables, args.lam, hidden)
         else:
             self.projector = projector(d_vis, d, hidden)
 
@@ -272,8 +271,7 @@ def freeze(model: VLModel) -> list:
 
 
 def method_parameters(model: VLModel) -> int:
-    """The size of what the method added, from the shapes of those modules (not from requires_grad): f and
-    p^k, p^v (MemVP) or f and every LoRA A, B (input space), + the LM's norms for BART/T5 (Sec. 5.1)."""
+    """What the method added, from those modules' shapes (not from requires_grad): freeze's check."""
     added = list((model.prompts if model.mode == "memvp" else model.projector).parameters())
     added += [t for m in model.lm.modules() if isinstance(m, LoRALinear) for t in (m.lora_A, m.lora_B)]
     norms = [p for m in model.lm.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(False)]
@@ -352,7 +350,7 @@ def load_split(args: Args, split: str, recs: list, tok, train: bool, llama: bool
         kind = transformers.AutoConfig.from_pretrained(args.vision).model_type
         if kind not in ("clip", "clip_vision_model"):
             raise UsageError(f"--vision {args.vision}: the LLaMA recipe reads a CLIP tower (its ln_post)")
-        tower = transformers.CLIPVisionModel.from_pretrained(args.vision)
+        tower = transformers.CLIPVisionModel.from_pretrained(args.vision).requires_grad_(False)
         post = next(m for n, m in tower.named_modules() if n.endswith("post_layernorm"))
     return Split(recs, feats, rows, items, post)
 
@@ -370,14 +368,12 @@ class Collator:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.bos, self.eos = [] if tok.bos_token_id is None else [tok.bos_token_id], tok.eos_token_id
 
-    @torch.no_grad()
-    def features(self, idx):
-        z = self.split.feats[self.split.rows[torch.tensor(idx)]].float()  # (B, n, d_v)
-        return z if self.split.post is None else self.split.post(z) * image_present(z)
-
     def __call__(self, items):
         idx, src, tgt = zip(*items)
-        out = {"index": idx, "feats": None if self.split is None else self.features(idx)}
+        out = {"index": idx, "feats": None}
+        if self.split is not None:
+            z = self.split.feats[self.split.rows[torch.tensor(idx)]].float()  # (B, n, d_v)
+            out["feats"] = z if self.split.post is None else self.split.post(z) * image_present(z)
         if self.enc_dec:
             seqs = [s + [self.eos] for s in src]
             out["labels"] = pad([t + [self.eos] for t in tgt], -100)
@@ -407,8 +403,8 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     total = args.epochs * len(loader)  # the schedule spans --epochs; --max_steps only stops early
     target = total if args.max_steps < 0 else min(args.max_steps, total)
     sched = lr_schedule(opt, int(args.warmup_ratio * total), total)  # official: linear warm-up, cosine to 0
-    step, spent, recent, saved = 0, 0.0, [], args.eval_only or (args.resume and os.path.exists(ckpt))
-    if saved:
+    step, spent, recent = 0, 0.0, []
+    if args.eval_only or (args.resume and os.path.exists(ckpt)):
         state = load_checkpoint(ckpt, model)  # the trained tensors, and the RNG states restored
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -438,7 +434,7 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
                                                                     "labels")))
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss at step {step + 1}; last good checkpoint: "
-                                                 f"{ckpt if saved else 'none'}")
+                                                 f"{ckpt if os.path.exists(ckpt) else 'none'}")
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -453,7 +449,6 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
                         losses = []
                     if step % args.ckpt_every == 0 or step == target:
                         save()
-                        saved = True
                 if step == target:
                     break
     except KeyboardInterrupt:
@@ -466,7 +461,6 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -561,9 +555,8 @@ def run_benchmark(args: Args, device) -> dict:
     else:  # a random-weight LLaMA of SmolLM2-135M's shape (9 heads, 3 key/value heads), init std d^-0.5
         lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.bench_layers,
-            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-            tie_word_embeddings=True, initializer_range=576 ** -0.5, pad_token_id=0, bos_token_id=1,
-            eos_token_id=2))
+            num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+            initializer_range=576 ** -0.5, pad_token_id=0))  # LlamaConfig's bos 1, eos 2, 2048 positions
     resolve_family(args, lm.requires_grad_(False), 1, synthetic=False)
     B, n, L, cfg = args.bench_batch, args.bench_n, args.bench_L, lm.config
     n_mem, tgt, dv, gen = max(args.n_pos, n), (16 if cfg.is_encoder_decoder else L), 1024, 8
@@ -574,7 +567,7 @@ def run_benchmark(args: Args, device) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sides = {}
     for mode in ("memvp", "input"):
-        m = build_vl(dataclasses.replace(args, n_pos=n_mem), lm, mode, dv, True).to(device)
+        m = VLModel(lm, mode, dv, dataclasses.replace(args, n_pos=n_mem)).to(device)
         freeze(m)
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
         with FlopCounterMode(display=False) as fc, torch.no_grad(), autocast(device):
@@ -735,17 +728,13 @@ class Args:
             **{k: at_least(1) for k in ("epochs", "batch_size", "eval_batch_size", "log_every", "ckpt_every",
                                         "proj_hidden", "max_text_len", "max_new_tokens", "image_size",
                                         "bench_layers", "bench_n", "bench_L", "bench_batch", "bench_iters")}})
-
-
-def resolve(args: Args) -> Args:
-    """Fill what does not depend on the LM."""
-    args.cache_dir = args.cache_dir or data.cache_dir()
-    args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[TASKS[args.dataset]]
-    seeds = f"-seeds{args.seeds.replace(',', '_')}" if args.seeds else ""  # its own folder
-    name = os.path.basename(args.model.rstrip("/"))
-    args.out_dir = args.out_dir or os.path.join("runs", "memvp", "benchmark" if args.benchmark
-                                                else f"{args.dataset}-{name}{seeds}")
-    return args
+        # the defaults that do not depend on the LM (those that do: resolve_family)
+        self.cache_dir = self.cache_dir or data.cache_dir()
+        self.max_new_tokens = self.max_new_tokens or NEW_TOKENS[TASKS[self.dataset]]
+        seeds = f"-seeds{self.seeds.replace(',', '_')}" if self.seeds else ""  # its own folder
+        name = os.path.basename(self.model.rstrip("/"))
+        self.out_dir = self.out_dir or os.path.join("runs", "memvp", "benchmark" if self.benchmark
+                                                    else f"{self.dataset}-{name}{seeds}")
 
 
 def resolve_family(args: Args, lm, world: int, synthetic: bool) -> None:
@@ -757,16 +746,7 @@ def resolve_family(args: Args, lm, world: int, synthetic: bool) -> None:
             setattr(args, name, value * args.batch_size * world / 256 if name == "lr" and llama else value)
 
 
-def build_vl(args: Args, lm, mode: str, d_vis: int, bos_first: bool) -> VLModel:
-    """A fresh copy of the frozen LM with the visual bridge of `mode` (the same LM weights on both sides)."""
-    layers = None if args.memory_layers is None else [int(i) for i in args.memory_layers.split(",")]
-    same = {k: getattr(args, k) for k in ("lam", "scale", "n_pos", "proj_hidden", "mem_dropout", "lora_rank")}
-    return VLModel(copy.deepcopy(lm), mode, d_vis, shared_pos=not lm.config.is_encoder_decoder,  # Sec. 5.2
-                   bos_first=bos_first, memory_layers=layers, **same)
-
-
 def run(args: Args) -> dict:
-    args = resolve(args)
     if args.seeds is not None:  # one run per seed (out_dir/seed<N>), then one table of mean ± std
         seeds = [int(s) for s in args.seeds.split(",")]
         runs = [run(dataclasses.replace(args, seed=s, seeds=None,
@@ -822,7 +802,7 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     out_dir = os.path.join(args.out_dir, mode)
     os.makedirs(out_dir, exist_ok=True)
     transformers.set_seed(args.seed)
-    model = build_vl(args, lm, mode, trainset.feats.shape[-1], tok.bos_token_id is not None).to(device)
+    model = VLModel(lm, mode, trainset.feats.shape[-1], args, tok.bos_token_id is not None).to(device)
     freeze(model)
     if rank == 0:
         data.count_trainable(model, method_parameters(model), log=lambda line: print(f"[{mode}] {line}"))

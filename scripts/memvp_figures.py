@@ -121,7 +121,7 @@ def load_trained(out: str, device) -> tuple:
     """memvp.py's --eval_only path: the run's Args from its checkpoint, the frozen LM with the MemVP entries
     and the trained tensors, the evaluation split -> (run Args, VLModel, tokenizer, Split)."""
     path = os.path.join(out, "memvp", "checkpoint.pt")
-    args = memvp.resolve(memvp.from_checkpoint(memvp.Args(out_dir=out), memvp.load_checkpoint(path)))
+    args = memvp.from_checkpoint(memvp.Args(out_dir=out), memvp.load_checkpoint(path))
     if args.dataset != "shapes_vqa":
         raise memvp.UsageError(f"{out} holds a {args.dataset} run: the figures read shapes_vqa's question "
                                "families")
@@ -130,8 +130,8 @@ def load_trained(out: str, device) -> tuple:
     data.pin_threads(lm, device)
     llama = not lm.config.is_encoder_decoder
     split = memvp.load_split(args, args.eval_split, recs, tok, False, llama, device)
-    model = memvp.build_vl(args, lm.requires_grad_(False), "memvp", split.feats.shape[-1],
-                           tok.bos_token_id is not None).to(device)
+    model = memvp.VLModel(lm.requires_grad_(False), "memvp", split.feats.shape[-1], args,
+                          tok.bos_token_id is not None).to(device)
     memvp.load_checkpoint(path, model)
     return args, model.eval(), tok, split
 

@@ -2,7 +2,6 @@
 gradients, generation with reused keys/values, FLOP formulas against torch's counter, and runs on the shipped
 stand-ins: smoke, CLI, DDP, resume, seeds, eval_only, ScienceQA (a re-made stand-in) and VQAv2 fixtures in the
 official layouts, the benchmark, bad inputs."""
-import copy
 import json
 import os
 import signal
@@ -53,6 +52,12 @@ def tiny(arch, t5_ffn="relu", layers=2):
     return make_stand_ins.tiny_lm(arch, 40, 32, layers, 64, 4, 2, t5_ffn).eval()
 
 
+def vl(lm, mode, d_vis, **settings):
+    """memvp.VLModel with the BART/T5 family's values of Args, but `settings`."""
+    family = {"lam": 0.01, "scale": 1.0, "n_pos": 240, "mem_dropout": 0.0, "lora_rank": 0}
+    return memvp.VLModel(lm, mode, d_vis, memvp.Args(**{**family, **settings}))
+
+
 def small(out, *extra):
     """A small run: 24 training and 6 evaluation questions, 2 steps, on stand_ins/tiny-llama."""
     return ["--train_limit", "24", "--eval_limit", "6", "--max_steps", "2", "--batch_size", "8",
@@ -88,16 +93,17 @@ def explicit_ffn(kind, mod, act, x, K, V, s):
                          [("bart", "relu"), ("t5", "relu"), ("t5", "gated-gelu"), ("llama", "relu")])
 def test_visual_memory_equals_concatenated_weights(arch, t5_ffn):
     ref = tiny(arch, t5_ffn)
-    m = memvp.VLModel(copy.deepcopy(ref), "memvp", 8, n_pos=5, scale=0.7).eval()
+    m = vl(ref, "memvp", 8, n_pos=5, scale=0.7).eval()
+    assert not any(isinstance(w, memvp.MemVPFFN) for w in ref.modules())  # VLModel patched a copy
     ffns = memvp.find_ffns(ref)
     assert len(ffns) == 2 and all(k == {"t5": "t5", "bart": "bart"}.get(arch, "llama") for k, *_ in ffns)
     torch.manual_seed(1)
     keys, values, x = torch.randn(2, 2, 5, 32) * 0.3, torch.randn(2, 2, 5, 32), torch.randn(2, 3, 32)
     with torch.no_grad(), m.bank.use(keys, values):
         for t, (kind, name, mod, act) in enumerate(ffns):
-            patched = m.lm.get_submodule(name)
+            patched, table = m.lm.get_submodule(name), 0 if arch == "llama" else t  # LLaMA: one table
             got = patched.fc2(patched.activation_fn(patched.fc1(x))) if kind == "bart" else patched(x)
-            torch.testing.assert_close(got, explicit_ffn(kind, mod, act, x, keys[t], values[t], 0.7),
+            torch.testing.assert_close(got, explicit_ffn(kind, mod, act, x, keys[table], values[table], 0.7),
                                        rtol=1e-4, atol=1e-5)
             plain = mod.fc2(act(mod.fc1(x))) if kind == "bart" else mod(x)
             assert (got - plain).abs().max() > 1e-3
@@ -113,7 +119,7 @@ def test_visual_memory_pure_function():
 @pytest.mark.parametrize("arch", ["bart", "t5", "llama"])
 def test_zero_memory_gives_the_frozen_lm(arch):
     ref = tiny(arch)
-    m = memvp.VLModel(copy.deepcopy(ref), "memvp", 8, lam=0.0, n_pos=6, shared_pos=arch == "llama").eval()
+    m = vl(ref, "memvp", 8, lam=0.0, n_pos=6).eval()
     ids = torch.randint(4, 40, (2, 5))
     extra = {"labels": ids} if arch != "llama" else {}
     with torch.no_grad():
@@ -133,7 +139,7 @@ def test_zero_memory_gives_the_frozen_lm(arch):
 @pytest.mark.parametrize("mode,arch",
                          [("memvp", "bart"), ("memvp", "llama"), ("input", "t5"), ("input", "llama")])
 def test_gradients_reach_only_the_method(mode, arch):
-    m = memvp.VLModel(tiny(arch), mode, 8, lam=0.5, n_pos=6, shared_pos=arch == "llama", lora_rank=2)
+    m = vl(tiny(arch), mode, 8, lam=0.5, n_pos=6, lora_rank=2)
     names = memvp.freeze(m)
     ids = torch.randint(4, 40, (2, 5))
     labels = ids.clone() if arch == "llama" else torch.randint(4, 40, (2, 3))
@@ -171,12 +177,11 @@ def test_prompts_padding_tables_and_text_only_samples():
     assert torch.equal(k[:, 1], pr.pos_k) and torch.equal(v[:, 1], pr.pos_v)
     with pytest.raises(memvp.UsageError):
         pr(torch.randn(1, 8, 6))
-    for shared in (True, False):  # LLaMA: one table for all layers (Sec. 5.2); else one per layer
-        m = memvp.VLModel(tiny("llama"), "memvp", 6, n_pos=7, shared_pos=shared)
-        assert m.prompts.pos_k.shape[0] == (1 if shared else 2)
-        tables = [w.table for w in m.modules() if isinstance(w, memvp.MemVPFFN)]
-        assert tables == ([0, 0] if shared else [0, 1])
-    m = memvp.VLModel(tiny("bart"), "memvp", 6, n_pos=7)  # BART: the encoder FFNs only (Sec. 5.1)
+    m = vl(tiny("llama"), "memvp", 6, n_pos=7)  # LLaMA: one table for all layers (Sec. 5.2)
+    assert m.prompts.pos_k.shape[0] == 1
+    assert [w.table for w in m.modules() if isinstance(w, memvp.MemVPFFN)] == [0, 0]
+    m = vl(tiny("bart"), "memvp", 6, n_pos=7)  # BART: the encoder FFNs only (Sec. 5.1), one table each
+    assert m.prompts.pos_k.shape[0] == 2
     assert [w.table for w in m.lm.model.encoder.modules() if isinstance(w, memvp.MemVPFFN)] == [0, 1]
     assert not any(isinstance(w, memvp.MemVPFFN) for w in m.lm.model.decoder.modules())
 
@@ -184,7 +189,7 @@ def test_prompts_padding_tables_and_text_only_samples():
 @pytest.mark.parametrize("mode", ["memvp", "input"])
 def test_generation_reuses_keys_values_and_matches_full_recomputation(mode):
     torch.manual_seed(0)
-    m = memvp.VLModel(tiny("llama"), mode, 8, lam=1.0, n_pos=6, shared_pos=True, lora_rank=2).eval()
+    m = vl(tiny("llama"), mode, 8, lam=1.0, n_pos=6, lora_rank=2).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -207,7 +212,7 @@ def test_generation_reuses_keys_values_and_matches_full_recomputation(mode):
 
 
 def test_merged_lora_gives_the_same_lm():
-    m = memvp.VLModel(tiny("bart"), "input", 8, lora_rank=3).eval()
+    m = vl(tiny("bart"), "input", 8, lora_rank=3).eval()
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:
@@ -242,14 +247,13 @@ def test_flops_eq13_15_and_against_torch_counter():
     z, ids, lab = torch.randn(B, n, d_v), torch.randint(4, 40, (B, L)), torch.randint(4, 40, (B, t))
     for arch in ("bart", "t5"):
         lm, cfg = tiny(arch), tiny(arch).config
-        with_lora = counted(memvp.VLModel(copy.deepcopy(lm), "input", d_v, lora_rank=3),
-                            z, ids, ids * 0 + 1, lab)
-        plain = counted(memvp.VLModel(copy.deepcopy(lm), "input", d_v), z, ids, ids * 0 + 1, lab)
+        with_lora = counted(vl(lm, "input", d_v, lora_rank=3), z, ids, ids * 0 + 1, lab)
+        plain = counted(vl(lm, "input", d_v), z, ids, ids * 0 + 1, lab)
         want = (memvp.analytic_flops(cfg, "input", n, n, L, t, 3)
                 - memvp.analytic_flops(cfg, "input", n, n, L, t))
         assert with_lora - plain == B * want
     lm, cfg = tiny("llama"), tiny("llama").config
-    m = memvp.VLModel(copy.deepcopy(lm), "memvp", d_v, n_pos=9, shared_pos=True)
+    m = vl(lm, "memvp", d_v, n_pos=9)
     mem = counted(m, z, ids, ids * 0 + 1, ids) - counted(m.prompts, z) - counted(lm, ids)
     assert mem == B * (memvp.analytic_flops(cfg, "memvp", n, 9, L, L, memory_layers=2)
                        - memvp.analytic_flops(cfg, "memvp", n, 0, L, L, memory_layers=2))
@@ -260,7 +264,7 @@ def test_memory_in_half_the_layers(arch, t5_ffn):
     """The memory in the last 2 of 4 FFNs: the trainable count from the added modules' shapes, and the
     analytic FLOPs (Eq. 15 for the 2 memory layers only) within 5 % of torch's count (not with all 4)."""
     lm = tiny(arch, t5_ffn, layers=4)
-    m = memvp.VLModel(lm, "memvp", 8, n_pos=64, shared_pos=arch == "llama", memory_layers=[2, 3])
+    m = vl(lm, "memvp", 8, n_pos=64, memory_layers="2,3")
     memvp.freeze(m)
     ffns = memvp.find_ffns(tiny(arch, t5_ffn, layers=4))
     assert m.memory_layers == [ffns[2][1], ffns[3][1]]
@@ -275,7 +279,7 @@ def test_memory_in_half_the_layers(arch, t5_ffn):
     every = memvp.analytic_flops(m.lm.config, "memvp", n, 64, L, tgt, memory_layers=4)
     assert abs(half / flops - 1) < 0.05 < abs(every / flops - 1)
     with pytest.raises(memvp.UsageError, match="has FFNs 0-3"):
-        memvp.VLModel(tiny(arch, t5_ffn, layers=4), "memvp", 8, memory_layers=[4])
+        vl(tiny(arch, t5_ffn, layers=4), "memvp", 8, memory_layers="4")
 
 
 def test_scienceqa_prompt_official_format():

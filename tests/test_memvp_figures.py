@@ -1,7 +1,6 @@
 """scripts/memvp_figures.py: Fig. 6's blocking against the FFN with those entries removed from the
 concatenated weights of Eq. 8 / 11-12, Fig. 5's similarity against lam f(z_i) read back from the keys, and a
 small run of the script (both tiny LMs, 2 training steps) under tmp_path."""
-import copy
 import json
 import os
 import sys
@@ -23,6 +22,12 @@ WEIGHTS = {"BartEncoderLayer": ("fc1", None, "fc2"), "T5DenseGatedActDense": ("w
 def tiny(arch, t5_ffn="relu"):
     torch.manual_seed(0)
     return make_stand_ins.tiny_lm(arch, 40, 32, 2, 64, 4, 2, t5_ffn).eval()
+
+
+def vl(lm, mode, d_vis, **settings):
+    """memvp.VLModel with the BART/T5 family's values of Args, but `settings`."""
+    family = {"lam": 0.01, "scale": 1.0, "n_pos": 240, "mem_dropout": 0.0, "lora_rank": 0}
+    return memvp.VLModel(lm, mode, d_vis, memvp.Args(**{**family, **settings}))
 
 
 def ffn_without(mod, act, x, K, V, s, removed):
@@ -47,7 +52,7 @@ def ffn_without(mod, act, x, K, V, s, removed):
 @pytest.mark.parametrize("arch,t5_ffn", [("bart", "relu"), ("llama", "relu"), ("t5", "gated-gelu")])
 def test_blocking_removes_the_entries_from_the_concatenated_weights(arch, t5_ffn):
     ref, original = tiny(arch, t5_ffn), memvp.visual_memory
-    m = memvp.VLModel(copy.deepcopy(ref), "memvp", 8, n_pos=5, scale=0.7).eval()
+    m = vl(ref, "memvp", 8, n_pos=5, scale=0.7).eval()
     torch.manual_seed(1)
     keys, values, x = torch.randn(2, 2, 5, 32) * 0.3, torch.randn(2, 2, 5, 32), torch.randn(2, 3, 32)
     blocked = torch.tensor([[0, 3], [4, 1]])  # per sample
@@ -59,7 +64,8 @@ def test_blocking_removes_the_entries_from_the_concatenated_weights(arch, t5_ffn
             with memvp_figures.probe(blocked) as calls:
                 got = ffn(x)
             assert len(calls) == 1 and calls[0][0] is x
-            want = ffn_without(mod, act, x, keys[t], values[t], 0.7, blocked)
+            table = 0 if arch == "llama" else t  # LLaMA: one table for all layers (Sec. 5.2)
+            want = ffn_without(mod, act, x, keys[table], values[table], 0.7, blocked)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
             assert (got - ffn(x)).abs().max() > 1e-3  # the probe is gone: all entries again
             with memvp_figures.probe(torch.arange(5).expand(2, 5)):  # every entry blocked: the frozen FFN
@@ -71,7 +77,7 @@ def test_blocking_removes_the_entries_from_the_concatenated_weights(arch, t5_ffn
 def test_similarity_is_phi_of_lam_f_without_the_position_embedding(arch):
     """Fig. 5's phi(<x, lam f(z_i)>), averaged over the memory layers: lam f(z_i) read back as K(z_i) - p^k_i
     from the keys the FFNs received, x as the queries they received."""
-    m = memvp.VLModel(tiny(arch), "memvp", 8, lam=0.5, n_pos=6, shared_pos=arch == "llama").eval()
+    m = vl(tiny(arch), "memvp", 8, lam=0.5, n_pos=6).eval()
     torch.manual_seed(2)
     m.prompts.pos_k.data.normal_()
     feats, ids = torch.randn(2, 4, 8), torch.randint(4, 40, (2, 5))
