@@ -730,7 +730,6 @@ class Args:
                                         "bench_layers", "bench_n", "bench_L", "bench_batch", "bench_iters")}})
         # the defaults that do not depend on the LM (those that do: resolve_family)
         self.cache_dir = self.cache_dir or data.cache_dir()
-        self.max_new_tokens = self.max_new_tokens or NEW_TOKENS[TASKS[self.dataset]]
         seeds = f"-seeds{self.seeds.replace(',', '_')}" if self.seeds else ""  # its own folder
         name = os.path.basename(self.model.rstrip("/"))
         self.out_dir = self.out_dir or os.path.join("runs", "memvp", "benchmark" if self.benchmark
@@ -738,7 +737,8 @@ class Args:
 
 
 def resolve_family(args: Args, lm, world: int, synthetic: bool) -> None:
-    """The values left out: FAMILY, or SYNTHETIC on a synthetic dataset."""
+    """The values left out: FAMILY, or SYNTHETIC on a synthetic dataset; the task's greedy tokens."""
+    args.max_new_tokens = args.max_new_tokens or NEW_TOKENS[TASKS[args.dataset]]  # --eval_only: the run's
     llama = not lm.config.is_encoder_decoder
     for name, vals in FAMILY.items():
         if getattr(args, name) is None:

@@ -326,6 +326,9 @@ def test_main_encoder_decoder(arch, tmp_path):
                            "--max_new_tokens", "4"))
     assert res["args"]["lora_rank"] == 40 and res["args"]["lr"] == 1e-3
     assert all(0 <= r["metrics"]["CIDEr"] for r in res["modes"].values())
+    if arch == "bart":  # --eval_only without --dataset: the checkpoint's task, with its greedy length
+        again = memvp.main(small(tmp_path, "--model", "stand_ins/tiny-bart", "--eval_only"))
+        assert again["task"] == "caption" and again["args"]["max_new_tokens"] == 30
 
 
 def test_cli_subprocess(tmp_path):
