@@ -138,7 +138,8 @@ def load_trained(out: str, device) -> tuple:
 
 def generation(run_args: memvp.Args, tok) -> transformers.GenerationConfig:
     """Greedy decoding as memvp.evaluate."""
-    return transformers.GenerationConfig(max_new_tokens=run_args.max_new_tokens, do_sample=False, num_beams=1,
+    new_tokens = run_args.max_new_tokens or memvp.NEW_TOKENS[memvp.TASKS[run_args.dataset]]
+    return transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1,
                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id or 0)
 
 

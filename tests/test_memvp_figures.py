@@ -138,3 +138,11 @@ def test_object_cells_of_the_grid():
     objects = [{"x": 0.21, "y": 0.49}, {"x": 0.5, "y": 0.8}, {"x": 0.8, "y": 0.5}]
     rec = {"meta": {"scene": {"objects": objects}}}
     assert memvp_figures.object_cells(rec, 9) == {3, 7, 5}  # left, bottom, right (row-major 3 x 3)
+
+
+def test_generation_length_is_the_tasks_as_in_memvp():
+    """A run's Args without --max_new_tokens decode as many tokens as memvp.evaluate does (8 for VQA)."""
+    from types import SimpleNamespace
+    tok = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    assert memvp_figures.generation(memvp.Args(), tok).max_new_tokens == memvp.NEW_TOKENS["vqa"] == 8
+    assert memvp_figures.generation(memvp.Args(max_new_tokens=3), tok).max_new_tokens == 3
