@@ -235,7 +235,7 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
         while step < stop:
             epoch, skip = divmod(step, spe)
             data.set_epoch(loader, epoch)            # order = f(seed, epoch): a resumed run skips what it saw
-            for x, y in itertools.islice(loader, skip, None):
+            for x, y in itertools.islice(loader, skip, skip + stop - step):  # to the end or --max_steps
                 with whole_step():
                     with torch.autocast(env.device.type, torch.bfloat16, enabled=env.device.type == "cuda"):
                         logits = net(prompts, x.to(env.device))                                    # (B, C)
@@ -250,8 +250,6 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
                     step += 1
                     if step % spe == 0:                  # a checkpoint per epoch
                         save()
-                if step == stop:
-                    break
     except KeyboardInterrupt:
         save()
         raise
