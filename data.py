@@ -112,17 +112,17 @@ _MASKS = {  # pixels of a shape, in units of its radius around its centre
     "star": lambda dx, dy: np.hypot(dx, dy) <= 0.42 + 0.58 * (  # five points, one pointing up
         (1 + np.cos(5 * (np.arctan2(dy, dx) + np.pi / 2))) / 2) ** 1.5,
 }
-_PLURAL = {s: s + ("es" if s.endswith(("s", "x", "ss")) else "s") for s in SHAPES}
-_WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
+PLURAL = {s: s + ("es" if s.endswith(("s", "x", "ss")) else "s") for s in SHAPES}
+WHERE = {"left": "on the left", "right": "on the right", "top": "at the top",
           "bottom": "at the bottom", "center": "in the center"}
-_RELATIONS = {"left of": lambda b, a: b[0] < a[0], "right of": lambda b, a: b[0] > a[0],
-              "above": lambda b, a: b[1] < a[1], "below": lambda b, a: b[1] > a[1]}
-_NUMWORD = ("zero", "one", "two", "three")
+RELATIONS = {"left of": lambda b, a: b[0] < a[0], "right of": lambda b, a: b[0] > a[0],
+             "above": lambda b, a: b[1] < a[1], "below": lambda b, a: b[1] > a[1]}
+NUMWORD = ("zero", "one", "two", "three")
 _SPLIT_CODE = {"train": 1, "val": 2, "test": 3}
 _ANSWER_POOL = {"color": COLORS, "shape": SHAPES, "relation": SHAPES, "position": POSITIONS,
                 "count": ("0", "1", "2", "3"), "exist": ("yes", "no")}
 _ANSWER_TYPE = {"count": "number", "exist": "yes/no"}
-_Q_TEMPLATES = {
+Q_TEMPLATES = {
     "color": ("what color is {ref}?", "what is the color of {ref}?"),
     "shape": ("what shape is {ref}?", "which shape is {ref}?"),
     "count": ("how many {what} are there?", "how many {what} are in the image?"),
@@ -238,11 +238,11 @@ class ShapesWorld:
             n = len(objs)
             caps = [
                 _join([_a(f"{o['size']} {o['color']} {o['shape']}") for o in objs]) + ".",
-                "there is " + _join([_a(f"{o['color']} {o['shape']} {_WHERE[o['pos']]}") for o in objs])
+                "there is " + _join([_a(f"{o['color']} {o['shape']} {WHERE[o['pos']]}") for o in objs])
                 + ".",
                 "an image with " + _join([_a(f"{o['color']} {o['shape']}") for o in objs]) + ".",
-                f"{_NUMWORD[n]} object{'s' if n > 1 else ''}: " + _join([_a(o["shape"]) for o in objs]) + ".",
-                _join([f"the {o['color']} {o['shape']} is {_WHERE[o['pos']]}" for o in objs]) + ".",
+                f"{NUMWORD[n]} object{'s' if n > 1 else ''}: " + _join([_a(o["shape"]) for o in objs]) + ".",
+                _join([f"the {o['color']} {o['shape']} is {WHERE[o['pos']]}" for o in objs]) + ".",
             ]
             rec = self._base(split, index, scene, "s")
             rec.update(task="caption", captions=caps)
@@ -271,23 +271,23 @@ class ShapesWorld:
 
 def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]:
     """(question, answer) of family `fam` about a scene, or None when not applicable."""
-    tpl = _Q_TEMPLATES[fam][int(rng.integers(2))]
+    tpl = Q_TEMPLATES[fam][int(rng.integers(2))]
     o = objs[int(rng.integers(len(objs)))]
     if fam == "color":
         ref = (f"the {o['shape']}" if _unique(objs, o, ["shape"]) else
                f"the {o['size']} {o['shape']}" if _unique(objs, o, ["size", "shape"]) else
-               f"the {o['shape']} {_WHERE[o['pos']]}")
+               f"the {o['shape']} {WHERE[o['pos']]}")
         return tpl.format(ref=ref), o["color"]
     if fam == "shape":
         ref = (f"the {o['color']} object" if _unique(objs, o, ["color"]) else
                f"the {o['size']} {o['color']} object" if _unique(objs, o, ["size", "color"]) else
-               f"the object {_WHERE[o['pos']]}")
+               f"the object {WHERE[o['pos']]}")
         return tpl.format(ref=ref), o["shape"]
     if fam == "count":
         mode = int(rng.integers(3))
         if mode == 0:
             shape = SHAPES[rng.integers(6)] if rng.random() < 0.3 else o["shape"]
-            return tpl.format(what=_PLURAL[shape]), str(sum(x["shape"] == shape for x in objs))
+            return tpl.format(what=PLURAL[shape]), str(sum(x["shape"] == shape for x in objs))
         if mode == 1:
             color = COLORS[rng.integers(8)] if rng.random() < 0.3 else o["color"]
             return tpl.format(what=f"{color} objects"), str(sum(x["color"] == color for x in objs))
@@ -306,7 +306,7 @@ def _make_question(fam: str, objs: list[dict], rng) -> Optional[tuple[str, str]]
     for a in objs:
         if not _unique(objs, a, ["color", "shape"]):
             continue
-        for rel, test in _RELATIONS.items():
+        for rel, test in RELATIONS.items():
             hits = [b for b in objs if b is not a and test(_XY[b["pos"]], _XY[a["pos"]])]
             if len(hits) == 1:
                 cands.append((rel, a, hits[0]))

@@ -55,19 +55,19 @@ def describe_scene(scene: dict, rng: Optional[np.random.Generator] = None) -> st
     if rng is not None:
         objs = [objs[i] for i in rng.permutation(len(objs))]
         form = int(rng.integers(len(DESCRIBE)))
-    n, where = len(objs), data._WHERE
+    n, where = len(objs), data.WHERE
     return DESCRIBE[form].format(
         objs=data._join([data._a(f"{o['size']} {o['color']} {o['shape']} {where[o['pos']]}") for o in objs]),
-        n=f"{data._NUMWORD[n]} object{'s' if n > 1 else ''}",
+        n=f"{data.NUMWORD[n]} object{'s' if n > 1 else ''}",
         sentences=data._join([f"the {o['size']} {o['color']} {o['shape']} is {where[o['pos']]}"
                               for o in objs]))
 
 
 def synthetic_vocab() -> list[str]:
     """Every word the synthetic world can produce (questions, answers, captions, descriptions), sorted."""
-    texts = [t for ts in data._Q_TEMPLATES.values() for t in ts] + list(data._WHERE.values())
-    texts += [*data._RELATIONS, CAPTION_WORDS, *DESCRIBE, " ".join(data._PLURAL.values()),
-              " ".join(data.SHAPES + data.COLORS + data.SIZES + data.POSITIONS + data._NUMWORD),
+    texts = [t for ts in data.Q_TEMPLATES.values() for t in ts] + list(data.WHERE.values())
+    texts += [*data.RELATIONS, CAPTION_WORDS, *DESCRIBE, " ".join(data.PLURAL.values()),
+              " ".join(data.SHAPES + data.COLORS + data.SIZES + data.POSITIONS + data.NUMWORD),
               "yes no 0 1 2 3 4 5 6 7 8 9"]
     words = {w for t in texts for w in TOKEN_RE.findall(re.sub(r"\{\w+\}", " ", t).lower())}
     return sorted(words)

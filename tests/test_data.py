@@ -138,7 +138,7 @@ def test_describe_scene_names_every_object():
         texts.add(text.split()[0])
         assert set(make_stand_ins.TOKEN_RE.findall(text)) <= vocab
         for o in sc["objects"]:  # every attribute of every object, in one phrase
-            assert f"{o['size']} {o['color']} {o['shape']} " in text and data._WHERE[o["pos"]] in text
+            assert f"{o['size']} {o['color']} {o['shape']} " in text and data.WHERE[o["pos"]] in text
         assert make_stand_ins.describe_scene(sc) == make_stand_ins.describe_scene(sc)
     assert len(texts) >= 4  # varied wording
     assert data.PRETRAIN_WORLD != 0
