@@ -5,7 +5,8 @@
   3. extract_features, drop_missing   frozen vision features, cached ("tiny-cnn": the synthetic world's)
   4. vqa_accuracy, caption_metrics, scienceqa_accuracy, accuracy, harmonic_mean, answer_vocab,
      vqa_soft_targets                 the official metrics; VQA classifier classes and soft targets
-  5. make_loader, set_epoch           seeded DataLoader (DistributedSampler under torchrun)
+  5. make_loader                      seeded DataLoader (DistributedSampler; loader.sampler.set_epoch)
+  6. arg, check_values, ...           the scripts' flags and value checks, trainable counts, threads, seeds
   DataError                           every bad input: a message naming the file / key and where to get it
 
 Typical use (offline):
@@ -1223,8 +1224,8 @@ def _collate(batch):
 
 def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                 collate_fn: Callable = None, num_workers: int = 0, drop_last: bool = False):
-    """DataLoader whose order depends only on (seed, epoch) (set_epoch): a DistributedSampler(seed=seed),
-    one replica outside torch.distributed (shards padded by repetition). Records stay lists of dicts."""
+    """DataLoader whose order depends only on (seed, epoch) (loader.sampler.set_epoch): a DistributedSampler
+    (seed=seed), one replica outside torch.distributed (shards padded by repetition). Records stay dicts."""
     from torch.utils.data import DataLoader, DistributedSampler
     rank, world = _rank_world()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
@@ -1233,12 +1234,17 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
                       generator=torch.Generator().manual_seed(seed))  # workers: seeded by torch
 
 
-def set_epoch(loader, epoch: int) -> None:
-    """Set the epoch of the loader's sampler (shuffling order = f(seed, epoch))."""
-    loader.sampler.set_epoch(epoch)
+# ------------------------------------- 6. For the scripts: flags, value checks, counts, threads, seeds
+EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
 
 
-# ------------------------------------------------ 6. For the scripts: value checks, counts, threads, seeds
+def arg(default, help: str, eval_only: bool = False):
+    """An `Args` field: its default and one line of help, which shows the default unless it names one.
+    eval_only: marked EVAL_ONLY, so that --resume / --eval_only take it from the command line."""
+    help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
+    return field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
+
+
 def check_values(args, rules: dict) -> None:
     """For Args.__post_init__: the script's {flag: (rule, ok)}, the rules shared by the end of a flag's name
     (lr, dropout) and distinct integer --seeds; a value that breaks one is a UsageError."""

@@ -40,7 +40,7 @@ import transformers
 
 import data
 import prefix_tuning as pt
-from prefix_tuning import UsageError, arg
+from data import UsageError, arg
 
 
 # === The method: stage orders (Sec. 3 "Two-stage Optimization"; Tables 2 and 5) ===
@@ -266,7 +266,7 @@ def train(a: Args, model: nn.Module, groups: dict, plan: list, setup, device, ra
         model.train()
         try:
             while step < total and gstep < stop:
-                data.set_epoch(loader, step // len(loader))                 # resumed: skip what it saw
+                loader.sampler.set_epoch(step // len(loader))                 # resumed: skip what it saw
                 for batch in itertools.islice(loader, step % len(loader), None):
                     if gstep >= stop:
                         break
@@ -513,7 +513,7 @@ def run(a: Args) -> dict:
 
 
 def main(argv=None) -> dict:
-    return pt.run_cli(run, Args, argv)
+    return pt.run_cli(run, Args, argv, __doc__)
 
 
 if __name__ == "__main__":

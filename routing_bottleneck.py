@@ -53,6 +53,7 @@ from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
 import data
+from data import arg  # an Args field: its default and help
 
 
 # --- 1. The method: routing functions and the two PEFT modules ----------------------------------------------
@@ -388,7 +389,7 @@ def train_run(a: Args, p: Prepared, method, kind, device, rank, world):
     try:
         while step < stop:
             epoch, skip = divmod(step, len(loader))
-            data.set_epoch(loader, epoch)      # order = f(seed, epoch): a resumed run skips the seen batches
+            loader.sampler.set_epoch(epoch)    # order = f(seed, epoch): a resumed run skips the seen batches
             for items in itertools.islice(loader, skip, skip + stop - step):
                 with whole_step():
                     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
@@ -457,16 +458,6 @@ def evaluate(model: VisualLM, a: Args, p: Prepared, device, rank=0, world=1) -> 
     m = data.caption_metrics({r["image_id"]: c for r, c in zip(p.eval_records, preds)},
                              {r["image_id"]: r["captions"] for r in p.eval_records})
     return {"BLEU-4": m["BLEU-4"], "CIDEr": m["CIDEr"], "example": preds[0]}
-
-
-# Flags: one `arg` per field of `Args`, read by transformers.HfArgumentParser (run_cli, last in the file)
-EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
-
-
-def arg(default, help: str, eval_only: bool = False):
-    """An `Args` field: its default and one line of help (the default is shown unless the help names it)."""
-    help += ("" if "default:" in help else f" (default: {default})") + f" {EVAL_ONLY}" * eval_only
-    return dataclasses.field(default=default, metadata={"help": help.replace("%", "%%")})  # % for argparse
 
 
 # --- 5. Arguments: the released values and the synthetic datasets' own, the runs, the table -----------------
@@ -630,7 +621,7 @@ def run(a: Args) -> dict:
 
 
 def main(argv=None) -> dict:
-    return run_cli(run, Args, argv)
+    return run_cli(run, Args, argv, __doc__)
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
@@ -641,7 +632,7 @@ RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "m
 
 def from_checkpoint(args, state: dict):
     """nanoGPT's way: the checkpoint's settings, but the command line's run controls and EVAL_ONLY flags."""
-    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(EVAL_ONLY)}
+    keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(data.EVAL_ONLY)}
     saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
     default = type(args)()
     ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items()
@@ -656,13 +647,14 @@ def setup_device(device: str):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return torch.device(device), 0, 1
+    if not dist.is_initialized():  # once per process, also when a script sets up each seed's run
         dist.init_process_group("gloo" if device == "cpu" else "nccl")
-    if world > 1 and device != "cpu":
+    if device != "cpu":
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
         torch.cuda.set_device(device)
-    return torch.device(device), dist.get_rank() if world > 1 else 0, world
+    return torch.device(device), dist.get_rank(), dist.get_world_size()
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, decay="cosine", constant_warmup=None):
@@ -697,8 +689,6 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
     """The saved state; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if model is not None:
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
@@ -719,18 +709,16 @@ def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
             p.unlink()
 
 
-def run_cli(run, cls, argv=None):
-    """run(Args from the command line); exit 2 on bad input, 1 on a non-finite loss, 130 on Ctrl-C."""
-    doc = sys.modules[cls.__module__].__doc__.split("\n\n")[0]
-    parser = transformers.HfArgumentParser(cls, description=doc, exit_on_error=False, allow_abbrev=False,
-                                           formatter_class=argparse.HelpFormatter)  # arg() adds the defaults
+def run_cli(run, cls, argv=None, doc: str = ""):
+    """run(cls from the command line); exit 2 on bad input, 1 on a non-finite loss, 130 on Ctrl-C."""
+    parser = transformers.HfArgumentParser(cls, description=doc.split("\n\n")[0], exit_on_error=False,
+                                           allow_abbrev=False, formatter_class=argparse.HelpFormatter)
     try:
-        try:
-            args = parser.parse_args_into_dataclasses(argv)[0]
-        except (ValueError, argparse.ArgumentError) as e:  # an unknown flag, a value of the wrong type
-            raise UsageError(str(e)) from None
+        args, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        if unknown:
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
         return run(args)
-    except (UsageError, FloatingPointError, OSError) as e:  # OSError: a path it cannot use
+    except (UsageError, argparse.ArgumentError, FloatingPointError, OSError) as e:  # OSError: a bad path
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1 if isinstance(e, FloatingPointError) else 2)
     except KeyboardInterrupt:

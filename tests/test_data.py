@@ -912,7 +912,7 @@ def test_make_loader_order_depends_on_seed_and_epoch():
     ds = list(range(20))
     def order(seed, epoch):
         loader = data.make_loader(ds, 4, shuffle=True, seed=seed)
-        data.set_epoch(loader, epoch)
+        loader.sampler.set_epoch(epoch)
         return torch.cat(list(loader)).tolist()
     assert order(0, 0) == order(0, 0) and sorted(order(0, 0)) == ds
     assert order(0, 0) != order(0, 1) and order(0, 0) != order(1, 0)
@@ -929,7 +929,7 @@ def _ddp_worker(rank, port, cache_dir, out_dir):
     feats, rows, _ = data.extract_features(recs, "patches", cache_dir=cache_dir, dataset="shapes_caption",
                                         split="val", image_size=16, patch_size=8, progress=False)
     loader = data.make_loader(list(range(10)), 2, shuffle=True, seed=0)
-    data.set_epoch(loader, 1)
+    loader.sampler.set_epoch(1)
     bad = [{"id": "x", "image_id": "x", "image_path": os.path.join(out_dir, "missing.jpg"), "task": "cls",
             "meta": {}}]
     try:  # rank 0 fails; nobody hangs: rank 0 re-raises its error, the others raise DataError

@@ -259,12 +259,12 @@ def test_resume_across_stage_boundary_equals_uninterrupted_and_eval_only(tmp_pat
                                      (["--save_every", "0"], "--save_every 0: must be >= 1"),
                                      (["--rank_images", "0"], "--rank_images 0: must be >= 1"),
                                      (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
-                                     (["--no_such_flag"], "['--no_such_flag']"),
+                                     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
                                      (["--peft", "s_adapter", "--export_merged"], "no merged form"),
                                      (["--num_prefix", "0"], "--num_prefix 0: must be >= 1"),
                                      (["--lr", "-1"], "--lr -1.0: must be > 0"),   # param groups: no check
                                      (["--seeds", "1,0,1"], "distinct"), (["--lora_dropout", "1"], "[0, 1)"),
-                                     (["--eval_only"], "no checkpoint"), (["--train_limit", "0"], "--train_limit 0: must be >= 1"),
+                                     (["--eval_only"], "No such file or directory"), (["--train_limit", "0"], "--train_limit 0: must be >= 1"),
                                      (["--model", "/nonexistent/blip2"], "/nonexistent/blip2")])
 def test_bad_inputs_exit_2_with_one_error_line(tmp_path, capsys, bad, msg):
     with pytest.raises(SystemExit) as e:

@@ -285,7 +285,7 @@ def expect_exit(code, tmp_path, capsys, argv, *words):
     (["--lr", "0"], ["--lr 0.0: must be > 0"]),
     (["--no_such_flag", "1"], ["--no_such_flag"]),
     (["--shots", "0"], ["--shots 0: must be >= 1"]),
-    (["--eval_only", "--prompt", "coop"], ["no checkpoint at"]),
+    (["--eval_only", "--prompt", "coop"], ["No such file or directory"]),
     (["--n_ctx", "8", "--prompt", "coop"], ["--n_ctx 8", "4 words"]),                  # n comes from ctx_init
     (["--ctx_init", "a zorblax of a", "--prompt", "coop"], ["does not know"]),
 ])
