@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -426,9 +427,8 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
     try:
         while step < target:
             loader.sampler.set_epoch(step // len(loader))  # the order depends on (seed, epoch) only
-            for b, batch in enumerate(loader):
-                if b < step % len(loader):
-                    continue  # resumed mid-epoch: skip what was seen
+            skip = step % len(loader)  # resumed mid-epoch: skip what was seen
+            for batch in itertools.islice(loader, skip, skip + target - step):  # to the end or --max_steps
                 with whole_step():
                     with autocast(device):
                         loss = ddp(*(batch[k].to(device) for k in ("feats", "input_ids", "attention_mask",
@@ -450,8 +450,6 @@ def train(args: Args, model: VLModel, trainset: Split, tok, device, rank: int, w
                         losses = []
                     if step % args.ckpt_every == 0 or step == target:
                         save()
-                if step == target:
-                    break
     except KeyboardInterrupt:
         save()
         raise

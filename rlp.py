@@ -126,12 +126,10 @@ class PromptCLIP(nn.Module):
         super().__init__()
         self.clip, self.context = clip, context
 
-    def text_features(self, prompts: ClassPrompts) -> torch.Tensor:
-        ctx = self.context() if self.context is not None else None           # (n, d)
-        return F.normalize(encode_text(self.clip, prompts.assemble(ctx), prompts.eos), dim=-1)  # (C, p)
-
     def forward(self, prompts: ClassPrompts, img: torch.Tensor) -> torch.Tensor:    # tau cos(f(x), w_c)
-        return self.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ self.text_features(prompts).t()
+        ctx = self.context() if self.context is not None else None           # (n, d)
+        w = F.normalize(encode_text(self.clip, prompts.assemble(ctx), prompts.eos), dim=-1)     # (C, p)
+        return self.clip.logit_scale.exp() * F.normalize(img, dim=-1) @ w.t()
 
 
 def build_prompt_model(kind: str, clip: CLIPModel, tok, a: Args) -> tuple[PromptCLIP, int, int]:
@@ -176,8 +174,7 @@ def load_split(a: Args, split: str, subset: str, seed: int, shots: Optional[int]
     """-> (records, class names) of one split and class subset ("base" or "new")."""
     kw = dict(seed=seed, num_shots=shots, shapes_split=a.shapes_split)  # shapes_split: shapes_cls only
     if a.dataset == "shapes_cls" and split == "test":
-        # DEVIATION: 1920 test images (40 per class): data.py's default 500 leaves ~10 per class, where one
-        # image would move a class subset's accuracy by 0.4 points
+        # DEVIATION: 40 test images per class, not data.py's ~10 (where one image moves a subset 0.4 points)
         kw["split_sizes"] = {"train": 2000, "val": 200, "test": 1920}
     recs = data.load_records(a.dataset, split, a.data_root, subset=subset, **kw)
     return recs, data.classnames_of(recs)
@@ -229,8 +226,7 @@ def train(a: Args, model: PromptCLIP, prompts: ClassPrompts, feats, labels, seed
             trainable = {k: p.detach().cpu() for k, p in model.named_parameters() if p.requires_grad}
             save_checkpoint(ckpt, {"trainable": trainable, "optimizer": opt.state_dict(), "step": step,
                                    "scheduler": sched.state_dict(), "args": env.args})
-    net = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    net = nn.parallel.DistributedDataParallel(model) if dist.is_initialized() else model
     model.train()
     try:
         while step < stop:
