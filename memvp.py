@@ -793,10 +793,9 @@ def run_mode(args: Args, mode: str, lm, tok, trainset: Split, evalset: Split, de
     transformers.set_seed(args.seed)
     model = VLModel(lm, mode, trainset.feats.shape[-1], args, tok.bos_token_id is not None).to(device)
     freeze(model)
-    if rank == 0:
-        data.count_trainable(model, method_parameters(model), log=lambda line: print(f"[{mode}] {line}"))
-    res = train(args, model, trainset, tok, device, rank, world, out_dir)
-    res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log = (lambda line: print(f"[{mode}] {line}")) if rank == 0 else (lambda line: None)
+    trainable = data.count_trainable(model, method_parameters(model), log)[0]  # asserted: the method's own
+    res = {**train(args, model, trainset, tok, device, rank, world, out_dir), "trainable_params": trainable}
     if rank == 0:
         res["metrics"] = evaluate(args, model, evalset, tok, device)
         Path(out_dir, "results.json").write_text(json.dumps(res, indent=2))
