@@ -301,18 +301,18 @@ def aligned(rows: list) -> list:
 # --------------------------------------------------------------------------------------- Args, CLI, main
 @dataclasses.dataclass
 class FigArgs:
-    models: str = memvp.arg("stand_ins/tiny-bart,stand_ins/tiny-llama",
-                            "memvp.py --model values, comma-separated")
-    seeds: str = memvp.arg("0,1,2", "the checkpoints' seeds (Fig. 5 from the first)")
-    runs_dir: str = memvp.arg("runs/memvp",
-                              "memvp.py's runs (read only): <runs_dir>/shapes_vqa-<model>-seeds<seeds>")
-    memvp_flags: str = memvp.arg("", "memvp.py flags for the runs trained here (default: none), "
-                                     "e.g. '--lam 0.1 --scale 1'")
-    out_dir: str = memvp.arg("runs/memvp_figures",
-                             "<out_dir>/<model>: figures, CSV, results.json, runs trained here")
-    per_family: Optional[int] = memvp.arg(None, "Fig. 6: the first N questions per family (default: all)")
-    seed: int = memvp.arg(0, "picks Fig. 5's questions and Fig. 6's random entries")
-    device: str = memvp.arg("auto", "auto | cpu | cuda")
+    models: str = data.arg("stand_ins/tiny-bart,stand_ins/tiny-llama",
+                           "memvp.py --model values, comma-separated")
+    seeds: str = data.arg("0,1,2", "the checkpoints' seeds (Fig. 5 from the first)")
+    runs_dir: str = data.arg("runs/memvp",
+                             "memvp.py's runs (read only): <runs_dir>/shapes_vqa-<model>-seeds<seeds>")
+    memvp_flags: str = data.arg("", "memvp.py flags for the runs trained here (default: none), "
+                                    "e.g. '--lam 0.1 --scale 1'")
+    out_dir: str = data.arg("runs/memvp_figures",
+                            "<out_dir>/<model>: figures, CSV, results.json, runs trained here")
+    per_family: Optional[int] = data.arg(None, "Fig. 6: the first N questions per family (default: all)")
+    seed: int = data.arg(0, "picks Fig. 5's questions and Fig. 6's random entries")
+    device: str = data.arg("auto", "auto | cpu | cuda")
 
     def __post_init__(self):
         data.check_values(self, {"per_family": (">= 1", lambda v: v >= 1),
@@ -343,7 +343,7 @@ def run(args: FigArgs) -> dict:
 
 
 def main(argv=None) -> dict:
-    return memvp.run_cli(run, FigArgs, argv)
+    return memvp.run_cli(run, FigArgs, argv, __doc__)
 
 
 if __name__ == "__main__":

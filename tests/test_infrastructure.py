@@ -204,6 +204,14 @@ def test_help_shows_every_default(infra, capsys):
     assert "epochs, 100% of the data (default: 3)" in out and "(evaluation only)" in out
 
 
+@pytest.mark.parametrize("name", [*METHOD_FILES, "pt_peft_train.py"])
+def test_help_opens_with_the_scripts_own_summary(name, capsys):
+    module = importlib.import_module(name[:-3])
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and " ".join(module.__doc__.split("\n\n")[0].split()) in out
+
 def test_small_models_run_single_threaded(infra):
     torch.set_num_threads(2)  # tests/conftest.py gives every test its threads back
     data.pin_threads(torch.nn.Linear(4, 4), torch.device("cpu"))
