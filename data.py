@@ -1236,6 +1236,8 @@ def make_loader(dataset, batch_size: int, *, shuffle: bool, seed: int = 0,
 
 # ------------------------------------- 6. For the scripts: flags, value checks, counts, threads, seeds
 EVAL_ONLY = "(evaluation only)"  # the end of the help of a flag that changes nothing a checkpoint holds
+RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume",
+                "overwrite", "eval_only", "seeds")  # with EVAL_ONLY flags: what --resume reads from the CLI
 
 
 def arg(default, help: str, eval_only: bool = False):

@@ -47,7 +47,7 @@ import transformers
 from transformers import AutoTokenizer, CLIPModel
 
 import data
-from data import arg  # an Args field: its default and help
+from data import UsageError, arg  # bad input: one 'error: ...' line, exit 2; an Args field
 
 
 # ---------------------------------------------------------------------- the method: a context for CLIP's text
@@ -363,7 +363,7 @@ class Args:
         self.cache_dir = self.cache_dir or data.cache_dir()
         if self.out_dir is None:                  # a folder per setting, data and seeds
             flags = {k: v for k, v in dataclasses.asdict(self).items()
-                     if k not in RUN_CONTROLS or k in ("data_root", "seeds")}
+                     if k not in data.RUN_CONTROLS or k in ("data_root", "seeds")}
             digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:8]
             mode = "sweep" if self.sweep else self.prompt or "compare"
             self.out_dir = f"runs/rlp/{self.dataset}-{mode}-{digest}"
@@ -411,25 +411,17 @@ def main(argv=None) -> dict:
 
 
 # Infrastructure -- the same text in every method file (tests/test_infrastructure.py checks it) ==============
-UsageError = data.UsageError  # bad input -> one 'error: ...' line, exit 2 (data.DataError is one too)
-RUN_CONTROLS = ("device", "out_dir", "data_root", "cache_dir", "num_workers", "max_steps", "resume",
-                "overwrite", "eval_only", "seeds")  # what --resume / --eval_only take from the command line
-
-
-def from_checkpoint(args, state: dict):
-    """nanoGPT's way: the checkpoint's settings, but the command line's run controls and EVAL_ONLY flags."""
+def from_checkpoint(args, state: dict):  # nanoGPT's way: a resumed or evaluated run keeps its own settings
     keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(data.EVAL_ONLY)}
-    saved = {k: v for k, v in state["args"].items() if k not in keep.union(RUN_CONTROLS)}
-    default = type(args)()
+    saved = {k: v for k, v in state["args"].items() if k not in keep.union(data.RUN_CONTROLS)}
     ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items()
-               if v != getattr(args, k) != getattr(default, k)]
+               if v != getattr(args, k) != getattr(type(args)(), k)]  # given on the command line, not saved
     if ignored:
         print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
     return dataclasses.replace(args, **saved)
 
 
-def setup_device(device: str):
-    """-> (torch.device, rank, world size); under torchrun a DDP process group, nccl on GPU, gloo on CPU."""
+def setup_device(device: str):  # -> (torch.device, rank, world size); under torchrun a DDP process group
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: expected auto, cpu or cuda[:index] on a machine with CUDA")
@@ -444,18 +436,16 @@ def setup_device(device: str):
 
 
 def lr_schedule(optimizer, warmup_steps: int, total_steps: int, decay="cosine", constant_warmup=None):
-    """Warm-up (linear, or CoOp's constant: constant_warmup x lr), then cosine or linear decay to 0."""
-    def factor(step: int) -> float:
+    def factor(step: int) -> float:  # warm-up: linear, or CoOp's constant (constant_warmup x lr)
         if step < warmup_steps:
             return (step + 1) / warmup_steps if constant_warmup is None else constant_warmup
         t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t
+        return 0.5 * (1 + math.cos(math.pi * t)) if decay == "cosine" else 1.0 - t  # decay to 0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @contextlib.contextmanager
-def whole_step():
-    """A Ctrl-C inside a training step takes effect at its end: the checkpoint then saved resumes exactly."""
+def whole_step():  # a Ctrl-C inside a training step takes effect at its end: its checkpoint resumes exactly
     held = []
     old = signal.signal(signal.SIGINT, lambda *_: held.append(True))
     try:
@@ -466,17 +456,15 @@ def whole_step():
         raise KeyboardInterrupt
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic (temp file + rename), with torch's RNG states (the only ones drawn from): exact --resume."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    torch.save({**state, "rng": torch.get_rng_state(), "cuda_rng": cuda}, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+def save_checkpoint(path: str, state: dict) -> None:  # + torch's RNG states, the only ones drawn from
+    rng = {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all()}  # [] without CUDA
+    torch.save({**state, **rng}, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # atomic: an interrupted save leaves the last checkpoint whole
 
 
 def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
-    """The saved state; with `model`: its trained tensors loaded and the RNG states restored (--resume)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if model is not None:
+    if model is not None:  # --resume: the trained tensors and the RNG states (exactly where the run stopped)
         model.load_state_dict(state["trainable"], strict=False)  # the frozen weights are not saved
         torch.set_rng_state(state["rng"])
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -484,19 +472,17 @@ def load_checkpoint(path: str, model: Optional[nn.Module] = None) -> dict:
 
 
 def prepare_out_dir(args, rank: int = 0, inputs_loaded: bool = False) -> None:
-    """A run in out_dir is kept unless --resume, --eval_only or --overwrite (once the inputs have loaded)."""
     held = [p for p in Path(args.out_dir).rglob("*") if p.name == "results.json" or p.suffix == ".pt"]
     if held and not (args.resume or args.eval_only or args.overwrite):
         raise UsageError(f"{args.out_dir} holds a run ({held[0].relative_to(args.out_dir)}): pass --resume "
                          "to continue it or --overwrite to replace it")
     os.makedirs(args.out_dir, exist_ok=True)
     if inputs_loaded and args.overwrite and not (args.resume or args.eval_only) and rank == 0:
-        for p in held + list(Path(args.out_dir).rglob("metrics.jsonl")):
+        for p in held + list(Path(args.out_dir).rglob("metrics.jsonl")):  # bad input never deletes a run
             p.unlink()
 
 
-def run_cli(run, cls, argv=None, doc: str = ""):
-    """run(cls from the command line); exit 2 on bad input, 1 on a non-finite loss, 130 on Ctrl-C."""
+def run_cli(run, cls, argv=None, doc: str = ""):  # exit 2 on bad input, 1 on a non-finite loss, 130 on Ctrl-C
     parser = transformers.HfArgumentParser(cls, description=doc.split("\n\n")[0], exit_on_error=False,
                                            allow_abbrev=False, formatter_class=argparse.HelpFormatter)
     try:

@@ -32,9 +32,9 @@ def test_same_block_in_every_method_file():
         assert b == blocks[METHOD_FILES[0]], f"{name}: infrastructure block differs from {METHOD_FILES[0]}"
     names = set(re.findall(r"^(?:def|class) (\w+)|^(\w+) = ", blocks[METHOD_FILES[0]], re.M))
     names = {a or b for a, b in names}
-    assert {"UsageError", "from_checkpoint", "setup_device", "lr_schedule", "whole_step",
+    assert {"from_checkpoint", "setup_device", "lr_schedule", "whole_step",
             "save_checkpoint", "load_checkpoint", "prepare_out_dir", "run_cli"} <= names
-    assert len(blocks[METHOD_FILES[0]].splitlines()) <= 103
+    assert len(blocks[METHOD_FILES[0]].splitlines()) <= 90
     for name in METHOD_FILES:  # last in the file; the flags' `arg` comes from data.py, as in pt_peft_train.py
         module = importlib.import_module(name[:-3])
         assert (REPO / name).read_text().index(BEGIN) > (REPO / name).read_text().index("\ndef main(")
@@ -194,6 +194,7 @@ def test_setup_device_joins_the_process_group_once(infra, monkeypatch):
         assert infra.setup_device("cpu") == infra.setup_device("cpu") == (torch.device("cpu"), 0, 1)
     finally:
         dist.destroy_process_group()
+
 
 def test_help_shows_every_default(infra, capsys):
     with pytest.raises(SystemExit) as e:
