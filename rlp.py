@@ -415,7 +415,7 @@ def from_checkpoint(args, state: dict):  # nanoGPT's way: a resumed or evaluated
     keep = {f.name for f in dataclasses.fields(args) if f.metadata["help"].endswith(data.EVAL_ONLY)}
     saved = {k: v for k, v in state["args"].items() if k not in keep.union(data.RUN_CONTROLS)}
     ignored = [f"--{k} {getattr(args, k)}" for k, v in saved.items()
-               if v != getattr(args, k) != getattr(type(args)(), k)]  # given on the command line, not saved
+               if v != getattr(args, k) != getattr(type(args)(), k)]  # given on the command line, overridden
     if ignored:
         print(f"the checkpoint's settings are used, ignored: {', '.join(ignored)}")
     return dataclasses.replace(args, **saved)
